@@ -1,0 +1,58 @@
+"""The failures a user can cause, each with a stable machine-readable code.
+
+Every error the core raises for bad input derives from :class:`MergeError`; the worker maps
+``code`` to the job's ``error.code`` and the API maps the ``ValueError`` subclasses raised
+inside pydantic validators to 422 answers.
+"""
+
+from __future__ import annotations
+
+
+class MergeError(Exception):
+    """Base of every user-caused merge failure. ``code`` is stable; ``message`` is for people."""
+
+    code: str = "internal"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.stage = stage
+
+
+class ObjectNotFound(MergeError):
+    code = "object_not_found"
+
+
+class InvalidCheckpoint(MergeError):
+    """Not safetensors, truncated, hostile header, NaN/Inf weights, unsupported dtype."""
+
+    code = "invalid_checkpoint"
+
+
+class IncompatibleModels(MergeError):
+    """Models that cannot be merged with each other (shapes, missing tensors)."""
+
+    code = "incompatible_models"
+
+
+class ArchitectureMismatch(MergeError):
+    """A checkpoint that does not fit the architecture (or permutation spec) it was given."""
+
+    code = "architecture_mismatch"
+
+
+class InvalidCalibration(MergeError):
+    code = "invalid_calibration"
+
+
+class SpecError(MergeError):
+    """A permutation spec that is internally inconsistent (a bug in an architecture's spec)."""
+
+    code = "invalid_spec"
+
+
+class MergeCanceled(MergeError):
+    """Raised by a progress callback to stop a merge cooperatively."""
+
+    code = "canceled"

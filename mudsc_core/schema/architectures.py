@@ -1,0 +1,97 @@
+"""Configs of the built-in architectures (torch-free; the modules live in mudsc_core.architectures)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mudsc_core.schema._base import Frozen
+
+
+class MLPConfig(Frozen):
+    """Fully connected ReLU network: input -> hidden[0] -> ... -> hidden[-1] -> num_classes."""
+
+    input_dim: int = Field(64, ge=1, le=1_000_000)
+    hidden: list[int] = Field(default_factory=lambda: [128, 128], min_length=1, max_length=64)
+    num_classes: int = Field(10, ge=1, le=100_000)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h < 1 or h > 1_000_000 for h in hidden):
+            raise ValueError("every hidden width must be in 1..1000000")
+        return hidden
+
+
+class VGGConfig(Frozen):
+    """VGG-style CNN: 3x3 convs (+BatchNorm) + ReLU, 'M' = 2x2 max-pool, global average pool, linear head."""
+
+    in_channels: int = Field(3, ge=1, le=64)
+    layers: list[int | Literal["M"]] = Field(
+        default_factory=lambda: [64, "M", 128, "M", 256, 256, "M"], min_length=1, max_length=64
+    )
+    num_classes: int = Field(10, ge=1, le=100_000)
+    batch_norm: bool = True
+
+    @field_validator("layers")
+    @classmethod
+    def _has_conv(cls, layers: list[int | str]) -> list[int | str]:
+        channels = [c for c in layers if c != "M"]
+        if not channels:
+            raise ValueError("layers must contain at least one conv width")
+        if any(c < 1 or c > 65_536 for c in channels):  # type: ignore[operator]
+            raise ValueError("conv widths must be in 1..65536")
+        return layers
+
+
+class ResNetConfig(Frozen):
+    """CIFAR-style ResNet (He et al. option B shortcuts), as in the ZipIt!/Git Re-Basin/MuDSC ports.
+
+    depth = 6k + 2 (8, 14, 20, 26, 32, ...); stage widths 16w, 32w, 64w.
+    """
+
+    depth: int = Field(20, ge=8, le=1202)
+    width: int = Field(1, ge=1, le=64)
+    num_classes: int = Field(10, ge=1, le=100_000)
+    norm: Literal["batch", "group"] = "batch"
+    groups: int = Field(4, ge=1, le=64, description="GroupNorm groups when norm='group'")
+    in_channels: int = Field(3, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResNetConfig":
+        if (self.depth - 2) % 6 != 0:
+            raise ValueError("depth must be 6k+2 (8, 14, 20, 26, 32, ...)")
+        if self.norm == "group" and (16 * self.width) % self.groups != 0:
+            raise ValueError("16*width must be divisible by groups")
+        return self
+
+
+class ViTConfig(Frozen):
+    """Vision transformer with timm parameter names (pre-norm blocks, fused qkv, cls token)."""
+
+    image_size: int = Field(32, ge=1, le=4096)
+    patch_size: int = Field(4, ge=1, le=4096)
+    in_channels: int = Field(3, ge=1, le=64)
+    embed_dim: int = Field(64, ge=1, le=16_384)
+    depth: int = Field(4, ge=1, le=128)
+    num_heads: int = Field(4, ge=1, le=256)
+    mlp_ratio: float = Field(4.0, gt=0, le=64)
+    num_classes: int = Field(10, ge=1, le=100_000)
+    qkv_bias: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "ViTConfig":
+        if self.image_size % self.patch_size != 0:
+            raise ValueError("image_size must be divisible by patch_size")
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError("embed_dim must be divisible by num_heads")
+        return self
+
+
+ARCHITECTURE_CONFIGS: dict[str, type[Frozen]] = {
+    "mlp": MLPConfig,
+    "vgg": VGGConfig,
+    "resnet": ResNetConfig,
+    "vit": ViTConfig,
+}

@@ -1,0 +1,174 @@
+"""The job specification: ONE set of pydantic models, validated by the API, re-validated by the worker."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from mudsc_core.schema._base import Frozen
+from mudsc_core.schema.architectures import ARCHITECTURE_CONFIGS
+from mudsc_core.schema.methods import METHODS
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_SAFE_KEY_CHARS = re.compile(r"^[A-Za-z0-9!\-_.*'()/=+@,:~ ]*$")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key); ValueError with a specific message otherwise."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError("must be an s3://bucket/key URI")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r}")
+    if not key:
+        raise ValueError("URI names no object key")
+    if len(key) > 1024:
+        raise ValueError("object key longer than 1024 characters")
+    if not _SAFE_KEY_CHARS.match(key):
+        raise ValueError("object key contains characters outside the safe set")
+    parts = key.split("/")
+    if any(p in (".", "..") for p in parts) or "//" in key or key.startswith("/"):
+        raise ValueError("object key must not contain '.', '..' or empty path segments")
+    return bucket, key
+
+
+def _valid_uri(uri: str) -> str:
+    parse_s3_uri(uri)
+    return uri
+
+
+S3Uri = Annotated[str, Field(max_length=1100, examples=["s3://models/a.safetensors"]), AfterValidator(_valid_uri)]
+
+
+def _checkpoint_uri(uri: str) -> str:
+    lowered = uri.lower()
+    if lowered.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+        raise ValueError("pickle-based checkpoints are refused; convert to .safetensors")
+    if not (lowered.endswith(".safetensors") or uri.endswith("/")):
+        raise ValueError("must name a .safetensors object or a model folder ending in '/'")
+    return uri
+
+
+class ModelRef(Frozen):
+    uri: Annotated[S3Uri, AfterValidator(_checkpoint_uri)]
+    weight: float = Field(1.0, gt=0.0, le=1e6)
+
+
+class MethodSpec(Frozen):
+    name: str = Field(max_length=64, examples=["mudsc"])
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _typed_params(self) -> "MethodSpec":
+        info = METHODS.get(self.name)
+        if info is None:
+            raise ValueError(f"unknown method {self.name!r}; known: {', '.join(sorted(METHODS))}")
+        typed = info.params.model_validate(self.params)
+        # Store normalised (defaults filled) so the job record shows what actually ran.
+        object.__setattr__(self, "params", typed.model_dump(mode="json"))
+        return self
+
+    def typed_params(self) -> Any:
+        return METHODS[self.name].params.model_validate(self.params)
+
+
+class ArchitectureSpec(Frozen):
+    name: str = Field(max_length=64, examples=["resnet"])
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _typed_config(self) -> "ArchitectureSpec":
+        config_model = ARCHITECTURE_CONFIGS.get(self.name)
+        if config_model is None:
+            raise ValueError(f"unknown architecture {self.name!r}; known: {', '.join(sorted(ARCHITECTURE_CONFIGS))}")
+        object.__setattr__(self, "config", config_model.model_validate(self.config).model_dump(mode="json"))
+        return self
+
+    def typed_config(self) -> Any:
+        return ARCHITECTURE_CONFIGS[self.name].model_validate(self.config)
+
+
+class CalibrationSpec(Frozen):
+    uri: Annotated[S3Uri, AfterValidator(lambda u: _require_suffix(u, ".safetensors"))]
+    tensor: str = Field("inputs", min_length=1, max_length=256)
+    max_samples: int = Field(1024, ge=1, le=1_000_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+
+
+def _require_suffix(uri: str, suffix: str) -> str:
+    if not uri.lower().endswith(suffix):
+        raise ValueError(f"must name a {suffix} object")
+    return uri
+
+
+class OutputSpec(Frozen):
+    uri: S3Uri | None = Field(None, description="s3://bucket/prefix/ (default: results bucket / tenant / job id)")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    shard_size_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, le=50 * 1024**3)
+
+    @field_validator("uri")
+    @classmethod
+    def _prefix(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.endswith("/"):
+            raise ValueError("output URI must be a prefix ending in '/'")
+        return uri
+
+
+def _labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > 32:
+        raise ValueError("at most 32 labels")
+    for key, value in labels.items():
+        if not re.match(r"^[A-Za-z0-9_.\-]{1,63}$", key):
+            raise ValueError(f"label key {key!r} must be 1-63 chars of [A-Za-z0-9_.-]")
+        if len(value) > 256 or any(ord(c) < 32 for c in value):
+            raise ValueError(f"label {key!r}: value must be at most 256 printable characters")
+    return labels
+
+
+class JobSpec(Frozen):
+    method: MethodSpec
+    models: list[ModelRef] = Field(min_length=2, max_length=64)
+    base_model: ModelRef | None = None
+    architecture: ArchitectureSpec | None = None
+    calibration: CalibrationSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_requirements(self) -> "JobSpec":
+        info = METHODS[self.method.name]
+        n = len(self.models)
+        if n < info.min_models:
+            raise ValueError(f"method {info.name!r} needs at least {info.min_models} models, got {n}")
+        if info.max_models is not None and n > info.max_models:
+            raise ValueError(f"method {info.name!r} takes at most {info.max_models} models, got {n}")
+        if info.requires_base and self.base_model is None:
+            raise ValueError(f"method {info.name!r} requires base_model")
+        if not info.requires_base and self.base_model is not None:
+            raise ValueError(f"method {info.name!r} does not use a base_model; remove it")
+        if info.requires_architecture and self.architecture is None:
+            raise ValueError(f"method {info.name!r} requires architecture")
+        if not info.requires_architecture and self.architecture is not None:
+            raise ValueError(f"method {info.name!r} does not use an architecture; remove it")
+        if info.calibration == "required" and self.calibration is None:
+            raise ValueError(f"method {info.name!r} requires calibration data")
+        if info.calibration == "unused" and self.calibration is not None:
+            raise ValueError(f"method {info.name!r} does not use calibration data; remove it")
+        uris = [m.uri for m in self.models] + ([self.base_model.uri] if self.base_model else [])
+        if len(set(uris)) != len(uris) and info.family == "same_base":
+            pass  # same checkpoint twice is legal (e.g. weighting), nothing to reject
+        if not all(math.isfinite(m.weight) for m in self.models):
+            raise ValueError("model weights must be finite")
+        return self
+
+    def input_uris(self) -> list[str]:
+        uris = [m.uri for m in self.models]
+        if self.base_model is not None:
+            uris.append(self.base_model.uri)
+        if self.calibration is not None:
+            uris.append(self.calibration.uri)
+        return uris
