@@ -1,0 +1,249 @@
+"""The MuDSC iteration and the construction of the merged state dict.
+
+matcher (align | zip) x similarity (weight, activation, dual with beta) x iteration
+(one pass | seeded coordinate ascent over unit groups). Every named method of the paper's
+comparisons is a configuration of :class:`~mudsc_core.schema.methods.MudscParams`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mudsc_core.errors import SpecError
+from mudsc_core.matching import Match, align_match, zip_match
+from mudsc_core.permspec import PermSpec
+from mudsc_core.schema.methods import MudscParams
+from mudsc_core.similarity import Correspondence, dual_similarity, weight_similarity
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class MatchingOutcome:
+    correspondences: dict[str, Correspondence]
+    group_scores: dict[str, float]
+    objective_per_sweep: list[float] = field(default_factory=list)
+    sweeps: int = 0
+
+
+def match_clusters(spec: PermSpec) -> list[list[str]]:
+    """Groups matched together: a group and the groups whose block pairing is tied to it."""
+    clusters: dict[str, list[str]] = {}
+    for name in spec.group_order():
+        root = name
+        while spec.groups[root].block_tie is not None:
+            root = spec.groups[root].block_tie  # type: ignore[assignment]
+        clusters.setdefault(root, [])
+    for name in spec.group_order():
+        root = name
+        while spec.groups[root].block_tie is not None:
+            root = spec.groups[root].block_tie  # type: ignore[assignment]
+        clusters[root].append(name) if name != root else clusters[root].insert(0, name)
+    return list(clusters.values())
+
+
+def pair_score(correspondence: Correspondence, similarity: Tensor) -> float:
+    """Mean, over merged units made of >= 2 units, of the mean similarity over their pairs."""
+    unmerge = torch.cat(correspondence.unmerge, dim=0).to(torch.float64)  # (N*n, m)
+    sim = similarity.to(torch.float64)
+    diag = torch.diagonal(sim)
+    totals = ((unmerge.T @ sim) * unmerge.T).sum(dim=1) - unmerge.T @ diag  # (m,) sum over ordered pairs
+    counts = unmerge.sum(dim=0)
+    pairs = counts * (counts - 1)
+    merged = pairs > 0
+    if not bool(merged.any()):
+        return 0.0
+    return float((totals[merged] / pairs[merged]).mean())
+
+
+def _identity(num_models: int, size: int) -> Correspondence:
+    eye = torch.eye(size)
+    return Correspondence(merge=[eye / num_models] * num_models, unmerge=[eye] * num_models,
+                          index=[torch.arange(size)] * num_models)
+
+
+def _from_match(match: Match) -> Correspondence:
+    return Correspondence(merge=match.merge, unmerge=match.unmerge, index=match.index)
+
+
+def _run_matcher(params: MudscParams, similarity: Tensor, num_models: int, num_blocks: int,
+                 block_pairing: Tensor | None) -> Match:
+    if params.mode == "align":
+        return align_match(similarity, num_models, num_blocks=num_blocks, block_pairing=block_pairing)
+    return zip_match(similarity, num_models, reduce=params.reduce, alpha=params.alpha, budget=params.budget,
+                     num_blocks=num_blocks, block_pairing=block_pairing)
+
+
+def find_correspondences(
+    states: Sequence[Mapping[str, Tensor]],
+    spec: PermSpec,
+    params: MudscParams,
+    activation_sims: Mapping[str, Tensor] | None,
+    progress: Progress | None = None,
+) -> MatchingOutcome:
+    """Initial activation matching, then seeded coordinate ascent over unit groups."""
+    num_models = len(states)
+    clusters = match_clusters(spec)
+    beta = params.beta if activation_sims else 1.0
+    if not params.match:
+        correspondences = {g: _identity(num_models, spec.groups[g].size) for g in spec.groups}
+        return MatchingOutcome(correspondences, {g: 0.0 for g in spec.groups})
+
+    def similarity(group: str, current: Mapping[str, Correspondence]) -> Tensor:
+        act = activation_sims.get(group) if activation_sims else None
+        if beta == 0.0 and act is not None:
+            return act
+        return dual_similarity(weight_similarity(states, spec, group, current), act, beta if act is not None else 1.0)
+
+    def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        block_pairing: Tensor | None = None
+        for group in cluster:
+            unit_group = spec.groups[group]
+            sim = similarity(group, current)
+            match = _run_matcher(params, sim, num_models, unit_group.num_blocks, block_pairing)
+            block_pairing = match.block_pairing
+            current[group] = _from_match(match)
+            scores[group] = pair_score(current[group], sim)
+        return scores
+
+    current: dict[str, Correspondence] = {}
+    scores: dict[str, float] = {}
+    steps_done = 0
+    if activation_sims:
+        # Initial correspondences: every group matched on its activation similarity alone.
+        for cluster in clusters:
+            block_pairing = None
+            for group in cluster:
+                sim = activation_sims.get(group)
+                if sim is None:
+                    continue
+                match = _run_matcher(params, sim, num_models, spec.groups[group].num_blocks, block_pairing)
+                block_pairing = match.block_pairing
+                current[group] = _from_match(match)
+                scores[group] = pair_score(current[group], sim)
+            steps_done += 1
+            if progress:
+                progress(steps_done / (len(clusters) * (2 if params.iterate else 1)), f"initial matching {cluster[0]}")
+    missing = [g for g in spec.groups if g not in current]
+    if not params.iterate or beta == 0.0:
+        if missing:
+            raise SpecError(f"groups {missing} have no activation site; they need weight matching (beta > 0, iterate)")
+        return MatchingOutcome(current, scores, [_mean(scores)] if scores else [], 1)
+
+    rng = random.Random(params.seed)
+    best = (float("-inf"), dict(current), dict(scores))
+    history: list[float] = []
+    stale = 0
+    for sweep in range(params.max_sweeps):
+        order = list(clusters)
+        rng.shuffle(order)
+        for position, cluster in enumerate(order):
+            match_cluster(cluster, current)
+            if progress:
+                progress(min(0.99, 0.5 + 0.5 * (sweep + (position + 1) / len(order)) / params.max_sweeps),
+                         f"sweep {sweep + 1}, group {cluster[0]}")
+        # Objective of this sweep's final correspondences, each group scored on the similarity
+        # built from the others' final state (not the stale value from when it was matched).
+        scores = {g: pair_score(current[g], similarity(g, current)) for g in spec.groups}
+        objective = _mean(scores)
+        history.append(objective)
+        log.debug("sweep %d objective %.6f", sweep + 1, objective)
+        if objective > best[0]:
+            best = (objective, dict(current), dict(scores))
+            stale = 0
+        else:
+            stale += 1
+            if stale >= params.patience:
+                break
+    return MatchingOutcome(best[1], best[2], history, len(history))
+
+
+def _mean(values: Mapping[str, float]) -> float:
+    return sum(values.values()) / max(len(values), 1)
+
+
+# --------------------------------------------------------------------------- building
+AxisPlan = list[tuple[int, list[tuple[int, int, Tensor | None, Tensor | None, float]]]]
+
+
+def _plan(spec: PermSpec, param: str, model: int, num_models: int,
+          correspondences: Mapping[str, Correspondence]) -> AxisPlan:
+    """Per unit axis of ``param``: segments (start, stop, align index, dense matrix, scale).
+
+    Out axes go through the merge matrix M_i, in axes through the unmerge matrix U_i. For
+    align both are one-hot (M_i = P_i / N), so the map is a gather by index (times 1/N on
+    the out axis), never a dense matmul.
+    """
+    plan: AxisPlan = []
+    for axis, axis_spec in enumerate(spec.axes[param]):
+        if axis_spec is None:
+            continue
+        segments = []
+        offset = 0
+        for seg in axis_spec:
+            corr = correspondences[seg.group]
+            out = seg.role == "out"
+            if corr.index is not None:
+                segments.append((offset, offset + seg.length, corr.index[model], None, 1.0 / num_models if out else 1.0))
+            else:
+                matrix = corr.merge[model] if out else corr.unmerge[model]
+                segments.append((offset, offset + seg.length, None, matrix, 1.0))
+            offset += seg.length
+        plan.append((axis, segments))
+    return plan
+
+
+def _map_param(tensor: Tensor, plan: AxisPlan) -> Tensor:
+    for axis, segments in plan:
+        pieces = []
+        for start, stop, index, matrix, scale in segments:
+            piece = tensor.narrow(axis, start, stop - start)
+            if index is not None:
+                piece = piece.index_select(axis, index.to(piece.device))
+            else:
+                assert matrix is not None
+                piece = torch.tensordot(piece.movedim(axis, -1), matrix.to(piece), dims=1).movedim(-1, axis)
+            pieces.append(piece * scale if scale != 1.0 else piece)
+        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+    return tensor
+
+
+def build_merged_state(
+    states: Sequence[Mapping[str, Tensor]],
+    spec: PermSpec,
+    correspondences: Mapping[str, Correspondence],
+    heads: str = "shared",
+) -> dict[str, Tensor]:
+    """W* = sum_i M_i^T W_i U_i for every covered tensor.
+
+    A tensor with no out unit axis (the head: its rows are the label space) has no merge
+    matrix to carry the average, so its mapped copies are averaged (heads='shared') or
+    stacked along the label axis (heads='separate': every model's head, logits concatenated).
+    """
+    num_models = len(states)
+    merged: dict[str, Tensor] = {}
+    for param, axes in spec.axes.items():
+        out_axes = sum(1 for a in axes if a and any(seg.role == "out" for seg in a))
+        if out_axes > 1:
+            raise SpecError(f"{param}: more than one out axis carries unit groups")
+        mapped = [_map_param(state[param], _plan(spec, param, i, num_models, correspondences))
+                  for i, state in enumerate(states)]
+        if out_axes == 1:
+            merged[param] = torch.stack(mapped).sum(dim=0)
+        elif heads == "separate" and param in spec.head_params:
+            merged[param] = torch.cat(mapped, dim=0)
+        else:
+            merged[param] = torch.stack(mapped).mean(dim=0)
+    for name in spec.excluded:
+        if name in states[0]:
+            merged[name] = states[0][name].clone()
+    return merged

@@ -1,0 +1,80 @@
+"""File-level merge used by the worker: local checkpoint files in, merged files + report out.
+
+Dispatches by method family: permutation methods (MuDSC and its special cases) load the
+(small, separately trained) models whole and call :func:`mudsc_core.merge.merge`;
+same-base methods stream tensor by tensor (:mod:`mudsc_core.same_base.stream`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mudsc_core.errors import InvalidCalibration
+from mudsc_core.schema import METHODS, JobSpec
+
+ProgressFn = Callable[[str, float, str], None]
+
+
+@dataclass(frozen=True)
+class LocalInputs:
+    models: list[Path]
+    base_model: Path | None = None
+    calibration: Path | None = None
+
+
+def load_calibration(path: Path, tensor_name: str, max_samples: int) -> torch.Tensor:
+    from mudsc_core.io import open_checkpoint
+
+    checkpoint = open_checkpoint(path)
+    if tensor_name not in checkpoint.keys():
+        raise InvalidCalibration(f"calibration file has no tensor {tensor_name!r} "
+                                 f"(it has: {', '.join(sorted(checkpoint.keys())[:10])})")
+    shape = checkpoint.shape(tensor_name)
+    if len(shape) < 2 or shape[0] == 0:
+        raise InvalidCalibration(f"calibration tensor {tensor_name!r} must be (samples, ...), got shape {list(shape)}")
+    return checkpoint.get(tensor_name)[:max_samples]
+
+
+def merge_files(
+    spec: JobSpec,
+    inputs: LocalInputs,
+    out_dir: Path,
+    *,
+    device: str,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Merge the checkpoints named by ``inputs`` as ``spec`` says; write into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = METHODS[spec.method.name]
+    spec_json = spec.model_dump(mode="json")
+    if info.family == "same_base":
+        from mudsc_core.same_base.stream import merge_checkpoints
+
+        report = merge_checkpoints(
+            spec.method.name, spec.method.typed_params(), inputs.models, inputs.base_model,
+            [m.weight for m in spec.models], out_dir,
+            dtype=spec.output.dtype, shard_size_bytes=spec.output.shard_size_bytes,
+            spec_json=spec_json, progress=progress,
+        )
+    else:
+        from mudsc_core.io import load_state_dict, save_state_dict
+        from mudsc_core.merge import merge
+
+        assert spec.architecture is not None  # the spec validator requires it
+        calibration = None
+        if spec.calibration is not None and inputs.calibration is not None:
+            calibration = load_calibration(inputs.calibration, spec.calibration.tensor, spec.calibration.max_samples)
+        states = [load_state_dict(path) for path in inputs.models]
+        result = merge(states, spec.architecture, spec.method, calibration, device=device, progress=progress,
+                       calibration_batch_size=spec.calibration.batch_size if spec.calibration else 128)
+        report = result.report
+        save_state_dict(result.state_dict, out_dir, spec.output.dtype, spec.output.shard_size_bytes)
+    report.setdefault("metrics", {})
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report

@@ -1,0 +1,204 @@
+"""Unit similarities: activation correlation, weight correlation, and their dual-space mix.
+
+Every similarity is an (N*n, N*n) matrix over the stacked units of N models (rows
+[i*n:(i+1)*n] are model i's units). Correlations are Pearson; a unit with no variance
+correlates 0 with everything (never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from mudsc_core.permspec import ActivationSite, PermSpec
+
+_DEAD_STD = 1e-12
+
+
+class CorrelationAccumulator:
+    """Streaming Pearson correlation of U units over samples, in float64 with a shift.
+
+    The shift (the first batch's mean) keeps the one-pass second-moment formula stable:
+    cov = E[(x-c)(x-c)^T] - (E[x]-c)(E[x]-c)^T loses no precision when c is near the mean.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: Tensor | None = None
+        self.sum: Tensor | None = None  # (U,)
+        self.outer: Tensor | None = None  # (U, U)
+
+    def update(self, features: Tensor) -> None:
+        """features: (U, S) — U units, S samples."""
+        x = features.detach().to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(dim=1)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+        x = x - self.shift[:, None]
+        self.sum += x.sum(dim=1)
+        self.outer += x @ x.T
+        self.count += x.shape[1]
+
+    def correlation(self) -> Tensor:
+        if self.count == 0 or self.outer is None or self.sum is None:
+            raise ValueError("no samples accumulated")
+        mean = self.sum / self.count
+        cov = self.outer / self.count - torch.outer(mean, mean)
+        return covariance_to_correlation(cov)
+
+
+def covariance_to_correlation(cov: Tensor) -> Tensor:
+    variance = torch.diagonal(cov).clamp_min(0)
+    std = variance.sqrt()
+    dead = std <= _DEAD_STD * max(float(std.max()) if std.numel() else 0.0, 1.0)
+    safe = torch.where(dead, torch.ones_like(std), std)
+    corr = cov / torch.outer(safe, safe)
+    corr[dead, :] = 0.0
+    corr[:, dead] = 0.0
+    corr = corr.clamp(-1.0, 1.0)
+    torch.diagonal(corr)[:] = (~dead).to(corr.dtype)
+    return corr
+
+
+def row_correlation(features: Tensor) -> Tensor:
+    """Pearson correlation between rows of (U, F) features; constant rows correlate 0."""
+    x = features.to(torch.float64)
+    x = x - x.mean(dim=1, keepdim=True)
+    cov = x @ x.T / max(x.shape[1], 1)
+    return covariance_to_correlation(cov)
+
+
+# --------------------------------------------------------------------------- activations
+def _site_features(site: ActivationSite, tensor: Tensor) -> Tensor:
+    """Hooked tensor -> (units, samples): unit axis first, every other position a sample."""
+    units_first = tensor.movedim(site.unit_dim, 0)
+    if site.segments:
+        units_first = torch.cat([units_first[start:stop] for start, stop in site.segments], dim=1)
+    return units_first.reshape(units_first.shape[0], -1)
+
+
+@contextmanager
+def _capture(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    captured: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for name in groups:
+        site = spec.groups[name].activation
+        assert site is not None  # callers filter
+        module = modules[site.module]
+
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, name: str = name,
+                 site: ActivationSite = site) -> None:
+            captured[name] = _site_features(site, inputs[0] if site.io == "input" else output)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def activation_correlations(
+    models: Sequence[nn.Module],
+    spec: PermSpec,
+    batches: Iterable[Tensor],
+    progress: Callable[[float], None] | None = None,
+    num_batches: int | None = None,
+) -> dict[str, Tensor]:
+    """Pearson correlation of every group's stacked units over the calibration inputs."""
+    groups = [g for g in spec.group_order() if spec.groups[g].activation is not None]
+    accumulators = {g: CorrelationAccumulator() for g in groups}
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            per_model: list[dict[str, Tensor]] = []
+            for model in models:
+                with _capture(model, spec, groups) as captured:
+                    model(batch)
+                per_model.append(dict(captured))
+            for g in groups:
+                accumulators[g].update(torch.cat([features[g] for features in per_model], dim=0))
+            if progress is not None and num_batches:
+                progress((index + 1) / num_batches)
+    return {g: acc.correlation() for g, acc in accumulators.items()}
+
+
+# --------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class Correspondence:
+    """One group's current correspondence: per model, unmerge U_i (n, m) and merge M_i (n, m)."""
+
+    merge: list[Tensor]
+    unmerge: list[Tensor]
+    index: list[Tensor] | None = None  # align: per model (m,) unit of model i feeding merged unit j
+
+    @property
+    def width(self) -> int:
+        return int(self.unmerge[0].shape[1])
+
+    def to_merged(self, model: int) -> Tensor:
+        """(n, m): maps model ``model``'s units into merged coordinates (mean of its constituents)."""
+        unmerge = self.unmerge[model]
+        return unmerge / unmerge.sum(dim=0, keepdim=True).clamp_min(1.0)
+
+
+def _map_axis(tensor: Tensor, axis: int, segments: Sequence[tuple[int, int, Tensor | None]]) -> Tensor:
+    """Contract ``axis`` segment by segment with (n, m) matrices (None: keep the segment)."""
+    pieces = []
+    for start, stop, matrix in segments:
+        piece = tensor.narrow(axis, start, stop - start)
+        if matrix is not None:
+            piece = torch.tensordot(piece.movedim(axis, -1), matrix.to(piece.dtype), dims=1).movedim(-1, axis)
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+
+
+def weight_similarity(
+    states: Sequence[Mapping[str, Tensor]],
+    spec: PermSpec,
+    group: str,
+    correspondences: Mapping[str, Correspondence],
+) -> Tensor:
+    """Row-wise Pearson correlation of every unit's weights, (N*n, N*n).
+
+    A unit's vector concatenates everything the spec lists for it (its producer rows, bias
+    and norm entries, its consumer columns), after mapping every other unit axis of those
+    tensors into the merged space through the other groups' current correspondences
+    (identity where a group has none yet).
+    """
+    per_model: list[list[Tensor]] = [[] for _ in states]
+    for param, axis, start, stop, _role in spec.entries(group):
+        axes = spec.axes[param]
+        for i, state in enumerate(states):
+            tensor = state[param]
+            for other_axis, axis_spec in enumerate(axes):
+                if other_axis == axis or axis_spec is None:
+                    continue
+                segments = []
+                offset = 0
+                for seg in axis_spec:
+                    corr = correspondences.get(seg.group)
+                    segments.append((offset, offset + seg.length, corr.to_merged(i) if corr is not None else None))
+                    offset += seg.length
+                tensor = _map_axis(tensor, other_axis, segments)
+            rows = tensor.narrow(axis, start, stop - start).movedim(axis, 0)
+            per_model[i].append(rows.reshape(rows.shape[0], -1).to(torch.float64))
+    features = torch.cat([torch.cat(parts, dim=1) for parts in per_model], dim=0)
+    return row_correlation(features)
+
+
+def dual_similarity(weight: Tensor | None, activation: Tensor | None, beta: float) -> Tensor:
+    """S = beta * S_weight + (1 - beta) * S_act (a missing space counts only when its share is 0)."""
+    if weight is None or beta == 0.0:
+        if activation is None:
+            raise ValueError("no similarity available")
+        return activation
+    if activation is None or beta == 1.0:
+        return weight
+    return beta * weight + (1.0 - beta) * activation
