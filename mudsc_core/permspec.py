@@ -91,15 +91,37 @@ class PermSpec:
                         yield param, axis, start, start + seg.length, seg.role
                     start += seg.length
 
+    def block_tie_root(self, group: str) -> str:
+        """The group whose block pairing ``group`` shares (itself when untied); follows chains of ties."""
+        seen = [group]
+        while (tie := self.groups[seen[-1]].block_tie) is not None:
+            if tie in seen:
+                raise SpecError(f"block_tie cycle: {' -> '.join(seen + [tie])}")
+            seen.append(tie)
+        return seen[-1]
+
     def check(self) -> None:
         """Internal consistency: segments name known groups with the group's size."""
         for name, group in self.groups.items():
+            if group.name != name:
+                raise SpecError(f"group registered as {name!r} is named {group.name!r}")
+            if group.size < 1 or group.num_blocks < 1:
+                raise SpecError(f"group {name}: size and num_blocks must be positive")
             if group.size % group.num_blocks:
                 raise SpecError(f"group {name}: size {group.size} not divisible by {group.num_blocks} blocks")
             if group.block_tie is not None:
                 tie = self.groups.get(group.block_tie)
                 if tie is None or tie.num_blocks != group.num_blocks:
                     raise SpecError(f"group {name}: block_tie {group.block_tie!r} unknown or of another block count")
+                self.block_tie_root(name)
+        if self.order and sorted(self.order) != sorted(self.groups):
+            raise SpecError("order must list every group exactly once")
+        for param in self.head_params:
+            if param not in self.axes:
+                raise SpecError(f"head parameter {param!r} has no axes entry")
+        overlap = sorted(set(self.excluded) & set(self.axes))
+        if overlap:
+            raise SpecError(f"{overlap[0]!r} is both excluded and listed in axes")
         for param, axes in self.axes.items():
             for spec in axes:
                 for seg in spec or ():
