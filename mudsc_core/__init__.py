@@ -11,8 +11,8 @@ from typing import Any
 __all__ = ["merge", "build_model", "MergeResult", "merge_files"]
 
 _LAZY = {
-    "merge": ("mudsc_core.merge", "merge"),
-    "MergeResult": ("mudsc_core.merge", "MergeResult"),
+    "merge": ("mudsc_core.merging", "merge"),
+    "MergeResult": ("mudsc_core.merging", "MergeResult"),
     "merge_files": ("mudsc_core.pipeline", "merge_files"),
     "build_model": ("mudsc_core.architectures", "build_model"),
 }

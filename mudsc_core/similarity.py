@@ -149,11 +149,19 @@ class Correspondence:
 
 
 def _map_axis(tensor: Tensor, axis: int, segments: Sequence[tuple[int, int, Tensor | None]]) -> Tensor:
-    """Contract ``axis`` segment by segment with (n, m) matrices (None: keep the segment)."""
+    """Contract ``axis`` segment by segment with (n, m) matrices.
+
+    A segment whose group has no correspondence yet (None) is sorted along the axis: the
+    sorted values do not depend on how that group's units are ordered, so the first sweep
+    compares units on what is already comparable instead of on an arbitrary identity map
+    (which traps coordinate ascent in poor local optima).
+    """
     pieces = []
     for start, stop, matrix in segments:
         piece = tensor.narrow(axis, start, stop - start)
-        if matrix is not None:
+        if matrix is None:
+            piece = piece.sort(dim=axis).values
+        else:
             piece = torch.tensordot(piece.movedim(axis, -1), matrix.to(piece.dtype), dims=1).movedim(-1, axis)
         pieces.append(piece)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
@@ -170,7 +178,7 @@ def weight_similarity(
     A unit's vector concatenates everything the spec lists for it (its producer rows, bias
     and norm entries, its consumer columns), after mapping every other unit axis of those
     tensors into the merged space through the other groups' current correspondences
-    (identity where a group has none yet).
+    (sorted, i.e. made order-free, where a group has none yet).
     """
     per_model: list[list[Tensor]] = [[] for _ in states]
     for param, axis, start, stop, _role in spec.entries(group):
