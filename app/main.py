@@ -1,0 +1,62 @@
+"""The API application factory: ``uvicorn app.main:create_app --factory``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from app import problems
+from app.auth import KeyRing
+from app.dispatch import make_sender
+from app.limits import BodySizeLimit
+from app.metrics import MetricsMiddleware
+from app.routes import health, v1
+from app.s3 import make_client
+from app.service import Services
+from app.settings import Settings
+from app.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.async_redis.aclose()
+        app.state.services.store.redis.close()
+
+    app = FastAPI(
+        title="mudsc merge service",
+        version="1.0.0",
+        description="Merge neural-network checkpoints stored in S3: submit a job, follow its events, "
+        "download the merged safetensors.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.keyring = KeyRing(settings.auth.api_keys, settings.s3.results_bucket)
+    app.state.services = Services(
+        settings=settings,
+        store=JobStore.from_url(settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s),
+        s3=make_client(settings.s3),
+        s3_public=make_client(settings.s3, public=True),
+        sender=make_sender(settings),
+    )
+    app.state.readiness_s3 = make_client(settings.s3, max_attempts=1, timeout_s=2.0)
+    # XREAD blocks up to 2 s server-side; the socket timeout must exceed it.
+    app.state.async_redis = aioredis.Redis.from_url(settings.redis.url, decode_responses=True, socket_timeout=15,
+                                                    socket_connect_timeout=5)
+    problems.install(app)
+    app.include_router(v1)
+    app.include_router(health)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_request_bytes)
+    app.add_middleware(MetricsMiddleware)
+    if not settings.auth.api_keys:
+        logger.warning("no API keys configured (MUDSC_AUTH__API_KEYS): every /v1 request will answer 401")
+    return app

@@ -1,0 +1,223 @@
+"""The ``/v1`` routes and the health/metrics routes. Thin: validate, authorise, call a service."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sse_starlette import EventSourceResponse
+
+from app import service
+from app.auth import Tenant, authenticate
+from app.health import readiness
+from app.problems import ApiProblem, problem_response
+from app.schemas import (
+    ArchitectureList, ArtifactList, EventPage, Job, JobPage, JobStatus, MethodList, Problem,
+)
+from app.store import TERMINAL, CursorNotFound, JobNotFound, TransitionConflict, decode_event
+from mudsc_core.schema import ARCHITECTURE_CONFIGS, METHODS, JobSpec
+
+_JOB_ID = re.compile(r"^mrg_[0-9A-HJKMNP-TV-Z]{26}$")
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_ARTIFACT_SEGMENT = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 404, 422)
+}
+
+v1 = APIRouter(prefix="/v1", responses=PROBLEMS)
+health = APIRouter()
+
+
+def services(request: Request) -> service.Services:
+    return request.app.state.services
+
+
+Services = Annotated[service.Services, Depends(services)]
+Auth = Annotated[Tenant, Depends(authenticate)]
+
+
+def _owned_job(svc: service.Services, job_id: str, tenant: Tenant) -> dict[str, Any]:
+    """The tenant's job, or 404 (also for another tenant's id: existence is not disclosed)."""
+    if not _JOB_ID.match(job_id):
+        raise ApiProblem(404, f"job {job_id!r} not found", code="job_not_found")
+    try:
+        return svc.store.get(job_id, tenant.name)
+    except JobNotFound:
+        raise ApiProblem(404, f"job {job_id!r} not found", code="job_not_found") from None
+
+
+async def raw_body(request: Request) -> bytes:
+    return await request.body()
+
+
+@v1.post("/merges", status_code=202, response_model=Job, responses={
+    200: {"model": Job, "description": "Idempotent replay: the original job"},
+    403: {"model": Problem}, 413: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem},
+})
+def create_merge(
+    spec: JobSpec, response: Response, svc: Services, tenant: Auth, body: Annotated[bytes, Depends(raw_body)],
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> dict[str, Any]:
+    job, created = service.submit(svc, tenant, spec, idempotency_key=idempotency_key,
+                                  digest=service.body_hash(body))
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/merges/{job['id']}"
+    return job
+
+
+@v1.get("/merges", response_model=JobPage)
+def list_merges(
+    svc: Services, tenant: Auth,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64, description="id of the last job of the previous page")] = None,
+    status: JobStatus | None = None,
+    label: Annotated[list[str], Query(max_length=32, description="key:value; repeat to AND filters")] = [],  # noqa: B006
+) -> dict[str, Any]:
+    labels: dict[str, str] = {}
+    for item in label:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise ApiProblem(422, f"label filter {item!r} must be key:value", code="validation_error",
+                             errors=[{"loc": ["query", "label"], "msg": "must be key:value"}])
+        labels[key] = value
+    try:
+        jobs, has_more = svc.store.list(tenant.name, limit=limit, after=after, status=status, labels=labels)
+    except CursorNotFound:
+        raise ApiProblem(422, f"cursor {after!r} is not one of your jobs", code="validation_error",
+                         errors=[{"loc": ["query", "after"], "msg": "unknown job id"}]) from None
+    return {"data": jobs, "has_more": has_more}
+
+
+@v1.get("/merges/{job_id}", response_model=Job)
+def get_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
+    return _owned_job(svc, job_id, tenant)
+
+
+@v1.post("/merges/{job_id}/cancel", status_code=202, response_model=Job, responses={409: {"model": Problem}})
+def cancel_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
+    _owned_job(svc, job_id, tenant)
+    try:
+        return svc.store.request_cancel(job_id, tenant.name)
+    except TransitionConflict as conflict:
+        raise ApiProblem(409, f"job is already {conflict.status}", code="job_finished",
+                         status_of_job=conflict.status) from None
+    except JobNotFound:
+        raise ApiProblem(404, f"job {job_id!r} not found", code="job_not_found") from None
+
+
+def _event_cursor(value: str | None, loc: list[str]) -> str | None:
+    if value is None or value == "":
+        return None
+    if not _EVENT_ID.match(value):
+        raise ApiProblem(422, f"event id {value!r} is malformed (expected <ms>-<seq>)", code="validation_error",
+                         errors=[{"loc": loc, "msg": "malformed event id"}])
+    return value
+
+
+@v1.get("/merges/{job_id}/events", response_model=EventPage)
+def list_events(
+    job_id: str, svc: Services, tenant: Auth,
+    after: Annotated[str | None, Query(max_length=64, description="event id; events after it")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> dict[str, Any]:
+    _owned_job(svc, job_id, tenant)
+    events = svc.store.events(job_id, after=_event_cursor(after, ["query", "after"]), count=limit + 1)
+    return {"data": events[:limit], "has_more": len(events) > limit}
+
+
+@v1.get("/merges/{job_id}/events/stream", response_class=EventSourceResponse,
+        responses={200: {"content": {"text/event-stream": {}}}})
+def stream_events(
+    job_id: str, request: Request, svc: Services, tenant: Auth,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> EventSourceResponse:
+    _owned_job(svc, job_id, tenant)
+    start = _event_cursor(last_event_id, ["header", "Last-Event-ID"]) or \
+        _event_cursor(after, ["query", "after"]) or "0-0"
+    client = request.app.state.async_redis
+    store = svc.store
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        cursor = start
+        key = store.events_key(job_id)
+        block: int | None = None  # the first read does not block: a finished job's replay ends at once
+        while True:
+            batches = await client.xread({key: cursor}, count=100, block=block)
+            block = 2000
+            delivered = False
+            for _, entries in batches or []:
+                for event_id, fields in entries:
+                    event = decode_event(event_id, fields)
+                    cursor = event_id
+                    delivered = True
+                    yield {"id": event_id, "event": event["type"], "data": json.dumps(event)}
+                    if event["type"] == "status" and event["data"].get("status") in TERMINAL:
+                        return
+            if not delivered:
+                # Nothing new: stop if the job ended before this cursor or expired meanwhile.
+                status = await client.hget(store.job_key(job_id), "status")
+                if status is None or status in TERMINAL:
+                    return
+            if await request.is_disconnected():
+                return
+
+    return EventSourceResponse(events(), ping=15, send_timeout=30)
+
+
+@v1.get("/merges/{job_id}/artifacts", response_model=ArtifactList, responses={409: {"model": Problem}})
+def list_artifacts(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
+    return {"data": service.artifact_urls(svc, _owned_job(svc, job_id, tenant))}
+
+
+@v1.get("/merges/{job_id}/artifacts/{name:path}", status_code=307, response_class=RedirectResponse,
+        responses={307: {"description": "redirect to a presigned GET URL"}, 409: {"model": Problem}})
+def get_artifact(job_id: str, name: str, svc: Services, tenant: Auth) -> RedirectResponse:
+    job = _owned_job(svc, job_id, tenant)
+    segments = name.split("/")
+    if not all(_ARTIFACT_SEGMENT.match(s) for s in segments) or ".." in name:
+        raise ApiProblem(422, f"artifact name {name!r} is not a plain file name", code="validation_error",
+                         errors=[{"loc": ["path", "name"], "msg": "must be a plain relative file name"}])
+    for artifact in service.artifact_urls(svc, job):
+        if artifact["name"] == name:
+            return RedirectResponse(artifact["url"], status_code=307)
+    raise ApiProblem(404, f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
+
+
+@v1.get("/methods", response_model=MethodList)
+def list_methods(tenant: Auth) -> dict[str, Any]:
+    return {"data": [info.describe() for _, info in sorted(METHODS.items())]}
+
+
+@v1.get("/architectures", response_model=ArchitectureList)
+def list_architectures(tenant: Auth) -> dict[str, Any]:
+    return {"data": [
+        {"name": name, "description": (config.__doc__ or "").strip(), "config_schema": config.model_json_schema()}
+        for name, config in sorted(ARCHITECTURE_CONFIGS.items())
+    ]}
+
+
+@health.get("/livez")
+def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get("/readyz", responses={503: {"model": Problem}})
+def readyz(request: Request) -> Response:
+    checks = readiness(request.app.state.services, request.app.state.readiness_s3)
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    failing = ", ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok")
+    return problem_response(request, 503, f"not ready ({failing})", code="not_ready", checks=checks)
+
+
+@health.get("/metrics", response_class=Response)
+def prometheus_metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+

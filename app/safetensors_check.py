@@ -1,0 +1,98 @@
+"""A torch-free check that an object is a safetensors file, from its header alone.
+
+Layout: 8 bytes little-endian header length N, N bytes of JSON, then the data buffer. The
+header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the buffer) plus an optional ``__metadata__`` string map. The check reads only
+the header (two ranged GETs in the API) and needs the object's total size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+# Bytes per element of every dtype the safetensors format defines (sub-byte ones as fractions).
+DTYPE_SIZES: dict[str, float] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F4": 0.5, "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+    "U64": 8, "F64": 8, "C64": 8,
+}
+MAX_TENSORS = 1_000_000
+
+
+class InvalidSafetensors(ValueError):
+    """The object is not a well-formed safetensors file; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def header_length(prefix: bytes, *, object_size: int, max_header_bytes: int) -> int:
+    """The JSON header's length from the first 8 bytes, checked against the object size and a bound."""
+    if object_size < 8 or len(prefix) < 8:
+        raise InvalidSafetensors(f"{object_size} bytes is too short for a safetensors file")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length < 2:
+        raise InvalidSafetensors("header length is smaller than an empty JSON object")
+    if length > max_header_bytes:
+        raise InvalidSafetensors(f"header length {length} exceeds the limit of {max_header_bytes} bytes")
+    if 8 + length > object_size:
+        raise InvalidSafetensors(f"header length {length} runs past the end of the {object_size}-byte object")
+    return length
+
+
+def parse_header(header: bytes, *, object_size: int) -> dict[str, TensorInfo]:
+    """Validate the header JSON against the object size; returns the tensors by name."""
+    try:
+        decoded: Any = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidSafetensors(f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise InvalidSafetensors("header is not a JSON object")
+    buffer_size = object_size - 8 - len(header)
+    metadata = decoded.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InvalidSafetensors("__metadata__ must map strings to strings")
+    if len(decoded) > MAX_TENSORS:
+        raise InvalidSafetensors(f"more than {MAX_TENSORS} tensors")
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in decoded.items():
+        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+            raise InvalidSafetensors(f"tensor {name!r}: entry must be {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise InvalidSafetensors(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise InvalidSafetensors(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise InvalidSafetensors(f"tensor {name!r}: data_offsets must be two integers")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise InvalidSafetensors(f"tensor {name!r}: data_offsets {offsets} are not an ordered pair")
+        if end > buffer_size:
+            raise InvalidSafetensors(
+                f"tensor {name!r}: data ends at byte {end} but the data buffer holds {buffer_size} bytes (truncated?)"
+            )
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if expected != end - begin:
+            raise InvalidSafetensors(
+                f"tensor {name!r}: {dtype}{shape} needs {expected:g} bytes, data_offsets span {end - begin}"
+            )
+        tensors[name] = TensorInfo(dtype, tuple(shape))
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise InvalidSafetensors(f"tensors {prev!r} and {name!r} overlap in the data buffer")
+    return tensors

@@ -1,0 +1,127 @@
+"""What the routes call: submission, cancellation and artifact URLs (HTTP-free where it can be)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from celery import Celery
+
+from app import metrics
+from app.auth import Tenant
+from app.dispatch import send_merge
+from app.inputs import ObjectChecker, check_access, check_limits
+from app.problems import ApiProblem
+from app.settings import Settings
+from app.store import IdempotencyConflict, JobNotFound, JobStore, TenantLimitReached, new_job_id
+from mudsc_core.schema import JobSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    s3: Any
+    s3_public: Any
+    sender: Celery
+
+
+def body_hash(body: bytes) -> str:
+    """Hash of the request body as JSON, key order and whitespace ignored."""
+    try:
+        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        canonical = body.decode("utf-8", "replace")
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _idempotency_conflict(job_id: str) -> ApiProblem:
+    return ApiProblem(422, f"Idempotency-Key was already used with a different request body (job {job_id})",
+                      code="idempotency_conflict",
+                      errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body"}])
+
+
+def replay(services: Services, tenant: Tenant, idempotency_key: str, digest: str) -> dict[str, Any] | None:
+    """The original job of a replayed Idempotency-Key (same body), 422 for a different body, None if unused."""
+    stored = services.store.redis.get(services.store.idem_key(tenant.name, idempotency_key))
+    if not stored:
+        return None
+    job_id, _, stored_hash = stored.partition(" ")
+    try:
+        job = services.store.get(job_id, tenant.name)
+    except JobNotFound:
+        return None
+    if stored_hash != digest:
+        raise _idempotency_conflict(job_id)
+    return job
+
+
+def submit(
+    services: Services, tenant: Tenant, spec: JobSpec, *, idempotency_key: str | None, digest: str,
+) -> tuple[dict[str, Any], bool]:
+    """Validate against limits, rights and S3, create the job, send the task. Returns (job, created)."""
+    settings = services.settings
+    try:
+        if idempotency_key:
+            original = replay(services, tenant, idempotency_key, digest)
+            if original is not None:
+                return original, False
+        check_limits(spec, settings)
+        job_id = new_job_id()
+        default_output = f"s3://{settings.s3.results_bucket}/{tenant.name}/{job_id}/"
+        output_uri = spec.output.uri or default_output
+        check_access(spec, tenant, output_uri)
+        ObjectChecker(services.s3, settings).check(spec)
+    except ApiProblem as problem:
+        metrics.JOBS_REJECTED.labels(problem.code or str(problem.status)).inc()
+        raise
+    normalised = spec.model_dump(mode="json")
+    normalised["output"]["uri"] = output_uri
+    try:
+        job, created = services.store.create(
+            job_id=job_id, tenant=tenant.name, spec=normalised, labels=spec.labels,
+            max_active=settings.limits.max_concurrent_jobs_per_tenant, idempotency_key=idempotency_key,
+            body_hash=digest,
+        )
+    except IdempotencyConflict as conflict:
+        raise _idempotency_conflict(conflict.job_id) from None
+    except TenantLimitReached:
+        metrics.JOBS_REJECTED.labels("too_many_jobs").inc()
+        raise ApiProblem(429, f"tenant {tenant.name!r} already has {settings.limits.max_concurrent_jobs_per_tenant} "
+                         "queued or running jobs", code="too_many_jobs", headers={"Retry-After": "30"}) from None
+    if not created:
+        return job, False
+    try:
+        send_merge(services.sender, settings, job["id"])
+    except Exception as exc:  # kombu raises several types; the job must not stay queued forever
+        logger.error("could not send job %s to the broker: %s", job["id"], exc)
+        services.store.fail_unsent(job["id"], tenant.name, "the job could not be queued (broker unavailable)")
+        raise ApiProblem(503, "the job queue is unavailable; the job was not started", code="broker_unavailable",
+                         job_id=job["id"]) from None
+    metrics.JOBS_SUBMITTED.labels(spec.method.name).inc()
+    return job, True
+
+
+def artifact_urls(services: Services, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Presigned GET URLs (signed for the public endpoint) of a succeeded job's artifacts."""
+    if job["status"] != "succeeded" or not job.get("result"):
+        raise ApiProblem(409, f"job is {job['status']}; artifacts exist once it succeeded", code="not_succeeded",
+                         status_of_job=job["status"])
+    ttl = services.settings.s3.presign_ttl_s
+    expires_at = (datetime.now(timezone.utc) + timedelta(seconds=ttl)).isoformat(timespec="seconds")
+    expires_at = expires_at.replace("+00:00", "Z")
+    out = []
+    for artifact in job["result"]["artifacts"]:
+        bucket, _, key = artifact["uri"][len("s3://"):].partition("/")
+        url = services.s3_public.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl
+        )
+        out.append({"name": artifact["name"], "size": artifact["size"], "sha256": artifact["sha256"], "url": url,
+                    "expires_at": expires_at})
+    return out

@@ -1,0 +1,173 @@
+"""All configuration of the API and the worker: one pydantic-settings object.
+
+Every field reads an environment variable named ``MUDSC_<SECTION>__<FIELD>`` (nested
+sections joined by ``__``); the name is repeated in each description because the README's
+configuration table is generated from this class.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_TENANT = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RedisSettings(BaseModel):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Job store Redis URL (MUDSC_REDIS__URL)")
+    key_prefix: str = Field(
+        "mudsc:", max_length=128, description="Prefix of every job-store key (MUDSC_REDIS__KEY_PREFIX)"
+    )
+
+
+class CelerySettings(BaseModel):
+    broker_url: str | None = Field(
+        None, description="Celery broker URL; default: the job store Redis URL (MUDSC_CELERY__BROKER_URL)"
+    )
+    queue: str = Field("gpu", description="Queue the merge task is sent to (MUDSC_CELERY__QUEUE)")
+    key_prefix: str = Field(
+        "", max_length=128,
+        description="Redis broker global key prefix, to share one Redis between stacks (MUDSC_CELERY__KEY_PREFIX)",
+    )
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(None, description="S3 endpoint the service talks to (MUDSC_S3__ENDPOINT_URL)")
+    public_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint clients reach; presigned URLs are signed for it; default: the endpoint "
+        "(MUDSC_S3__PUBLIC_ENDPOINT_URL)",
+    )
+    access_key_id: str | None = Field(None, description="S3 access key id (MUDSC_S3__ACCESS_KEY_ID)")
+    secret_access_key: str | None = Field(None, description="S3 secret access key (MUDSC_S3__SECRET_ACCESS_KEY)")
+    region: str = Field("us-east-1", description="S3 region (MUDSC_S3__REGION)")
+    results_bucket: str = Field("results", description="Bucket of default job outputs (MUDSC_S3__RESULTS_BUCKET)")
+    presign_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime (MUDSC_S3__PRESIGN_TTL_S)")
+    connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout (MUDSC_S3__CONNECT_TIMEOUT_S)")
+    read_timeout_s: float = Field(60.0, gt=0, description="S3 read timeout (MUDSC_S3__READ_TIMEOUT_S)")
+    multipart_threshold_bytes: int = Field(
+        64 * 1024**2, ge=5 * 1024**2,
+        description="Uploads/downloads above this size use multipart transfers (MUDSC_S3__MULTIPART_THRESHOLD_BYTES)",
+    )
+
+
+class ApiKey(BaseModel):
+    tenant: str = Field(description="Tenant the key belongs to")
+    key_sha256: str = Field(description="Hex SHA-256 of the API key (the key itself is never stored)")
+    allowed_prefixes: list[str] = Field(
+        default_factory=list, description="s3:// prefixes the tenant may read and write (besides its results prefix)"
+    )
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, tenant: str) -> str:
+        if not _TENANT.match(tenant):
+            raise ValueError("tenant must be 1-63 chars of [a-z0-9_-], starting with a letter or digit")
+        return tenant
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, digest: str) -> str:
+        digest = digest.lower()
+        if not _SHA256_HEX.match(digest):
+            raise ValueError("key_sha256 must be 64 hex digits")
+        return digest
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            if not prefix.startswith("s3://") or len(prefix) <= len("s3://"):
+                raise ValueError(f"allowed prefix {prefix!r} must be an s3:// URI prefix")
+        return prefixes
+
+
+class AuthSettings(BaseModel):
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description='API keys as JSON: [{"tenant", "key_sha256", "allowed_prefixes"}] (MUDSC_AUTH__API_KEYS)',
+    )
+
+
+class WorkerSettings(BaseModel):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N, resolved inside the task (MUDSC_WORKER__DEVICE)")
+    scratch_dir: str | None = Field(
+        None, description="Scratch directory for inputs/outputs; default: the system temp dir (MUDSC_WORKER__SCRATCH_DIR)"
+    )
+    soft_time_limit_s: int | None = Field(
+        None, ge=1,
+        description="Soft time limit of a merge, after which the job fails with `timeout`; default: the hard limit "
+        "minus max(30 s, 5%) (MUDSC_WORKER__SOFT_TIME_LIMIT_S)",
+    )
+    time_limit_s: int = Field(3900, ge=2, description="Hard time limit of a merge (MUDSC_WORKER__TIME_LIMIT_S)")
+    lease_ttl_s: int = Field(
+        60, ge=2, description="Lease a running worker holds and renews on a job (MUDSC_WORKER__LEASE_TTL_S)"
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Deliveries of one job before it fails with `worker_lost` (MUDSC_WORKER__MAX_ATTEMPTS)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", device):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return device
+
+    @model_validator(mode="after")
+    def _limits(self) -> "WorkerSettings":
+        if self.soft_time_limit_s is not None and self.time_limit_s <= self.soft_time_limit_s:
+            raise ValueError("time_limit_s must exceed soft_time_limit_s")
+        return self
+
+    @property
+    def effective_soft_time_limit_s(self) -> int:
+        if self.soft_time_limit_s is not None:
+            return self.soft_time_limit_s
+        return max(1, self.time_limit_s - max(30, self.time_limit_s // 20))
+
+
+class LimitSettings(BaseModel):
+    max_models: int = Field(16, ge=2, le=64, description="Models per job (MUDSC_LIMITS__MAX_MODELS)")
+    max_checkpoint_bytes: int = Field(
+        20 * 1024**3, ge=1, description="Size of one checkpoint (file or folder) (MUDSC_LIMITS__MAX_CHECKPOINT_BYTES)"
+    )
+    max_calibration_samples: int = Field(
+        100_000, ge=1, description="calibration.max_samples upper bound (MUDSC_LIMITS__MAX_CALIBRATION_SAMPLES)"
+    )
+    max_concurrent_jobs_per_tenant: int = Field(
+        8, ge=1, description="Queued + running jobs per tenant (MUDSC_LIMITS__MAX_CONCURRENT_JOBS_PER_TENANT)"
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Request body size (MUDSC_LIMITS__MAX_REQUEST_BYTES)"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024**2, ge=1024, description="Safetensors header size accepted (MUDSC_LIMITS__MAX_HEADER_BYTES)"
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MUDSC_", env_nested_delimiter="__", extra="ignore")
+
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Job store (MUDSC_REDIS__*)")
+    celery: CelerySettings = Field(default_factory=CelerySettings, description="Broker (MUDSC_CELERY__*)")
+    s3: S3Settings = Field(default_factory=S3Settings, description="Object storage (MUDSC_S3__*)")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys (MUDSC_AUTH__*)")
+    worker: WorkerSettings = Field(default_factory=WorkerSettings, description="Merge worker (MUDSC_WORKER__*)")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits (MUDSC_LIMITS__*)")
+    job_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long finished jobs and their events are kept (MUDSC_JOB_TTL_S)"
+    )
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery.broker_url or self.redis.url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,466 @@
+"""The job store in Redis, shared by the API and the worker.
+
+Layout (every key starts with ``settings.redis.key_prefix``):
+
+- ``job:{id}``               hash: the job record (JSON-encoded values for nested fields)
+- ``job:{id}:events``        stream: the job's events (``XADD`` ids are the event ids)
+- ``tenant:{t}:jobs``        sorted set: the tenant's jobs by creation time (newest-first listing)
+- ``tenant:{t}:active``      set: the tenant's queued/running jobs (concurrency limit)
+- ``idem:{t}:{sha256(key)}`` string: ``{job id} {body hash}`` for ``Idempotency-Key``
+
+Every state change is one Lua script that checks the current status (and, for the worker,
+the attempt number), writes the record and appends the event, so a transition and its event
+are never separated, a terminal state never changes, and a stale attempt cannot overwrite a
+newer one. Lease expiry is judged by the Redis server clock (``TIME``), not by worker clocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import redis
+
+TERMINAL = ("succeeded", "failed", "canceled")
+ACTIVE = ("queued", "running", "canceling")
+STATUSES = ACTIVE + TERMINAL
+EVENTS_MAXLEN = 10_000
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_job_id() -> str:
+    """``mrg_`` + a ULID (48-bit millisecond time + 80 random bits, Crockford base32): sortable, unguessable."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "mrg_" + "".join(reversed(chars))
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------ Lua
+# Shared helpers prepended to every script. ``now_ms`` uses the server clock.
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function is_terminal(s) return s == 'succeeded' or s == 'failed' or s == 'canceled' end
+local function in_list(csv, s) return string.find(',' .. csv .. ',', ',' .. s .. ',', 1, true) ~= nil end
+local function add_event(key, event) return redis.call('XADD', key, 'MAXLEN', '~', %d, '*', 'e', event) end
+local function finish(job, events, active, id, ttl)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', events, ttl)
+  redis.call('SREM', active, id)
+end
+""" % EVENTS_MAXLEN
+
+# KEYS: job, events, index, active, idem
+# ARGV: id, score, max_active, use_idem, body_hash, idem_ttl, event, job key prefix, field/value pairs...
+_LUA_CREATE = _LUA_COMMON + """
+if ARGV[4] == '1' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then
+    local sep = string.find(existing, ' ', 1, true)
+    local old_id = string.sub(existing, 1, sep - 1)
+    local old_hash = string.sub(existing, sep + 1)
+    if redis.call('EXISTS', ARGV[8] .. old_id) == 1 then
+      if old_hash == ARGV[5] then return {'existing', old_id} end
+      return {'conflict', old_id}
+    end
+  end
+end
+if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'limit', ''} end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+if ARGV[4] == '1' then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[5], 'EX', ARGV[6]) end
+add_event(KEYS[2], ARGV[7])
+return {'created', ARGV[1]}
+"""
+
+# KEYS: job, events, active
+# ARGV: allowed_from (csv), expected_attempt ('' = any), new_status ('' = keep), ttl, event ('' = none), pairs...
+_LUA_TRANSITION = _LUA_COMMON + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+if not in_list(ARGV[1], cur) then return {'conflict', cur} end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return {'stale', cur} end
+if #ARGV > 5 then
+  local fields = {}
+  for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(fields))
+end
+local new = cur
+if ARGV[3] ~= '' then new = ARGV[3]; redis.call('HSET', KEYS[1], 'status', new) end
+if ARGV[5] ~= '' then add_event(KEYS[2], ARGV[5]) end
+if is_terminal(new) then finish(KEYS[1], KEYS[2], KEYS[3], redis.call('HGET', KEYS[1], 'id'), ARGV[4]) end
+return {'ok', new}
+"""
+
+# KEYS: job, events, active
+# ARGV: owner, lease_ttl_ms, max_attempts, now_iso, ttl
+_LUA_CLAIM = _LUA_COMMON + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'lease_until_ms', 'id', 'progress')
+local status, attempt, lease_until, id = h[1], tonumber(h[2]), tonumber(h[3]) or 0, h[4]
+if not status then return {'missing', '0'} end
+if is_terminal(status) then return {'terminal', tostring(attempt), status} end
+local now = now_ms()
+if (status == 'running' or status == 'canceling') then
+  if lease_until > now then return {'leased', tostring(attempt), status, tostring(lease_until - now)} end
+  -- the previous attempt's worker is gone
+  local stage = nil
+  if h[5] and h[5] ~= '' then stage = cjson.decode(h[5])['stage'] end
+  if status == 'canceling' or redis.call('HGET', KEYS[1], 'cancel') == '1' then
+    redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[4], 'updated_at', ARGV[4])
+    add_event(KEYS[2], cjson.encode({type='status', time=ARGV[4], data={status='canceled', attempt=attempt}}))
+    finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[5])
+    return {'terminal', tostring(attempt), 'canceled'}
+  end
+  if attempt >= tonumber(ARGV[3]) then
+    local err = {code='worker_lost', message='the worker running attempt ' .. attempt ..
+      ' was lost and the job reached its maximum of ' .. ARGV[3] .. ' attempts', retryable=true}
+    if stage then err['stage'] = stage end
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'error', cjson.encode(err), 'finished_at', ARGV[4],
+               'updated_at', ARGV[4])
+    add_event(KEYS[2], cjson.encode({type='status', time=ARGV[4], data={status='failed', attempt=attempt, error=err}}))
+    finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[5])
+    return {'terminal', tostring(attempt), 'failed'}
+  end
+end
+if status ~= 'queued' and status ~= 'running' then return {'conflict', tostring(attempt), status} end
+attempt = attempt + 1
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', attempt, 'lease_owner', ARGV[1],
+           'lease_until_ms', now + tonumber(ARGV[2]), 'updated_at', ARGV[4], 'progress', '')
+if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[1], 'started_at', ARGV[4]) end
+add_event(KEYS[2], cjson.encode({type='status', time=ARGV[4], data={status='running', attempt=attempt}}))
+return {'claimed', tostring(attempt), 'running'}
+"""
+
+# KEYS: job, events
+# ARGV: attempt, lease_ttl_ms, progress ('' = lease renewal only), event, now_iso
+_LUA_HEARTBEAT = _LUA_COMMON + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if not h[1] then return {'missing', ''} end
+if h[2] ~= ARGV[1] then return {'stale', h[1]} end
+if h[1] ~= 'running' and h[1] ~= 'canceling' then return {'conflict', h[1]} end
+redis.call('HSET', KEYS[1], 'lease_until_ms', now_ms() + tonumber(ARGV[2]))
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[3], 'updated_at', ARGV[5])
+  add_event(KEYS[2], ARGV[4])
+end
+return {'ok', h[1]}
+"""
+
+
+# ------------------------------------------------------------------------------------ API
+class StoreError(Exception):
+    """Base of job-store outcomes the callers map to HTTP answers or task decisions."""
+
+
+class JobNotFound(StoreError):
+    pass
+
+
+class TransitionConflict(StoreError):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"job is {status}")
+        self.status = status
+
+
+class StaleAttempt(StoreError):
+    """The caller's attempt is no longer the job's current attempt."""
+
+
+class TenantLimitReached(StoreError):
+    pass
+
+
+class IdempotencyConflict(StoreError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class CursorNotFound(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: str  # claimed | leased | terminal | missing | conflict
+    attempt: int
+    status: str | None
+    lease_remaining_s: float = 0.0
+
+
+_JSON_FIELDS = ("spec", "labels", "progress", "error", "result")
+_NULLABLE = ("started_at", "finished_at")
+
+
+def decode_job(raw: dict[str, str]) -> dict[str, Any]:
+    """The Redis hash -> the public job dict (API.md's job object)."""
+    job: dict[str, Any] = {
+        "id": raw["id"],
+        "status": raw["status"],
+        "created_at": raw["created_at"],
+        "started_at": raw.get("started_at") or None,
+        "finished_at": raw.get("finished_at") or None,
+        "attempt": int(raw.get("attempt") or 0),
+        "cancel_requested": raw.get("cancel") == "1",
+    }
+    for name in _JSON_FIELDS:
+        value = raw.get(name) or ""
+        job[name] = json.loads(value) if value else None
+    job["labels"] = job["labels"] or {}
+    job["tenant"] = raw["tenant"]
+    return job
+
+
+def event_payload(event_type: str, data: dict[str, Any], at: str | None = None) -> str:
+    return _json({"type": event_type, "time": at or utcnow(), "data": data})
+
+
+def decode_event(event_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    body = json.loads(fields["e"])
+    return {"id": event_id, "time": body["time"], "type": body["type"], "data": body["data"]}
+
+
+class JobStore:
+    """Synchronous store used by the API (in its thread pool) and by the worker."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str, job_ttl_s: int) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.job_ttl_s = job_ttl_s
+        self._create = client.register_script(_LUA_CREATE)
+        self._transition = client.register_script(_LUA_TRANSITION)
+        self._claim = client.register_script(_LUA_CLAIM)
+        self._heartbeat = client.register_script(_LUA_HEARTBEAT)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> "JobStore":
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+        )
+        return cls(client, prefix=prefix, job_ttl_s=job_ttl_s)
+
+    # keys
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:events"
+
+    def index_key(self, tenant: str) -> str:
+        return f"{self.prefix}tenant:{tenant}:jobs"
+
+    def active_key(self, tenant: str) -> str:
+        return f"{self.prefix}tenant:{tenant}:active"
+
+    def idem_key(self, tenant: str, key: str) -> str:
+        return f"{self.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    # reads
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    def get(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The job; JobNotFound when missing or (with ``tenant``) owned by someone else."""
+        raw = self.redis.hgetall(self.job_key(job_id))
+        if not raw or "status" not in raw or (tenant is not None and raw.get("tenant") != tenant):
+            raise JobNotFound(job_id)
+        return decode_job(raw)
+
+    def list(
+        self, tenant: str, *, limit: int, after: str | None = None, status: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        index = self.index_key(tenant)
+        start = 0
+        if after is not None:
+            rank = self.redis.zrevrank(index, after)
+            if rank is None:
+                raise CursorNotFound(after)
+            start = rank + 1
+        found: list[dict[str, Any]] = []
+        batch = max(limit + 1, 50)
+        while len(found) <= limit:
+            ids = self.redis.zrevrange(index, start, start + batch - 1)
+            if not ids:
+                break
+            start += len(ids)
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.job_key(job_id))
+            expired = []
+            for job_id, raw in zip(ids, pipe.execute()):
+                if not raw or "status" not in raw:
+                    expired.append(job_id)
+                    continue
+                job = decode_job(raw)
+                if status is not None and job["status"] != status:
+                    continue
+                if labels and any(job["labels"].get(k) != v for k, v in labels.items()):
+                    continue
+                found.append(job)
+            if expired:  # finished jobs expire; drop their index entries lazily
+                self.redis.zrem(index, *expired)
+                start -= len(expired)
+        return found[:limit], len(found) > limit
+
+    def events(self, job_id: str, *, after: str | None = None, count: int | None = None) -> list[dict[str, Any]]:
+        start = f"({after}" if after else "-"
+        return [decode_event(i, f) for i, f in self.redis.xrange(self.events_key(job_id), start, "+", count=count)]
+
+    # writes (API)
+    def create(
+        self, *, tenant: str, spec: dict[str, Any], labels: dict[str, str], max_active: int,
+        idempotency_key: str | None = None, body_hash: str = "", job_id: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Create a queued job. Returns (job, created); created=False for an idempotent replay."""
+        job_id = job_id or new_job_id()
+        now = utcnow()
+        fields = {
+            "id": job_id, "tenant": tenant, "status": "queued", "attempt": "0", "created_at": now,
+            "started_at": "", "finished_at": "", "updated_at": now, "spec": _json(spec), "labels": _json(labels),
+            "progress": "", "error": "", "result": "", "cancel": "0", "lease_owner": "", "lease_until_ms": "0",
+        }
+        pairs = [item for kv in fields.items() for item in kv]
+        idem_key = self.idem_key(tenant, idempotency_key) if idempotency_key else f"{self.prefix}idem:-"
+        outcome, other = self._create(
+            keys=[self.job_key(job_id), self.events_key(job_id), self.index_key(tenant), self.active_key(tenant),
+                  idem_key],
+            args=[job_id, int(time.time() * 1000), max_active, "1" if idempotency_key else "0", body_hash,
+                  self.job_ttl_s, event_payload("status", {"status": "queued", "attempt": 0}, now), f"{self.prefix}job:",
+                  *pairs],
+        )
+        if outcome == "existing":
+            return self.get(other, tenant), False
+        if outcome == "conflict":
+            raise IdempotencyConflict(other)
+        if outcome == "limit":
+            raise TenantLimitReached(tenant)
+        return self.get(job_id), True
+
+    def _run_transition(
+        self, job_id: str, tenant: str, *, allowed: Iterable[str], new_status: str = "", attempt: int | None = None,
+        event: str = "", fields: dict[str, str] | None = None,
+    ) -> str:
+        pairs = [item for kv in (fields or {}).items() for item in kv]
+        outcome, status = self._transition(
+            keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
+            args=[",".join(allowed), "" if attempt is None else str(attempt), new_status, self.job_ttl_s, event, *pairs],
+        )
+        if outcome == "missing":
+            raise JobNotFound(job_id)
+        if outcome == "stale":
+            raise StaleAttempt(job_id)
+        if outcome == "conflict":
+            raise TransitionConflict(status)
+        return status
+
+    def request_cancel(self, job_id: str, tenant: str) -> dict[str, Any]:
+        """queued -> canceled at once; running -> canceling (the worker winds down); terminal -> conflict."""
+        self.get(job_id, tenant)
+        now = utcnow()
+        try:
+            self._run_transition(
+                job_id, tenant, allowed=["queued"], new_status="canceled",
+                event=event_payload("status", {"status": "canceled", "attempt": 0}, now),
+                fields={"cancel": "1", "finished_at": now, "updated_at": now},
+            )
+        except TransitionConflict as conflict:
+            if conflict.status in TERMINAL:
+                raise
+            try:
+                self._run_transition(
+                    job_id, tenant, allowed=["running"], new_status="canceling",
+                    event=event_payload("status", {"status": "canceling"}, now),
+                    fields={"cancel": "1", "updated_at": now},
+                )
+            except TransitionConflict as again:
+                if again.status != "canceling":  # already canceling: idempotent
+                    raise
+        return self.get(job_id, tenant)
+
+    def fail_unsent(self, job_id: str, tenant: str, message: str) -> None:
+        """A job whose task could not be sent to the broker: failed at once, nothing left queued."""
+        now = utcnow()
+        error = {"code": "broker_unavailable", "message": message, "stage": None, "retryable": True}
+        self._run_transition(
+            job_id, tenant, allowed=["queued"], new_status="failed",
+            event=event_payload("status", {"status": "failed", "attempt": 0, "error": error}, now),
+            fields={"error": _json(error), "finished_at": now, "updated_at": now},
+        )
+
+    # writes (worker)
+    def claim(self, job_id: str, *, owner: str, lease_ttl_s: float, max_attempts: int) -> Claim:
+        job = self.redis.hget(self.job_key(job_id), "tenant")
+        if job is None:
+            return Claim("missing", 0, None)
+        outcome, attempt, *rest = self._claim(
+            keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(job)],
+            args=[owner, int(lease_ttl_s * 1000), max_attempts, utcnow(), self.job_ttl_s],
+        )
+        remaining = int(rest[1]) / 1000 if len(rest) > 1 else 0.0
+        return Claim(outcome, int(attempt), rest[0] if rest else None, remaining)
+
+    def heartbeat(
+        self, job_id: str, attempt: int, *, lease_ttl_s: float, progress: dict[str, Any] | None = None,
+    ) -> str:
+        """Renew the lease (and record progress). Returns the status: ``canceling`` means stop."""
+        now = utcnow()
+        outcome, status = self._heartbeat(
+            keys=[self.job_key(job_id), self.events_key(job_id)],
+            args=[str(attempt), int(lease_ttl_s * 1000), _json(progress) if progress else "",
+                  event_payload("progress", progress, now) if progress else "", now],
+        )
+        if outcome == "missing":
+            raise JobNotFound(job_id)
+        if outcome == "stale":
+            raise StaleAttempt(job_id)
+        if outcome == "conflict":
+            raise TransitionConflict(status)
+        return status
+
+    def log(self, job_id: str, message: str, **data: Any) -> None:
+        self.redis.xadd(self.events_key(job_id), {"e": event_payload("log", {"message": message, **data})},
+                        maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def complete(
+        self, job_id: str, tenant: str, attempt: int, *, status: str, result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """running|canceling -> succeeded|failed|canceled, only for the current attempt."""
+        if status not in TERMINAL:
+            raise ValueError(f"{status!r} is not terminal")
+        now = utcnow()
+        data: dict[str, Any] = {"status": status, "attempt": attempt}
+        fields = {"finished_at": now, "updated_at": now, "lease_until_ms": "0"}
+        if error is not None:
+            data["error"] = error
+            fields["error"] = _json(error)
+        if result is not None:
+            fields["result"] = _json(result)
+        self._run_transition(
+            job_id, tenant, allowed=["running", "canceling"], new_status=status, attempt=attempt,
+            event=event_payload("status", data, now), fields=fields,
+        )

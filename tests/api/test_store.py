@@ -1,0 +1,85 @@
+"""Job-store transitions against the real Redis: atomic, attempt-checked, terminal states final."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app.store import IdempotencyConflict, JobStore, StaleAttempt, TenantLimitReached, TransitionConflict
+from tests.api.conftest import seed_job
+
+
+def test_stale_attempt_cannot_overwrite_newer_one(store: JobStore) -> None:
+    job = seed_job(store)
+    first = store.claim(job["id"], owner="w1", lease_ttl_s=0.2, max_attempts=3)
+    time.sleep(0.3)  # w1's lease runs out (its worker "died")
+    second = store.claim(job["id"], owner="w2", lease_ttl_s=30, max_attempts=3)
+    assert (first.attempt, second.outcome, second.attempt) == (1, "claimed", 2)
+    with pytest.raises(StaleAttempt):
+        store.heartbeat(job["id"], first.attempt, lease_ttl_s=30, progress={"stage": "x", "percent": 1, "message": ""})
+    with pytest.raises(StaleAttempt):
+        store.complete(job["id"], "acme", first.attempt, status="succeeded", result={"artifacts": [], "metrics": {}})
+    assert store.get(job["id"])["status"] == "running"
+    store.complete(job["id"], "acme", second.attempt, status="failed",
+                   error={"code": "invalid_checkpoint", "message": "m", "stage": "merging", "retryable": False})
+    assert store.get(job["id"])["error"]["code"] == "invalid_checkpoint"
+
+
+def test_live_lease_makes_a_second_delivery_do_nothing(store: JobStore) -> None:
+    job = seed_job(store)
+    store.claim(job["id"], owner="w1", lease_ttl_s=30, max_attempts=3)
+    before = store.events(job["id"])
+    duplicate = store.claim(job["id"], owner="w2", lease_ttl_s=30, max_attempts=3)
+    assert duplicate.outcome == "leased" and duplicate.attempt == 1 and 0 < duplicate.lease_remaining_s <= 30
+    assert store.events(job["id"]) == before
+
+
+def test_terminal_states_never_change(store: JobStore) -> None:
+    job = seed_job(store)
+    claim = store.claim(job["id"], owner="w", lease_ttl_s=30, max_attempts=3)
+    store.complete(job["id"], "acme", claim.attempt, status="succeeded", result={"artifacts": [], "metrics": {}})
+    for status in ("failed", "canceled"):
+        with pytest.raises(TransitionConflict):
+            store.complete(job["id"], "acme", claim.attempt, status=status)
+    with pytest.raises(TransitionConflict):
+        store.request_cancel(job["id"], "acme")
+    assert store.claim(job["id"], owner="w", lease_ttl_s=30, max_attempts=3).outcome == "terminal"
+    assert store.get(job["id"])["status"] == "succeeded"
+    assert 0 < store.redis.ttl(store.job_key(job["id"])) <= store.job_ttl_s  # finished jobs expire
+    assert store.redis.sismember(store.active_key("acme"), job["id"]) == 0
+
+
+def test_lost_worker_fails_after_max_attempts(store: JobStore) -> None:
+    job = seed_job(store)
+    for _ in range(2):
+        assert store.claim(job["id"], owner="w", lease_ttl_s=0.1, max_attempts=2).outcome == "claimed"
+        time.sleep(0.15)
+    final = store.claim(job["id"], owner="w", lease_ttl_s=0.1, max_attempts=2)
+    assert (final.outcome, final.status) == ("terminal", "failed")
+    error = store.get(job["id"])["error"]
+    assert error["code"] == "worker_lost" and error["retryable"] is True
+
+
+def test_canceling_job_whose_worker_died_becomes_canceled(store: JobStore) -> None:
+    job = seed_job(store)
+    store.claim(job["id"], owner="w", lease_ttl_s=0.1, max_attempts=3)
+    assert store.request_cancel(job["id"], "acme")["status"] == "canceling"
+    time.sleep(0.15)
+    assert store.claim(job["id"], owner="w2", lease_ttl_s=5, max_attempts=3).status == "canceled"
+
+
+def test_idempotency_and_tenant_limit_are_atomic(store: JobStore) -> None:
+    tenant = "limited"
+    first, created = store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1",
+                                  body_hash="h")
+    again, created_again = store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1",
+                                        body_hash="h")
+    assert created and not created_again and again["id"] == first["id"]
+    with pytest.raises(IdempotencyConflict):
+        store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1", body_hash="other")
+    store.create(tenant=tenant, spec={}, labels={}, max_active=2)
+    with pytest.raises(TenantLimitReached):
+        store.create(tenant=tenant, spec={}, labels={}, max_active=2)
+    store.request_cancel(first["id"], tenant)  # a finished job frees its slot
+    store.create(tenant=tenant, spec={}, labels={}, max_active=2)

@@ -1,0 +1,310 @@
+"""The merge task: claim the job, fetch inputs, call the core, upload outputs, record the outcome.
+
+The merge logic lives in ``mudsc_core.pipeline.merge_files``; this module only moves files and
+records state. torch is imported inside the task (in the pool process), never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Task
+from pydantic import ValidationError
+from redis import RedisError
+
+from app.dispatch import TASK_NAME
+from app.store import TERMINAL, Claim, JobNotFound, StaleAttempt, TransitionConflict
+from mudsc_core.errors import MergeCanceled, MergeError
+from mudsc_core.schema import JobSpec
+from worker import context
+from worker.celery_app import app
+from worker.transfer import StorageError, Transfers
+
+logger = logging.getLogger(__name__)
+PROGRESS_INTERVAL_S = 0.5
+# Summary entries of the core's report copied into the job's result metrics (the full report is an artifact).
+METRIC_KEYS = ("groups", "similarity_space", "sweeps", "objective_per_sweep", "bn_reset", "timings_s")
+
+
+class LeaseLost(Exception):
+    """A newer attempt owns the job (or it ended elsewhere): stop without writing anything."""
+
+
+def resolve_device(setting: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``. Runs in the pool process, never the parent."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"MUDSC_WORKER__DEVICE={setting} but CUDA is not available")
+    return setting
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease every ttl/3 while the merge runs; notices cancellation and lost leases."""
+
+    def __init__(self, runner: "JobRunner") -> None:
+        super().__init__(name=f"lease-{runner.job_id}", daemon=True)
+        self.runner = runner
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interval = max(self.runner.lease_ttl_s / 3, 0.2)
+        while not self.stopped.wait(interval):
+            try:
+                self.runner.observe(self.runner.ctx.store.heartbeat(
+                    self.runner.job_id, self.runner.attempt, lease_ttl_s=self.runner.lease_ttl_s))
+            except (StaleAttempt, JobNotFound, TransitionConflict):
+                self.runner.lease_lost.set()
+                return
+            except RedisError as exc:  # transient: the next beat may succeed before the lease runs out
+                logger.warning("lease renewal of %s failed: %s", self.runner.job_id, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class JobRunner:
+    def __init__(self, job_id: str, ctx: context.WorkerContext, owner: str) -> None:
+        self.job_id = job_id
+        self.ctx = ctx
+        self.owner = owner
+        self.lease_ttl_s = float(ctx.settings.worker.lease_ttl_s)
+        self.attempt = 0
+        self.stage = "downloading"
+        self.cancel_requested = threading.Event()
+        self.lease_lost = threading.Event()
+        self._last_publish = 0.0
+        self._last_stage = ""
+        self.timings: dict[str, float] = {}
+        self._stage_started = time.monotonic()
+
+    # ------------------------------------------------------------------ state helpers
+    def observe(self, status: str) -> None:
+        if status == "canceling":
+            self.cancel_requested.set()
+
+    def checkpoint(self) -> None:
+        """Between units of work: stop on cancel or on a lost lease."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(self.job_id)
+        if self.cancel_requested.is_set():
+            raise MergeCanceled("canceled on request", stage=self.stage)
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        """The core's progress callback (also used for downloading/uploading). May raise MergeCanceled."""
+        if stage != self.stage:
+            now = time.monotonic()
+            self.timings[self.stage] = self.timings.get(self.stage, 0.0) + now - self._stage_started
+            self._stage_started = now
+            self.stage = stage
+        now = time.monotonic()
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if stage != self._last_stage or fraction >= 1.0 or now - self._last_publish >= PROGRESS_INTERVAL_S:
+            self._last_stage, self._last_publish = stage, now
+            try:
+                status = self.ctx.store.heartbeat(
+                    self.job_id, self.attempt, lease_ttl_s=self.lease_ttl_s,
+                    progress={"stage": stage, "percent": round(fraction * 100, 2), "message": message[:500]},
+                )
+            except (StaleAttempt, JobNotFound, TransitionConflict):
+                self.lease_lost.set()
+                raise LeaseLost(self.job_id) from None
+            self.observe(status)
+        self.checkpoint()
+
+    def byte_progress(self, stage: str, total: int, what: str) -> Any:
+        done = [0]
+        lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                done[0] += n
+                due = time.monotonic() - self._last_publish >= PROGRESS_INTERVAL_S
+            # Called from boto3 transfer threads: publish only, never raise there.
+            if due:
+                try:
+                    self.progress(stage, done[0] / max(total, 1), f"{what} {done[0]}/{total} bytes")
+                except (MergeCanceled, LeaseLost):
+                    pass
+
+        return on_bytes
+
+    def finish(self, status: str, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        job = self.ctx.store.get(self.job_id)
+        try:
+            self.ctx.store.complete(self.job_id, job["tenant"], self.attempt, status=status, result=result,
+                                    error=error)
+        except (StaleAttempt, TransitionConflict) as exc:
+            logger.warning("job %s attempt %d: outcome %s not recorded (%s)", self.job_id, self.attempt, status, exc)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> "Claim":
+        settings = self.ctx.settings
+        claim = self.ctx.store.claim(self.job_id, owner=self.owner, lease_ttl_s=self.lease_ttl_s,
+                                     max_attempts=settings.worker.max_attempts)
+        if claim.outcome != "claimed":
+            logger.info("job %s: %s (attempt %d, status %s): nothing to do", self.job_id, claim.outcome,
+                        claim.attempt, claim.status)
+            return claim
+        self.attempt = claim.attempt
+        job = self.ctx.store.get(self.job_id)
+        keeper = LeaseKeeper(self)
+        keeper.start()
+        scratch_root = Path(settings.worker.scratch_dir) if settings.worker.scratch_dir else None
+        if scratch_root is not None:
+            scratch_root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{self.job_id}-a{self.attempt}-", dir=scratch_root))
+        try:
+            self._run(job, scratch)
+        except LeaseLost:
+            logger.warning("job %s attempt %d lost its lease; stopping without writing", self.job_id, self.attempt)
+        except MergeCanceled:
+            self._write_manifest_quietly(job, "canceled", None, None)
+            self.finish("canceled")
+        except SoftTimeLimitExceeded:
+            limit = settings.worker.effective_soft_time_limit_s
+            error = {"code": "timeout", "message": f"the merge exceeded the time limit of {limit} s",
+                     "stage": self.stage, "retryable": False}
+            self._write_manifest_quietly(job, "failed", None, error)
+            self.finish("failed", error=error)
+        except MergeError as exc:
+            error = {"code": exc.code, "message": exc.message, "stage": exc.stage or self.stage,
+                     "retryable": exc.retryable}
+            self._write_manifest_quietly(job, "failed", None, error)
+            self.finish("failed", error=error)
+        except Exception as exc:  # the job must end failed, not stay running, whatever went wrong
+            logger.exception("job %s attempt %d failed unexpectedly", self.job_id, self.attempt)
+            error = {"code": "internal", "message": f"internal error ({type(exc).__name__})", "stage": self.stage,
+                     "retryable": False}
+            self._write_manifest_quietly(job, "failed", None, error)
+            self.finish("failed", error=error)
+        finally:
+            keeper.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+        return claim
+
+    def _run(self, job: dict[str, Any], scratch: Path) -> None:
+        settings = self.ctx.settings
+        transfers = Transfers(self.ctx.s3, settings)
+        try:
+            spec = JobSpec.model_validate(job["spec"])
+        except ValidationError as exc:
+            raise MergeError(f"the stored job spec no longer validates: {exc.errors()[:3]}") from None
+        self.progress("downloading", 0.0, "listing inputs")
+
+        # ---- inputs
+        from mudsc_core.pipeline import LocalInputs, merge_files
+
+        inputs_dir = scratch / "in"
+        plan: list[Any] = []
+        model_paths: list[Path] = []
+        for index, model in enumerate([*spec.models, *([spec.base_model] if spec.base_model else [])]):
+            if model.uri.endswith("/"):
+                local = inputs_dir / f"model{index}"
+                objects = transfers.plan_folder(model.uri, local)
+            else:
+                local = inputs_dir / f"model{index}.safetensors"
+                objects = transfers.plan_file(model.uri, local)
+            transfers.check_size(model.uri, objects)
+            plan.extend(objects)
+            model_paths.append(local)
+        calibration_path = None
+        if spec.calibration is not None:
+            calibration_path = inputs_dir / "calibration.safetensors"
+            plan.extend(transfers.plan_file(spec.calibration.uri, calibration_path))
+        total = sum(o.size for o in plan)
+        transfers.download(plan, self.byte_progress("downloading", total, "downloaded"))
+        self.progress("downloading", 1.0, f"{len(plan)} objects, {total} bytes")
+        base = model_paths.pop() if spec.base_model else None
+        inputs = LocalInputs(models=model_paths, base_model=base, calibration=calibration_path)
+
+        # ---- merge
+        device = resolve_device(settings.worker.device)
+        self.ctx.store.log(self.job_id, f"merging on {device}", device=device, attempt=self.attempt)
+        out_dir = scratch / "out"
+        report = merge_files(spec, inputs, out_dir, device=device, progress=self.progress)
+        self.checkpoint()
+
+        # ---- outputs
+        self.progress("uploading", 0.0, "uploading results")
+        output_uri = spec.output.uri or job["spec"]["output"]["uri"]
+        out_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+        artifacts = transfers.upload_staged(out_dir, output_uri, f".staging-{self.job_id}-a{self.attempt}",
+                                            self.byte_progress("uploading", out_bytes, "uploaded"))
+        self.checkpoint()
+        artifacts.append(transfers.put_json(output_uri + "spec.json", json.dumps(job["spec"], indent=2).encode()))
+        self.progress("uploading", 1.0, f"{len(artifacts)} files")
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self._stage_started
+        metrics = dict(report.get("metrics") or {})
+        for key in METRIC_KEYS:  # the report's summary figures, when the core did not name its metrics
+            if key in report and key not in metrics:
+                metrics[key] = report[key]
+        metrics.setdefault("timings_s", {})
+        if isinstance(metrics["timings_s"], dict):
+            metrics["timings_s"] = {**{k: round(v, 3) for k, v in self.timings.items()}, **metrics["timings_s"]}
+        metrics["device"] = device
+        manifest = transfers.put_json(output_uri + "manifest.json", self._manifest(job, "succeeded", artifacts, None))
+        self.finish("succeeded", result={"artifacts": [*artifacts, manifest], "metrics": metrics})
+
+    def _manifest(self, job: dict[str, Any], status: str, artifacts: list[dict[str, Any]] | None,
+                  error: dict[str, Any] | None) -> bytes:
+        return json.dumps({
+            "job_id": self.job_id, "status": status, "attempt": self.attempt, "created_at": job["created_at"],
+            "artifacts": artifacts or [], "error": error, "spec_uri": job["spec"]["output"]["uri"] + "spec.json",
+        }, indent=2).encode()
+
+    def _write_manifest_quietly(self, job: dict[str, Any], status: str, artifacts: Any, error: Any) -> None:
+        """Best effort: a failed or canceled job also leaves a manifest saying so beside its (absent) results."""
+        if self.lease_lost.is_set():
+            return
+        try:
+            Transfers(self.ctx.s3, self.ctx.settings).put_json(
+                job["spec"]["output"]["uri"] + "manifest.json", self._manifest(job, status, artifacts, error))
+        except (StorageError, KeyError, OSError, Exception) as exc:  # noqa: BLE001 - never mask the real outcome
+            logger.warning("job %s: could not write the %s manifest: %s", self.job_id, status, exc)
+
+
+class MergeTask(Task):
+    # Redeliveries that meet a live lease re-check later; there is no cap on those re-checks,
+    # since each one either finds the job done, finds the lease live again, or takes over.
+    max_retries = None
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Runs in the parent on a hard time limit (the pool process was killed): fail the job as `timeout`."""
+        if not isinstance(exc, TimeLimitExceeded) or not args:
+            return
+        job_id = str(args[0])
+        store = context.get().store
+        try:
+            job = store.get(job_id)
+            if job["status"] in TERMINAL:
+                return
+            error = {"code": "timeout", "message": f"the merge was killed at the hard time limit "
+                     f"({context.get().settings.worker.time_limit_s} s)",
+                     "stage": (job.get("progress") or {}).get("stage"), "retryable": False}
+            store.complete(job_id, job["tenant"], job["attempt"], status="failed", error=error)
+        except (JobNotFound, StaleAttempt, TransitionConflict, RedisError) as failure:
+            logger.warning("job %s: could not record the hard timeout: %s", job_id, failure)
+
+
+@app.task(name=TASK_NAME, bind=True, base=MergeTask, acks_late=True, reject_on_worker_lost=True)
+def merge(self: MergeTask, job_id: str) -> None:
+    owner = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+    claim = JobRunner(job_id, context.get(), owner).run()
+    if claim.outcome == "leased":
+        # Another delivery holds a live lease. Usually it is running; if its worker died, the
+        # lease runs out: look again then, and take over (or fail `worker_lost`) if it did.
+        raise self.retry(countdown=claim.lease_remaining_s + 1.0)

@@ -1,0 +1,166 @@
+"""S3 transfers of the worker: inputs down to a scratch dir, outputs up with a staged promote.
+
+boto3's managed transfers do the work (multipart above ``multipart_threshold_bytes``, ranged
+parallel downloads); outputs are uploaded under a temporary prefix and copied to their final
+keys only once every file is up, so a reader never sees a half-written result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+
+from app.s3 import is_forbidden, is_not_found, split_uri
+from app.settings import Settings
+from mudsc_core.errors import InvalidCheckpoint, MergeError, ObjectNotFound
+
+logger = logging.getLogger(__name__)
+
+# Files of a Hugging Face folder worth fetching; pickles (*.bin, *.pt) are never downloaded.
+_FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".md")
+ProgressBytes = Callable[[int], None]
+
+
+class StorageError(MergeError):
+    """S3 failed after boto3's retries (network, throttling): transient."""
+
+    code = "storage_error"
+    retryable = True
+
+
+def transfer_config(settings: Settings) -> TransferConfig:
+    return TransferConfig(
+        multipart_threshold=settings.s3.multipart_threshold_bytes,
+        multipart_chunksize=settings.s3.multipart_threshold_bytes,
+        max_concurrency=4,
+    )
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    uri: str
+    bucket: str
+    key: str
+    size: int
+    local: Path
+
+
+def _raise_for(uri: str, exc: ClientError) -> None:
+    if is_not_found(exc):
+        raise ObjectNotFound(f"{uri}: object not found", stage="downloading") from None
+    if is_forbidden(exc):
+        raise ObjectNotFound(f"{uri}: object is not readable (access denied)", stage="downloading") from None
+    raise StorageError(f"{uri}: {exc}", stage="downloading") from None
+
+
+class Transfers:
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.config = transfer_config(settings)
+
+    # ------------------------------------------------------------------ inputs
+    def plan_file(self, uri: str, local: Path) -> list[RemoteObject]:
+        bucket, key = split_uri(uri)
+        try:
+            size = int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as exc:
+            _raise_for(uri, exc)
+            raise
+        return [RemoteObject(uri, bucket, key, size, local)]
+
+    def plan_folder(self, uri: str, local: Path) -> list[RemoteObject]:
+        bucket, prefix = split_uri(uri)
+        objects: list[RemoteObject] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                              Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix):]
+                    if name and "/" not in name and name.endswith(_FOLDER_SUFFIXES) and not name.startswith("."):
+                        objects.append(RemoteObject(uri + name, bucket, obj["Key"], int(obj["Size"]), local / name))
+        except ClientError as exc:
+            _raise_for(uri, exc)
+        if not any(o.key.endswith(".safetensors") for o in objects):
+            raise ObjectNotFound(f"{uri}: model folder holds no .safetensors files", stage="downloading")
+        return objects
+
+    def check_size(self, uri: str, objects: list[RemoteObject]) -> None:
+        total = sum(o.size for o in objects if o.key.endswith(".safetensors"))
+        if total > self.settings.limits.max_checkpoint_bytes:
+            raise InvalidCheckpoint(f"{uri}: {total} bytes exceed the checkpoint limit of "
+                                    f"{self.settings.limits.max_checkpoint_bytes}", stage="downloading")
+
+    def download(self, objects: list[RemoteObject], on_bytes: ProgressBytes) -> None:
+        lock = threading.Lock()
+
+        def callback(n: int) -> None:  # boto3 calls this from its transfer threads
+            with lock:
+                on_bytes(n)
+
+        for obj in objects:
+            obj.local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.client.download_file(obj.bucket, obj.key, str(obj.local), Config=self.config, Callback=callback)
+            except ClientError as exc:
+                _raise_for(obj.uri, exc)
+
+    # ------------------------------------------------------------------ outputs
+    def upload_staged(
+        self, out_dir: Path, output_uri: str, staging: str, on_bytes: ProgressBytes,
+    ) -> list[dict[str, Any]]:
+        """Upload every file of ``out_dir`` under ``staging`` (a sub-prefix), then promote to ``output_uri``."""
+        bucket, prefix = split_uri(output_uri)
+        files = sorted(p for p in out_dir.rglob("*") if p.is_file())
+        staged: list[tuple[str, str, Path]] = []
+        try:
+            for path in files:
+                name = path.relative_to(out_dir).as_posix()
+                temp_key = f"{prefix}{staging}/{name}"
+                self.client.upload_file(str(path), bucket, temp_key, Config=self.config, Callback=on_bytes)
+                staged.append((name, temp_key, path))
+            artifacts = []
+            for name, temp_key, path in staged:
+                final_key = prefix + name
+                self.client.copy({"Bucket": bucket, "Key": temp_key}, bucket, final_key, Config=self.config)
+                artifacts.append({"name": name, "uri": f"s3://{bucket}/{final_key}", "size": path.stat().st_size,
+                                  "sha256": sha256_file(path)})
+            return artifacts
+        except ClientError as exc:
+            raise StorageError(f"uploading to {output_uri} failed: {exc}", stage="uploading") from None
+        finally:
+            self.delete_keys(bucket, [key for _, key, _ in staged])
+
+    def put_json(self, uri: str, body: bytes) -> dict[str, Any]:
+        bucket, key = split_uri(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        except ClientError as exc:
+            raise StorageError(f"writing {uri} failed: {exc}", stage="uploading") from None
+        return {"name": key.rsplit("/", 1)[-1], "uri": uri, "size": len(body),
+                "sha256": hashlib.sha256(body).hexdigest()}
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start:start + 1000]
+            try:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
+                                                                  "Quiet": True})
+            except ClientError as exc:  # leftovers under the staging prefix are harmless; say so
+                logger.warning("could not delete %d staged objects in %s: %s", len(chunk), bucket, exc)
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
