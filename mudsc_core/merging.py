@@ -197,6 +197,14 @@ def merge(
         "sweeps": outcome.sweeps,
         "timings_s": timings,
     }
+    report["metrics"] = {
+        "mean_similarity_per_group": {name: group["mean_similarity"] for name, group in report["groups"].items()},
+        "objective": max(outcome.objective_per_sweep) if outcome.objective_per_sweep else None,
+        "sweeps": outcome.sweeps,
+        "similarity_space": space,
+        "bn_reset": bn_reset,
+        "timings_s": {stage: round(seconds, 4) for stage, seconds in timings.items()},
+    }
     if report["weight_space_only"]:
         log.info("no calibration data: matching in weight space only")
     return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, report)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -158,11 +157,9 @@ class JobSpec(Frozen):
             raise ValueError(f"method {info.name!r} requires calibration data")
         if info.calibration == "unused" and self.calibration is not None:
             raise ValueError(f"method {info.name!r} does not use calibration data; remove it")
-        uris = [m.uri for m in self.models] + ([self.base_model.uri] if self.base_model else [])
-        if len(set(uris)) != len(uris) and info.family == "same_base":
-            pass  # same checkpoint twice is legal (e.g. weighting), nothing to reject
-        if not all(math.isfinite(m.weight) for m in self.models):
-            raise ValueError("model weights must be finite")
+        if info.family == "permutation" and any(m.weight != 1.0 for m in self.models):
+            raise ValueError(f"method {info.name!r} averages matched units equally; per-model weights are "
+                             "only used by same-base methods")
         return self
 
     def input_uris(self) -> list[str]:

@@ -1,0 +1,486 @@
+"""Checkpoint I/O: validated lazy reading and sharded writing of safetensors checkpoints.
+
+A checkpoint is a ``.safetensors`` file or a local Hugging Face model folder (``config.json``
+plus ``model.safetensors`` or ``model-0000i-of-0000K.safetensors`` shards with a
+``model.safetensors.index.json``). Every failure to parse or read one raises
+:class:`~mudsc_core.errors.InvalidCheckpoint` naming the file.
+
+Why the reader is our own and not ``safe_open``: every header is validated here before any
+byte of data is trusted (length bounded by the file size and a cap, a JSON object, known
+dtypes, byte ranges inside the data section, consistent with the shape and not overlapping),
+and a tensor is then read with one positioned read into a buffer it owns. A memory-mapped
+reader would leave every page it touched resident and counted in the process's RSS until
+the mapping closes, so streaming a model through it costs as much resident memory as
+loading it; ``pread`` keeps the resident set at the tensors actually alive. The files stay
+plain safetensors (what we write is readable by ``safetensors.safe_open``/``load_file``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from mudsc_core.errors import InvalidCheckpoint
+
+logger = logging.getLogger(__name__)
+
+HEADER_CAP_BYTES = 100 * 1024 * 1024  # same cap as the safetensors library
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}\.safetensors$")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+OUTPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+
+
+# --------------------------------------------------------------------------- reading
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Validate a safetensors file's header; return its tensors and its ``__metadata__``."""
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InvalidCheckpoint(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len == 0 or header_len > min(file_size - 8, HEADER_CAP_BYTES):
+                raise InvalidCheckpoint(
+                    f"{path.name}: not a safetensors file or truncated (header length {header_len} "
+                    f"does not fit a file of {file_size} bytes)"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise InvalidCheckpoint(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpoint(f"{path.name}: not a safetensors file (header is not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise InvalidCheckpoint(f"{path.name}: safetensors header is not a JSON object")
+
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidCheckpoint(f"{path.name}: __metadata__ must map strings to strings")
+
+    entries: dict[str, TensorEntry] = {}
+    ranges: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+            raise InvalidCheckpoint(f"{path.name}: malformed header entry for tensor {name!r}")
+        dtype = DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise InvalidCheckpoint(
+                f"{path.name}: tensor {name!r} lies outside the data section (offsets {begin}..{end}, "
+                f"data is {data_len} bytes; file truncated?)"
+            )
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise InvalidCheckpoint(
+                f"{path.name}: tensor {name!r} has {end - begin} bytes but shape {shape} of {info['dtype']} needs {expected}"
+            )
+        entries[name] = TensorEntry(path, dtype, tuple(shape), data_start + begin, end - begin)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise InvalidCheckpoint(f"{path.name}: tensors {n0!r} and {n1!r} overlap in the data section")
+    return entries, metadata
+
+
+class Checkpoint:
+    """A lazily read model: names, shapes and dtypes from the validated headers; data on ``get``."""
+
+    def __init__(self, path: Path, entries: dict[str, TensorEntry], config_path: Path | None) -> None:
+        self.path = path
+        self._entries = entries
+        self.config_path = config_path
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._entries[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name].dtype
+
+    def nbytes(self, name: str) -> int:
+        return self._entries[name].nbytes
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory it owns (a fresh, writable tensor)."""
+        entry = self._entries[name]
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        try:
+            with open(entry.file, "rb", buffering=0) as f:
+                f.seek(entry.start)
+                view = memoryview(buffer.numpy()) if entry.nbytes else memoryview(b"")
+                done = 0
+                while done < entry.nbytes:
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise InvalidCheckpoint(f"{entry.file.name}: truncated while reading tensor {name!r}")
+                    done += got
+        except OSError as exc:
+            raise InvalidCheckpoint(f"{entry.file.name}: cannot read tensor {name!r} ({exc.strerror or exc})") from exc
+        return buffer.view(entry.dtype).reshape(entry.shape)
+
+    def get_float32(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        """``get`` as float32 (the compute dtype); NaN/Inf raise InvalidCheckpoint naming the tensor."""
+        tensor = self.get(name)
+        tensor = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+        if check_finite and not _all_finite(tensor):
+            raise InvalidCheckpoint(f"{self.path.name}: tensor {name!r} contains NaN or Inf")
+        return tensor
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """NaN propagates through min/max and Inf shows as an end: one pass, no mask allocated."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Open a ``.safetensors`` file or a HF model folder (single file or shards + index)."""
+    path = Path(path)
+    if path.is_file():
+        entries, _ = read_header(path)
+        return Checkpoint(path, entries, None)
+    if not path.is_dir():
+        raise InvalidCheckpoint(f"{path.name}: no such checkpoint file or folder")
+    config = path / "config.json"
+    config_path = config if config.is_file() else None
+    index = path / INDEX_NAME
+    if index.is_file():
+        return Checkpoint(path, _read_sharded(path, index), config_path)
+    single = path / SINGLE_NAME
+    candidates = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if len(candidates) != 1:
+        raise InvalidCheckpoint(
+            f"{path.name}: model folder has no {SINGLE_NAME} or {INDEX_NAME}"
+            + (f" and {len(candidates)} .safetensors files" if candidates else "")
+        )
+    entries, _ = read_header(candidates[0])
+    return Checkpoint(path, entries, config_path)
+
+
+def _read_sharded(folder: Path, index: Path) -> dict[str, TensorEntry]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpoint(f"{index.name}: unreadable index ({exc})") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InvalidCheckpoint(f"{index.name}: index has no weight_map of tensor name -> shard file")
+    entries: dict[str, TensorEntry] = {}
+    for shard_name in dict.fromkeys(weight_map.values()):
+        if not _SHARD_NAME.match(shard_name) or shard_name.startswith("."):
+            raise InvalidCheckpoint(f"{index.name}: shard name {shard_name!r} is not a plain .safetensors file name")
+        shard = folder / shard_name
+        if not shard.is_file():
+            raise InvalidCheckpoint(f"{shard_name}: shard named in {index.name} is missing")
+        shard_entries, _ = read_header(shard)
+        for name, entry in shard_entries.items():
+            if weight_map.get(name) == shard_name:
+                entries[name] = entry
+    missing = [n for n in weight_map if n not in entries]
+    if missing:
+        raise InvalidCheckpoint(f"{index.name}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]}")
+    return {name: entries[name] for name in weight_map}
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model in memory (for the small models of the permutation methods)."""
+    checkpoint = open_checkpoint(path)
+    state: dict[str, torch.Tensor] = {}
+    for name in checkpoint.keys():
+        tensor = checkpoint.get(name)
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise InvalidCheckpoint(f"{Path(path).name}: tensor {name!r} contains NaN or Inf")
+        state[name] = tensor
+    return state
+
+
+# --------------------------------------------------------------------------- writing
+def _header_bytes(layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors header (padded to 8 bytes with spaces, as the library does) and each tensor's range."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    ranges: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, dtype, shape in layout:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        ranges[name] = (offset, nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, ranges
+
+
+def shard_file_name(index: int, count: int) -> str:
+    return SINGLE_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def plan_shards(sizes: Iterable[tuple[str, int]], shard_size_bytes: int) -> list[list[str]]:
+    """Split tensors in order into shards as HF does: a new shard when the next tensor would overflow."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name, nbytes in sizes:
+        if shards[-1] and current + nbytes > shard_size_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += nbytes
+    return shards
+
+
+class ShardWriter:
+    """Write tensors into ``model.safetensors`` or HF shards + ``model.safetensors.index.json``.
+
+    Floating-point tensors are written in ``dtype``; others keep their own dtype. With
+    ``layout`` (name, dtype-as-stored-in, shape for every tensor, in order: what a streaming
+    merge plans first) the shard headers are written up front and each tensor goes straight
+    to its place (any order); without it each shard's data is spooled to a temporary file and
+    the shard is assembled when it is full. Either way no more than one tensor is held here.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        dtype: str | torch.dtype = torch.float32,
+        shard_size_bytes: int = 2 * 1024**3,
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = OUTPUT_DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"output dtype must be floating point, got {self.dtype}")
+        self.shard_size_bytes = shard_size_bytes
+        self._closed = False
+        self._weight_map: dict[str, str] = {}
+        self._total = 0
+        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+        if layout is not None:
+            self._open_planned(layout)
+        else:
+            self._spool: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+            self._spool_size = 0
+            self._spool_files: list[Path] = []
+            self._spool_handle = None
+
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.dtype if dtype.is_floating_point else dtype
+
+    # planned: headers first, tensors pwritten into place
+    def _open_planned(self, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        self._layout = {name: (self.out_dtype(dt), tuple(shape)) for name, dt, shape in layout}
+        sizes = [(n, math.prod(s) * dt.itemsize) for n, (dt, s) in self._layout.items()]
+        shards = plan_shards(sizes, self.shard_size_bytes)
+        self._places: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, nbytes)
+        self._fds: list[int] = []
+        self._files: list[str] = []
+        self._pending = set(self._layout)
+        for i, names in enumerate(shards):
+            file_name = shard_file_name(i, len(shards))
+            header, ranges = _header_bytes((n, *self._layout[n]) for n in names)
+            fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            self._files.append(file_name)
+            os.pwrite(fd, header, 0)
+            data_len = sum(nbytes for _, nbytes in ranges.values())
+            os.ftruncate(fd, len(header) + data_len)
+            for name in names:
+                offset, nbytes = ranges[name]
+                self._places[name] = (fd, len(header) + offset, nbytes)
+                self._weight_map[name] = file_name
+                self._total += nbytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._closed:
+            raise ValueError("ShardWriter is closed")
+        tensor = tensor.detach().to("cpu", self.out_dtype(tensor.dtype)).contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        if self._layout is not None:
+            if name not in self._pending:
+                raise ValueError(f"tensor {name!r} is not in the planned layout or was already written")
+            dtype, shape = self._layout[name]
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+            fd, offset, nbytes = self._places[name]
+            _pwrite_all(fd, memoryview(data).cast("B") if nbytes else b"", offset)
+            self._pending.discard(name)
+            return
+        if name in self._weight_map or any(name == n for shard in self._spool for n, _, _ in shard):
+            raise ValueError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._spool[-1] and self._spool_size + nbytes > self.shard_size_bytes:
+            self._roll_spool()
+        if self._spool_handle is None:
+            spool_path = self.out_dir / f".spool-{len(self._spool_files):05d}.tmp"
+            self._spool_files.append(spool_path)
+            self._spool_handle = open(spool_path, "wb")
+        self._spool_handle.write(memoryview(data).cast("B") if nbytes else b"")
+        self._spool[-1].append((name, tensor.dtype, tuple(tensor.shape)))
+        self._spool_size += nbytes
+
+    def _roll_spool(self) -> None:
+        if self._spool_handle is not None:
+            self._spool_handle.close()
+            self._spool_handle = None
+        self._spool.append([])
+        self._spool_size = 0
+
+    def close(self) -> list[str]:
+        """Finish every shard (and the index when there are several); return the file names written."""
+        if self._closed:
+            raise ValueError("ShardWriter is closed")
+        self._closed = True
+        if self._layout is not None:
+            for fd in self._fds:
+                os.close(fd)
+            if self._pending:
+                raise ValueError(f"{len(self._pending)} planned tensors were never written, e.g. {sorted(self._pending)[0]!r}")
+            files = list(self._files)
+        else:
+            if self._spool_handle is not None:
+                self._spool_handle.close()
+                self._spool_handle = None
+            shards = [s for s in self._spool if s] or [[]]
+            files = []
+            for i, shard in enumerate(shards):
+                file_name = shard_file_name(i, len(shards))
+                header, ranges = _header_bytes(shard)
+                with open(self.out_dir / file_name, "wb") as out:
+                    out.write(header)
+                    if i < len(self._spool_files):
+                        with open(self._spool_files[i], "rb") as spool:
+                            _copy(spool, out)
+                        self._spool_files[i].unlink()
+                for name, _, _ in shard:
+                    self._weight_map[name] = file_name
+                    self._total += ranges[name][1]
+                files.append(file_name)
+        if len(files) > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            files.append(INDEX_NAME)
+        return files
+
+    def abort(self) -> None:
+        """Close handles without finishing (the caller removes the folder)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._layout is not None:
+            for fd in self._fds:
+                os.close(fd)
+        elif self._spool_handle is not None:
+            self._spool_handle.close()
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _copy(src, dst) -> None:  # type: ignore[no-untyped-def]
+    try:
+        size = os.fstat(src.fileno()).st_size
+        dst.flush()
+        done = 0
+        while done < size:
+            moved = os.copy_file_range(src.fileno(), dst.fileno(), size - done)
+            if moved == 0:
+                break
+            done += moved
+        if done == size:
+            return
+        src.seek(done)
+    except (AttributeError, OSError):
+        src.seek(0)
+    while chunk := src.read(16 * 1024 * 1024):
+        dst.write(chunk)
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    dtype: str | torch.dtype = torch.float32,
+    shard_size_bytes: int = 2 * 1024**3,
+) -> list[str]:
+    """Write a whole state dict as ``model.safetensors`` or HF shards + index."""
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+    writer = ShardWriter(out_dir, dtype, shard_size_bytes, layout=layout)
+    try:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def iter_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in checkpoint.keys():
+        yield name, checkpoint.get(name)
+
+
+__all__ = [
+    "Checkpoint", "ShardWriter", "TensorEntry", "open_checkpoint", "load_state_dict", "save_state_dict",
+    "read_header", "plan_shards", "DTYPES", "OUTPUT_DTYPES",
+]

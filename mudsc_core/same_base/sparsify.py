@@ -1,0 +1,221 @@
+"""Plain tensor functions of the task-arithmetic family: sparsifiers and the sign rule.
+
+Each sparsifier takes one task vector (any shape, float32) and returns a NEW tensor (the
+input is never modified). Semantics follow mergekit's ``sparsify.py`` unless a docstring
+says otherwise:
+
+- ``magnitude``: keep exactly ``k = int(density * numel)`` entries of largest magnitude
+  (ties at the threshold: lowest flat index first; mergekit's order there is unspecified).
+  ``rescale`` matches the L1 norm of the input (mergekit ``rescale``/``RescaleNorm.l1``).
+- ``breadcrumbs``: drop the ``int(gamma * numel)`` largest and then the smallest so that
+  ``int(density * numel)`` remain (if density + gamma > 1 fewer large ones are dropped).
+  Difference from mergekit: with ``int(gamma * numel) == 0`` mergekit's slice
+  ``indices[n_bot:-0]`` keeps nothing (a small tensor loses its whole task vector); here the
+  band is what the paper means, the kept ranks ``[n_bot, numel - n_top)``.
+- ``random`` (DARE): keep each entry with probability ``density``, survivors divided by
+  ``density`` when rescaling (1 / (1 - p), the paper and mergekit's ``rescale``).
+- ``della``: keep probabilities rise linearly with the magnitude rank along dim 1 (a row;
+  1-D tensors are one row) from ``density - epsilon`` to ``density + epsilon``; survivors are
+  divided by their keep probability when rescaling (mergekit ``della_magprune``).
+
+Random masks come from a ``torch.Generator`` the caller seeds per (seed, tensor, model), so
+a merge is reproducible and independent of tensor order; the numbers cannot equal
+mergekit's, which draws from the global RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, Sequence
+
+import torch
+
+ConsensusRule = Literal["sum", "count", "none"]
+_CHUNK = 1 << 20  # elements per block where a step would otherwise allocate large temporaries
+
+
+def rng_for(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
+    """A generator seeded from (seed, tensor, model) with a stable hash (not Python's ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{model_index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` largest entries (ties at the threshold: lowest flat index first)."""
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
+    return mask.view(magnitudes.shape)
+
+
+def _l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    before, after = float(delta.abs().sum()), float(kept.abs().sum())
+    if before >= eps and after >= eps:
+        kept.mul_(before / after)
+    return kept
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """TIES trim: keep the top ``density`` fraction by magnitude."""
+    if density >= 1.0:
+        return delta.clone()
+    mask = topk_mask(delta.abs(), int(density * delta.numel()))
+    kept = delta * mask
+    return _l1_rescaled(delta, kept) if rescale else kept
+
+
+def magnitude_above(delta: torch.Tensor, threshold: float, rescale: bool = False) -> torch.Tensor:
+    """Keep entries with ``|x| >= threshold`` (the whole-model TIES variant's second pass)."""
+    kept = delta * (delta.abs() >= threshold)
+    return _l1_rescaled(delta, kept) if rescale else kept
+
+
+def breadcrumbs(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: remove the ``gamma`` largest magnitudes and the smallest, keep ``density``."""
+    if density >= 1.0:
+        return delta.clone()
+    n = delta.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bottom = n - target - n_top
+    if n_bottom < 0:  # mergekit: give up large-outlier removal to reach the density
+        n_top += n_bottom
+        n_bottom = 0
+    magnitudes = delta.abs()
+    mask = topk_mask(magnitudes, n - n_bottom) & ~topk_mask(magnitudes, n_top)
+    kept = delta * mask
+    return _l1_rescaled(delta, kept) if rescale else kept
+
+
+def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """DARE: drop each entry with probability ``1 - density``; survivors / density when rescaling."""
+    if density >= 1.0:
+        return delta.clone()
+    keep = torch.rand(delta.shape, generator=generator) < density
+    kept = delta * keep
+    return kept.div_(density) if rescale else kept
+
+
+def della_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probability per entry from its magnitude rank along dim 1 (shape (rows, n, ...))."""
+    n = magnitudes.shape[1]
+    ranks = magnitudes.argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = smallest
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return rank_norm.mul_(2 * epsilon).add_(density - epsilon)
+
+
+def della(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True
+) -> torch.Tensor:
+    """DELLA MagPrune: magnitude-ranked keep probabilities, survivors / probability when rescaling."""
+    if density >= 1.0:
+        return delta.clone()
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    out = torch.empty_like(rows)
+    # Row blocks keep the int64 argsort temporaries small.
+    block = max(1, _CHUNK // max(1, rows[0].numel()))
+    for start in range(0, rows.shape[0], block):
+        part = rows[start:start + block]
+        probs = della_keep_probabilities(part.abs(), density, epsilon)
+        keep = torch.rand(part.shape, generator=generator) < probs
+        kept = part * keep
+        out[start:start + block] = kept.div_(probs) if rescale else kept
+    return out.view(delta.shape)
+
+
+def elect_and_merge(
+    weighted: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    consensus: ConsensusRule,
+    normalize: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mix weighted task vectors ``w_i * tau_i`` into one (mergekit ``get_mask`` + mix).
+
+    consensus 'sum': majority sign s = +1 where sum_i w_i tau_i >= 0 else -1; 'count': by the
+    count of signs; entries whose sign differs from s (zeros included) are left out; the mix is
+    sum over agreeing entries, divided (normalize) by the sum of the agreeing entries' weights
+    (1 where none agree). 'none': plain sum, divided (normalize) by sum_i w_i. Works in blocks
+    so that the temporaries stay small; writes into ``out`` when given.
+    """
+    shape = weighted[0].shape
+    flats = [w.reshape(-1) for w in weighted]
+    result = (out if out is not None else torch.empty(shape, dtype=torch.float32)).reshape(-1)
+    if consensus == "none":
+        _sum_into(flats, result)
+        if normalize:
+            divisor = float(sum(weights))
+            result.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
+        return result.view(shape)
+    for start in range(0, result.numel(), _CHUNK):
+        part = [f[start:start + _CHUNK] for f in flats]
+        signs = [p.sign() for p in part]
+        if consensus == "sum":
+            total = part[0].clone()
+            for p in part[1:]:
+                total.add_(p)
+        else:
+            total = signs[0].clone()
+            for s in signs[1:]:
+                total.add_(s)
+        majority = torch.where(total >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(majority)
+        divisor = torch.zeros_like(majority)
+        for p, s, w in zip(part, signs, weights):
+            agree = s == majority
+            mixed.add_(torch.where(agree, p, 0.0))
+            divisor.add_(agree.to(torch.float32), alpha=w)
+        if normalize:
+            divisor[divisor == 0] = 1.0
+            mixed.div_(divisor)
+        result[start:start + _CHUNK] = mixed
+    return result.view(shape)
+
+
+def _sum_into(flats: Sequence[torch.Tensor], result: torch.Tensor) -> None:
+    result.copy_(flats[0])
+    for f in flats[1:]:
+        result.add_(f)
+
+
+class MagnitudeHistogram:
+    """Streaming top-k threshold over many tensors (the whole-model TIES variant's first pass).
+
+    Magnitudes are counted in log2-spaced bins (``bins_per_octave`` per factor of 2, from
+    2**-64 to 2**64; smaller magnitudes and zeros fall in the lowest bin). ``threshold(k)`` is
+    the lower edge of the bin holding the k-th largest magnitude, so ``|x| >= threshold``
+    keeps at least k entries and at most the ones sharing that bin more (a relative band of
+    2**(1/bins_per_octave), 0.27% by default); 0.0 when the lowest bin is reached.
+    """
+
+    LOW, HIGH = -64.0, 64.0
+
+    def __init__(self, bins_per_octave: int = 256) -> None:
+        self.bins_per_octave = bins_per_octave
+        self.bins = int((self.HIGH - self.LOW) * bins_per_octave)
+        self.counts = torch.zeros(self.bins, dtype=torch.float64)
+        self.total = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        flat = values.reshape(-1)
+        for start in range(0, flat.numel(), 16 * _CHUNK):
+            logs = flat[start:start + 16 * _CHUNK].abs().log2_().clamp_(self.LOW, self.HIGH - 1e-3)
+            self.counts.add_(torch.histc(logs, self.bins, self.LOW, self.HIGH).to(torch.float64))
+        self.total += flat.numel()
+
+    def threshold(self, k: int) -> float:
+        if k <= 0:
+            return float("inf")
+        from_top = self.counts.flip(0).cumsum(0)
+        reached = int(torch.searchsorted(from_top, torch.tensor([float(k)], dtype=torch.float64)))
+        bin_index = self.bins - 1 - min(reached, self.bins - 1)
+        if bin_index == 0:
+            return 0.0
+        return float(2.0 ** (self.LOW + bin_index / self.bins_per_octave))

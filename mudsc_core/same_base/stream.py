@@ -1,0 +1,342 @@
+"""Streaming same-base merges: plan per tensor, then read, merge and write one tensor at a time.
+
+``merge_checkpoints`` reads checkpoints through :mod:`mudsc_core.io` (validated headers,
+positioned reads into owned buffers), computes in float32 and writes the requested dtype
+through a planned :class:`~mudsc_core.io.ShardWriter`. Peak memory is about (N + 2) x the
+largest tensor plus a constant: the base tensor (which becomes the output in place), the N
+task vectors a sign rule needs, and one block-sized temporary; methods without a sign rule
+hold fewer. The whole-model TIES variant reads everything twice (a histogram pass for each
+model's threshold, then the merge).
+
+Defined behaviour for awkward inputs (also listed in the report's ``notes``):
+
+- a shape mismatch between any two checkpoints fails with ``incompatible_models`` naming the
+  tensor; so does a tensor that is floating point in one checkpoint and not in another;
+- non-float tensors (integer buffers, masks) are copied unchanged, dtype kept, from the base
+  (or the first model that has them); they are never converted to the output dtype;
+- a float tensor missing from some models is merged over the models that have it (their
+  weights only); one in the base but in no model is the base's; one missing from the base
+  (methods with a base) is the normalised weighted mean of the models that have it;
+- NaN or Inf in a float tensor fails with ``invalid_checkpoint`` naming tensor and file.
+
+The output folder gets the weights (``model.safetensors`` or shards above
+``shard_size_bytes`` plus ``model.safetensors.index.json``), ``config.json`` copied from the
+base (or the first model), ``spec.json`` and a model card ``README.md``. Files are written
+under ``out_dir/.partial-*`` and moved into place only when everything succeeded; on any
+failure (cancellation included) the partial folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from mudsc_core.errors import IncompatibleModels
+from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, ShardWriter, open_checkpoint
+from mudsc_core.same_base.model_stock import ModelStock
+from mudsc_core.same_base.slerp import Multislerp, Slerp
+from mudsc_core.same_base.sparsify import MagnitudeHistogram
+from mudsc_core.same_base.svd import SvdMerge
+from mudsc_core.same_base.task_arithmetic import Linear, TaskArithmeticFamily, linear
+from mudsc_core.schema._base import Frozen
+from mudsc_core.schema.methods import METHODS
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, float, str], None]
+
+
+def build_merger(method_name: str, params: Frozen, thresholds: Mapping[int, float] | None = None) -> Any:
+    """The merger object for a registered same-base method and its typed params."""
+    if method_name == "linear":
+        return Linear(normalize=params.normalize)  # type: ignore[attr-defined]
+    if method_name == "slerp":
+        return Slerp(t=params.t)  # type: ignore[attr-defined]
+    if method_name == "multislerp":
+        return Multislerp(normalize_weights=params.normalize_weights)  # type: ignore[attr-defined]
+    if method_name == "model_stock":
+        return ModelStock(filter_wise=params.filter_wise)  # type: ignore[attr-defined]
+    if method_name in ("tsv_merge", "iso_c", "iso_cts"):
+        rule = {"tsv_merge": "tsv", "iso_c": "iso_c", "iso_cts": "iso_cts"}[method_name]
+        return SvdMerge(rule, params.scaling_factor,  # type: ignore[attr-defined]
+                        getattr(params, "common_space_fraction", 0.8))
+    if hasattr(params, "to_gta"):
+        return TaskArithmeticFamily(params.to_gta(), dict(thresholds or {}))  # type: ignore[attr-defined]
+    raise ValueError(f"{method_name!r} is not a same-base method")
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    action: str  # "merge" | "copy" | "mean" (float tensor absent from the base)
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # as stored in the source
+    holders: list[int]  # indices of the models that have it
+    source: Checkpoint | None = None  # for "copy"
+
+
+@dataclass
+class _Timer:
+    seconds: dict[str, float] = field(default_factory=lambda: {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0})
+
+    def add(self, key: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[key] += now - since
+        return now
+
+
+def merge_checkpoints(
+    method_name: str,
+    params: Frozen | Mapping[str, Any],
+    models: list[Path],
+    base: Path | None,
+    weights: list[float],
+    out_dir: Path,
+    *,
+    dtype: str,
+    shard_size_bytes: int,
+    spec_json: dict | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Merge same-base checkpoints tensor by tensor into ``out_dir``; return the report."""
+    started = time.perf_counter()
+    info = METHODS.get(method_name)
+    if info is None or info.family != "same_base":
+        raise ValueError(f"unknown same-base method {method_name!r}")
+    if not isinstance(params, info.params):
+        params = info.params.model_validate(dict(params) if isinstance(params, Mapping) else params.model_dump())
+    if len(weights) != len(models) or not models:
+        raise ValueError("give one weight per model (and at least one model)")
+    if info.requires_base and base is None:
+        raise ValueError(f"method {method_name!r} requires a base model")
+    if not info.requires_base and base is not None:
+        raise ValueError(f"method {method_name!r} does not use a base model")
+    if len(models) < info.min_models or (info.max_models is not None and len(models) > info.max_models):
+        raise ValueError(f"method {method_name!r} takes {info.min_models}..{info.max_models or 'any'} models")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}")
+
+    checkpoints = [open_checkpoint(Path(m)) for m in models]
+    base_ckpt = open_checkpoint(Path(base)) if base is not None else None
+    plan, notes = _plan(checkpoints, base_ckpt)
+    timer = _Timer()
+    metrics: dict[str, float] = {"plan_s": time.perf_counter() - started}
+
+    gta = params.to_gta() if hasattr(params, "to_gta") else None  # type: ignore[attr-defined]
+    whole_model = gta is not None and gta.topk_scope == "model"
+    total_steps = len(plan) * (2 if whole_model else 1)
+    thresholds: dict[int, float] = {}
+    if whole_model:
+        t0 = time.perf_counter()
+        thresholds = _whole_model_thresholds(plan, checkpoints, base_ckpt, gta.density, progress, total_steps)
+        metrics["first_pass_s"] = time.perf_counter() - t0
+        notes.append("ties over the whole model: per-model magnitude thresholds " + ", ".join(
+            f"{Path(models[i]).name}={thresholds[i]:.3g}" for i in sorted(thresholds)))
+    merger = build_merger(method_name, params, thresholds)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    try:
+        writer = ShardWriter(partial, dtype, shard_size_bytes, layout=[(p.name, p.dtype, p.shape) for p in plan])
+        try:
+            done_before = total_steps - len(plan)
+            for step, entry in enumerate(plan):
+                if progress is not None:
+                    progress("merging", (done_before + step) / total_steps, entry.name)
+                tensor = _merge_one(entry, merger, checkpoints, base_ckpt, weights, timer)
+                t0 = time.perf_counter()
+                writer.add(entry.name, tensor)
+                del tensor
+                timer.add("write_s", t0)
+        except BaseException:
+            writer.abort()
+            raise
+        files = writer.close()
+        if progress is not None:
+            progress("merging", 1.0, "written")
+        config_source = (base_ckpt.config_path if base_ckpt else None) or checkpoints[0].config_path
+        if config_source is None:
+            config_source = next((c.config_path for c in checkpoints if c.config_path), None)
+        if config_source is not None:
+            shutil.copyfile(config_source, partial / "config.json")
+            files.append("config.json")
+        spec = spec_json if spec_json is not None else _default_spec(method_name, params, models, base, weights,
+                                                                      dtype, shard_size_bytes)
+        (partial / "spec.json").write_text(json.dumps(spec, indent=2, default=str) + "\n", encoding="utf-8")
+        (partial / "README.md").write_text(
+            model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json),
+            encoding="utf-8")
+        files += ["spec.json", "README.md"]
+        for name in files:
+            os.replace(partial / name, out_dir / name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    metrics.update(timer.seconds)
+    metrics["total_s"] = time.perf_counter() - started
+    return {"method": method_name, "tensors": len(plan), "files": files, "metrics": metrics, "notes": notes,
+            "params": params.model_dump(mode="json")}
+
+
+# --------------------------------------------------------------------------- planning
+def _plan(checkpoints: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[list[TensorPlan], list[str]]:
+    sources = ([base] if base is not None else []) + list(checkpoints)
+    names = list(dict.fromkeys(name for source in sources for name in source.keys()))
+    plan: list[TensorPlan] = []
+    partial, base_missing, non_float, base_only = [], [], [], []
+    for name in names:
+        holders = [i for i, c in enumerate(checkpoints) if name in c]
+        having = ([base] if base is not None and name in base else []) + [checkpoints[i] for i in holders]
+        first = having[0]
+        shape, dtype = first.shape(name), first.dtype(name)
+        for other in having[1:]:
+            if other.shape(name) != shape:
+                raise IncompatibleModels(
+                    f"tensor {name!r} has shape {list(shape)} in {first.path.name} but "
+                    f"{list(other.shape(name))} in {other.path.name}")
+            if other.dtype(name).is_floating_point != dtype.is_floating_point:
+                raise IncompatibleModels(
+                    f"tensor {name!r} is {dtype} in {first.path.name} but {other.dtype(name)} in {other.path.name}")
+        if not dtype.is_floating_point:
+            plan.append(TensorPlan(name, "copy", shape, dtype, holders, first))
+            non_float.append(name)
+            continue
+        if len(holders) < len(checkpoints) and holders:
+            partial.append(name)
+        if base is not None and name not in base:
+            plan.append(TensorPlan(name, "mean", shape, dtype, holders))
+            base_missing.append(name)
+        elif not holders:
+            plan.append(TensorPlan(name, "copy", shape, dtype, holders, base))
+            base_only.append(name)
+        else:
+            plan.append(TensorPlan(name, "merge", shape, dtype, holders))
+    notes = []
+    for label, group in (
+        ("non-float tensors copied unchanged", non_float),
+        ("float tensors in only some models, merged over those", partial),
+        ("tensors absent from the base, weighted mean of the models that have them", base_missing),
+        ("tensors only in the base, copied from it", base_only),
+    ):
+        if group:
+            notes.append(f"{label}: {len(group)} ({', '.join(group[:5])}{', ...' if len(group) > 5 else ''})")
+    return plan, notes
+
+
+def _whole_model_thresholds(
+    plan: Sequence[TensorPlan], checkpoints: Sequence[Checkpoint], base: Checkpoint | None, density: float,
+    progress: Progress | None, total_steps: int,
+) -> dict[int, float]:
+    """First pass of whole-model TIES: each model's top-``density`` magnitude threshold."""
+    assert base is not None
+    histograms = {i: MagnitudeHistogram() for i in range(len(checkpoints))}
+    for step, entry in enumerate(plan):
+        if progress is not None:
+            progress("merging", step / total_steps, f"threshold pass: {entry.name}")
+        if entry.action != "merge":
+            continue
+        base_tensor = base.get_float32(entry.name)
+        for i in entry.holders:
+            delta = checkpoints[i].get_float32(entry.name).sub_(base_tensor)
+            histograms[i].add(delta)
+            del delta
+    return {i: h.threshold(int(density * h.total)) for i, h in histograms.items() if h.total}
+
+
+# --------------------------------------------------------------------------- one tensor
+def _merge_one(entry: TensorPlan, merger: Any, checkpoints: Sequence[Checkpoint], base: Checkpoint | None,
+               weights: Sequence[float], timer: _Timer) -> torch.Tensor:
+    t0 = time.perf_counter()
+    if entry.action == "copy":
+        assert entry.source is not None
+        tensor = entry.source.get_float32(entry.name) if entry.dtype.is_floating_point else entry.source.get(entry.name)
+        timer.add("read_s", t0)
+        return tensor
+    holder_weights = [weights[i] for i in entry.holders]
+    if entry.action == "mean":
+        return linear(_reads(entry.name, checkpoints, entry.holders, timer), holder_weights, normalize=True)
+    reads_before = timer.seconds["read_s"]
+    if not merger.needs_base:
+        out = merger.merge(entry.name, _reads(entry.name, checkpoints, entry.holders, timer), holder_weights,
+                           entry.holders)
+    else:
+        assert base is not None
+        base_tensor = base.get_float32(entry.name)
+        timer.add("read_s", t0)
+        delta = merger.merge(entry.name, _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer),
+                             holder_weights, entry.holders)
+        out = base_tensor.add_(delta)  # the base buffer becomes the output
+        del delta
+    # compute time = elapsed minus the reads done meanwhile (the merger pulls its inputs lazily)
+    timer.seconds["compute_s"] += time.perf_counter() - t0 - (timer.seconds["read_s"] - reads_before)
+    return out
+
+
+def _reads(name: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int], timer: _Timer) -> Iterator[torch.Tensor]:
+    for i in holders:
+        t0 = time.perf_counter()
+        tensor = checkpoints[i].get_float32(name)
+        timer.add("read_s", t0)
+        yield tensor
+        del tensor
+
+
+def _task_vectors(name: str, base_tensor: torch.Tensor, checkpoints: Sequence[Checkpoint], holders: Sequence[int],
+                  timer: _Timer) -> Iterator[torch.Tensor]:
+    for i in holders:
+        t0 = time.perf_counter()
+        delta = checkpoints[i].get_float32(name)
+        timer.add("read_s", t0)
+        delta.sub_(base_tensor)
+        yield delta
+        del delta
+
+
+# --------------------------------------------------------------------------- spec and model card
+def _default_spec(method_name: str, params: Frozen, models: Sequence[Path], base: Path | None,
+                  weights: Sequence[float], dtype: str, shard_size_bytes: int) -> dict:
+    return {
+        "method": {"name": method_name, "params": params.model_dump(mode="json")},
+        "models": [{"uri": Path(m).name, "weight": w} for m, w in zip(models, weights)],
+        "base_model": {"uri": Path(base).name} if base is not None else None,
+        "output": {"dtype": dtype, "shard_size_bytes": shard_size_bytes},
+    }
+
+
+def model_card(method_name: str, params: Frozen, models: Sequence[Path], base: Path | None, weights: Sequence[float],
+               dtype: str, tensors: int, notes: Sequence[str], spec_json: dict | None = None) -> str:
+    """A Hugging Face style model card naming the method, its parameters and the models."""
+    names = [Path(m).name for m in models]
+    base_name = Path(base).name if base is not None else None
+    if spec_json:  # the URIs the user gave beat local temporary paths
+        names = [str(m.get("uri", n)) for m, n in zip(spec_json.get("models") or [], names)] or names
+        if spec_json.get("base_model"):
+            base_name = str(spec_json["base_model"].get("uri", base_name))
+    info = METHODS[method_name]
+    front = ["---", "tags:", "- merge", f"- {method_name}"]
+    if base_name:
+        front += ["base_model:", f"- {json.dumps(base_name)}"]
+    front.append("---")
+    lines = front + [
+        "", "# Merged model", "",
+        f"Merged with **{method_name}** ({info.description}) by the mudsc merge service.", "",
+        "## Parameters", "", "```json", json.dumps(params.model_dump(mode="json"), indent=2), "```", "",
+        "## Models", "",
+    ]
+    if base_name:
+        lines.append(f"- base: `{base_name}`")
+    lines += [f"- `{n}` (weight {w:g})" for n, w in zip(names, weights)]
+    lines += ["", f"Output: {tensors} tensors, floating-point ones in {dtype}.", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)

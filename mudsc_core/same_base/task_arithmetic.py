@@ -1,0 +1,108 @@
+"""The task-arithmetic family as ONE implementation: a sparsifier x a sign rule x normalisation.
+
+linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della
+and della_linear are configurations of :class:`TaskArithmeticFamily` (see
+``GeneralizedTaskArithmeticParams``). Per tensor, as mergekit's ``GTATask``:
+
+    tau_i' = sparsify(tau_i)                     (density, per tensor or whole-model top-k)
+    mixed  = sum_i w_i tau_i' [* agree_i]        (consensus 'sum' / 'count' / 'none')
+    mixed /= sum_i w_i [* agree_i]               (normalize; 1 where nothing agrees)
+    theta  = theta_0 + lambda * mixed
+
+Memory: without a sign rule the task vectors are summed as they arrive (one at a time);
+with one, the N sparsified task vectors are held and mixed in blocks into one output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from mudsc_core.same_base import sparsify as sp
+from mudsc_core.schema.methods import GeneralizedTaskArithmeticParams
+
+
+@dataclass(frozen=True)
+class TaskArithmeticFamily:
+    params: GeneralizedTaskArithmeticParams
+    # Whole-model TIES (topk_scope="model"): per model id, the magnitude threshold found by
+    # the first pass over the whole model.
+    thresholds: Mapping[int, float] = field(default_factory=dict)
+    needs_base: bool = True
+
+    def sparsify(self, name: str, delta: torch.Tensor, model_id: int) -> torch.Tensor:
+        p = self.params
+        if p.sparsifier == "none":
+            return delta.clone()
+        if p.sparsifier == "magnitude":
+            if p.topk_scope == "model":
+                return sp.magnitude_above(delta, self.thresholds[model_id], rescale=p.rescale)
+            return sp.magnitude(delta, p.density, rescale=p.rescale)
+        if p.sparsifier == "breadcrumbs":
+            return sp.breadcrumbs(delta, p.density, p.gamma, rescale=p.rescale)
+        generator = sp.rng_for(p.seed, name, model_id)
+        if p.sparsifier == "random":
+            return sp.random_drop(delta, p.density, generator, rescale=p.rescale)
+        return sp.della(delta, p.density, p.epsilon, generator, rescale=p.rescale)
+
+    def merge(
+        self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+    ) -> torch.Tensor:
+        p = self.params
+        if p.consensus == "none":
+            mixed: torch.Tensor | None = None
+            for delta, weight, model_id in zip(deltas, weights, model_ids):
+                # Without a sparsifier, accumulate straight from the input: one allocation per tensor.
+                part = delta if p.sparsifier == "none" else self.sparsify(name, delta, model_id)
+                del delta
+                if mixed is None:
+                    mixed = part * weight
+                else:
+                    mixed.add_(part, alpha=weight)
+                del part
+            assert mixed is not None  # at least one model holds every merged tensor
+            if p.normalize:
+                divisor = float(sum(weights))
+                mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
+        else:
+            weighted = []
+            for delta, weight, model_id in zip(deltas, weights, model_ids):
+                weighted.append(self.sparsify(name, delta, model_id).mul_(weight))
+                del delta
+            mixed = sp.elect_and_merge(weighted, weights, p.consensus, p.normalize)
+        return mixed.mul_(p.scaling_factor) if p.scaling_factor != 1.0 else mixed
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Weighted sum of the models' tensors, divided by the sum of the weights when normalising."""
+
+    normalize: bool = True
+    needs_base: bool = False
+
+    def merge(
+        self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+    ) -> torch.Tensor:
+        return linear(tensors, weights, self.normalize)
+
+
+def task_arithmetic(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], params: GeneralizedTaskArithmeticParams,
+    name: str = "tensor", thresholds: Mapping[int, float] | None = None,
+) -> torch.Tensor:
+    """Whole-tensor convenience: theta_0 + family(theta_i - theta_0) (inputs untouched)."""
+    family = TaskArithmeticFamily(params, dict(thresholds or {}))
+    merged = family.merge(name, (t - base for t in tensors), weights, range(len(tensors)))
+    return merged.add_(base)
+
+
+def linear(tensors: Iterable[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for tensor, weight in zip(tensors, weights):
+        part = tensor.to(torch.float32) * weight
+        total = part if total is None else total.add_(part)
+        del part
+    assert total is not None
+    return total.div_(float(sum(weights))) if normalize else total
