@@ -61,8 +61,10 @@ def test_merging_a_permuted_copy_returns_the_original(arch_name: str, method: st
 @pytest.mark.parametrize("arch_name", sorted(ARCHITECTURES))
 # alpha = 1: a fused unit keeps its similarity to the third copy. With the default alpha = 0.5
 # the greedy definition damps it and may rather fuse two units of one model first (ZipIt!).
-@pytest.mark.parametrize("method,params", [("mudsc", {"mode": "zip", "alpha": 1.0}), ("weight_zip", {"alpha": 1.0}),
-                                           ("mudsc", {"mode": "align"}), ("git_rebasin", {})])
+# Zip with activations is left out: dead units (zero variance) correlate 0 with everything,
+# so three copies of a dead unit are no more alike than any other pair (MUDSC.md section 6).
+@pytest.mark.parametrize("method,params", [("weight_zip", {"alpha": 1.0}), ("mudsc", {"mode": "align"}),
+                                           ("git_rebasin", {})])
 def test_merging_identical_models_returns_the_model(arch_name: str, method: str, params: dict) -> None:
     arch, shape = ARCHITECTURES[arch_name]
     state = _model(arch, 1)
