@@ -1,0 +1,42 @@
+"""Run the benchmarks (``python -m bench [name ...]``, ``make bench``).
+
+Each prints ratios against a baseline measured in the same run and writes its last output
+under docs/. Names: zip_speed (fast zip vs the straightforward definition), same_base_memory
+(streaming vs load-everything peak RSS and wall time, ~3 GB of generated checkpoints),
+task_vectors (per-task accuracy of every same-base method), mudsc_digits (every permutation
+method x setting x BN reset on digits; ~20 min on one core), load (1,000 jobs against a live
+local stack).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHES: dict[str, list[str]] = {
+    "zip_speed": ["-m", "bench.zip_speed", "--out", "docs/bench_zip_speed.txt"],
+    "same_base_memory": ["bench/same_base_memory.py"],
+    "task_vectors": ["-m", "bench.task_vectors"],
+    "mudsc_digits": ["-m", "bench.mudsc_digits"],
+    "load": ["-m", "bench.load"],
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        sys.stderr.write(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHES)}\n")
+        return 2
+    failed = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        if subprocess.call([sys.executable, *BENCHES[name]]) != 0:
+            failed.append(name)
+    if failed:
+        sys.stderr.write(f"failed: {', '.join(failed)}\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
