@@ -35,18 +35,16 @@ class MatchingOutcome:
 
 
 def match_clusters(spec: PermSpec) -> list[list[str]]:
-    """Groups matched together: a group and the groups whose block pairing is tied to it."""
+    """Groups matched together: a root group first, then the groups whose block pairing is tied to it."""
     clusters: dict[str, list[str]] = {}
     for name in spec.group_order():
-        root = name
-        while spec.groups[root].block_tie is not None:
-            root = spec.groups[root].block_tie  # type: ignore[assignment]
-        clusters.setdefault(root, [])
+        clusters.setdefault(spec.block_tie_root(name), [])
     for name in spec.group_order():
-        root = name
-        while spec.groups[root].block_tie is not None:
-            root = spec.groups[root].block_tie  # type: ignore[assignment]
-        clusters[root].append(name) if name != root else clusters[root].insert(0, name)
+        root = spec.block_tie_root(name)
+        if name != root:
+            clusters[root].append(name)
+    for root, members in clusters.items():
+        members.insert(0, root)
     return list(clusters.values())
 
 
@@ -133,23 +131,25 @@ def find_correspondences(
             steps_done += 1
             if progress:
                 progress(steps_done / (len(clusters) * (2 if params.iterate else 1)), f"initial matching {cluster[0]}")
-    missing = [g for g in spec.groups if g not in current]
-    if not params.iterate or beta == 0.0:
+    if beta == 0.0:  # activation space only: the initial matching is the answer
+        missing = [g for g in spec.groups if g not in current]
         if missing:
-            raise SpecError(f"groups {missing} have no activation site; they need weight matching (beta > 0, iterate)")
-        return MatchingOutcome(current, scores, [_mean(scores)] if scores else [], 1)
+            raise SpecError(f"groups {missing} have no activation site; they need weight matching (beta > 0)")
+        return MatchingOutcome(current, scores, [_mean(scores)], 1)
 
+    # iterate=False: one pass over the groups with the dual (or weight) similarity.
+    max_sweeps = params.max_sweeps if params.iterate else 1
     rng = random.Random(params.seed)
     best = (float("-inf"), dict(current), dict(scores))
     history: list[float] = []
     stale = 0
-    for sweep in range(params.max_sweeps):
+    for sweep in range(max_sweeps):
         order = list(clusters)
         rng.shuffle(order)
         for position, cluster in enumerate(order):
             match_cluster(cluster, current)
             if progress:
-                progress(min(0.99, 0.5 + 0.5 * (sweep + (position + 1) / len(order)) / params.max_sweeps),
+                progress(min(0.99, 0.5 + 0.5 * (sweep + (position + 1) / len(order)) / max_sweeps),
                          f"sweep {sweep + 1}, group {cluster[0]}")
         # Objective of this sweep's final correspondences, each group scored on the similarity
         # built from the others' final state (not the stale value from when it was matched).

@@ -213,3 +213,16 @@ def test_row_correlation_of_constant_rows_is_zero() -> None:
     corr = row_correlation(features)
     assert corr[0, 1] == pytest.approx(1.0)
     assert torch.all(corr[2] == 0)
+
+
+@pytest.mark.parametrize("with_calibration", [False, True])
+def test_one_pass_without_iteration_matches_every_group(with_calibration: bool) -> None:
+    arch, shape = ARCHITECTURES["resnet_bn"]
+    state = _model(arch, 0)
+    spec = perm_spec(arch)
+    permuted = permute_state_dict(spec, state, random_permutations(spec, torch.Generator().manual_seed(2)))
+    calibration = torch.randn(32, *shape) if with_calibration else None
+    result = merge([state, permuted], arch, {"name": "mudsc", "params": {"iterate": False, "reset_bn": False}},
+                   calibration=calibration)
+    assert result.report["sweeps"] == 1
+    assert set(result.report["groups"]) == set(spec.groups)
