@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -23,6 +24,10 @@ from mudsc_core.schema import JobSpec
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+# Merging averages, permutes and scales weights: they must be floating point. Integer bookkeeping tensors
+# (BatchNorm's step counter) are carried over as they are.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+BOOKKEEPING_SUFFIXES = ("num_batches_tracked",)
 MAX_FOLDER_OBJECTS = 10_000
 MAX_INDEX_BYTES = 16 * 1024**2
 
@@ -56,12 +61,30 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         )
 
 
-def check_access(spec: JobSpec, tenant: Tenant, output_uri: str) -> None:
-    """403 naming the first URI outside the tenant's prefixes (inputs and the output)."""
+_JOB_DIR = re.compile(r"^mrg_[0-9A-Za-z]{26}/")
+
+
+def check_access(spec: JobSpec, tenant: Tenant, output_uri: str, results_bucket: str | None = None) -> None:
+    """403 naming the first URI outside the tenant's prefixes (inputs and the output).
+
+    An explicit output URI may not point into the results bucket outside the tenant's own results prefix
+    (another tenant's results), even where an allowed prefix covers the whole bucket, nor into a job's default
+    output folder (``<results>/<tenant>/mrg_.../``: another job's results).
+    """
     for uri, loc in [*referenced(spec), (output_uri, ["body", "output", "uri"])]:
         if not tenant.may_access(uri):
             raise ApiProblem(403, f"{uri} is outside the prefixes tenant {tenant.name!r} may access",
                              code="forbidden_uri", errors=[{"loc": loc, "msg": f"{uri}: not permitted"}], uri=uri)
+    explicit = spec.output.uri
+    if explicit is None or results_bucket is None:
+        return
+    loc = ["body", "output", "uri"]
+    if explicit.startswith(f"s3://{results_bucket}/") and not explicit.startswith(tenant.results_prefix):
+        raise ApiProblem(403, f"{explicit} is in another tenant's results", code="forbidden_uri",
+                         errors=[{"loc": loc, "msg": f"{explicit}: not permitted"}], uri=explicit)
+    if explicit.startswith(tenant.results_prefix) and _JOB_DIR.match(explicit[len(tenant.results_prefix):]):
+        raise ApiProblem(422, f"{explicit} is reserved for a job's default output", code="output_conflict",
+                         errors=[{"loc": loc, "msg": "reserved for job outputs"}], uri=explicit)
 
 
 class ObjectChecker:
@@ -112,7 +135,16 @@ class ObjectChecker:
     def check_file(self, uri: str, loc: list[Any]) -> tuple[int, dict[str, TensorInfo]]:
         size = self.head(uri, loc)
         self._check_size(uri, loc, size)
-        return size, self.safetensors_header(uri, loc, size)
+        tensors = self.safetensors_header(uri, loc, size)
+        self._check_weight_dtypes(uri, loc, tensors)
+        return size, tensors
+
+    @staticmethod
+    def _check_weight_dtypes(uri: str, loc: list[Any], tensors: dict[str, TensorInfo]) -> None:
+        for name, info in tensors.items():
+            if info.dtype not in FLOAT_DTYPES and not name.endswith(BOOKKEEPING_SUFFIXES):
+                raise _unprocessable(uri, f"tensor {name!r} has dtype {info.dtype}; merging needs floating-point "
+                                     f"weights ({', '.join(sorted(FLOAT_DTYPES))})", "invalid_checkpoint", loc)
 
     def _check_size(self, uri: str, loc: list[Any], size: int) -> None:
         limit = self.settings.limits.max_checkpoint_bytes
@@ -162,8 +194,18 @@ class ObjectChecker:
         total = sum(objects[s] for s in shards)
         self._check_size(uri, loc, total)
         for shard in shards:
-            self.safetensors_header(uri + shard, loc, objects[shard])
+            self._check_weight_dtypes(uri + shard, loc, self.safetensors_header(uri + shard, loc, objects[shard]))
         return total
+
+    def check_output_empty(self, output_uri: str) -> None:
+        """An explicit output prefix that already holds objects (another job's results, say) is refused."""
+        bucket, prefix = s3util.split_uri(output_uri)
+        listing = self._call(output_uri, ["body", "output", "uri"], self.client.list_objects_v2, Bucket=bucket,
+                             Prefix=prefix, MaxKeys=1)
+        if listing.get("KeyCount", len(listing.get("Contents", []))):
+            raise ApiProblem(409, f"{output_uri} already holds objects; choose an empty output prefix",
+                             code="output_conflict", uri=output_uri,
+                             errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is not empty"}])
 
     def check(self, spec: JobSpec) -> None:
         for model_index, model in enumerate([*spec.models, *([spec.base_model] if spec.base_model else [])]):
@@ -182,6 +224,10 @@ class ObjectChecker:
                 raise _unprocessable(spec.calibration.uri, f"holds no tensor {spec.calibration.tensor!r} "
                                      f"(has: {', '.join(sorted(tensors)[:10])})", "invalid_calibration",
                                      ["body", "calibration", "tensor"])
+            if info.dtype not in FLOAT_DTYPES:
+                raise _unprocessable(spec.calibration.uri, f"tensor {spec.calibration.tensor!r} has dtype "
+                                     f"{info.dtype}; calibration inputs must be floating point",
+                                     "invalid_calibration", ["body", "calibration", "tensor"])
             if len(info.shape) < 1 or info.shape[0] < 1:
                 raise _unprocessable(spec.calibration.uri, f"tensor {spec.calibration.tensor!r} has no samples "
                                      f"(shape {list(info.shape)})", "invalid_calibration",

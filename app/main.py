@@ -13,6 +13,7 @@ from app import problems
 from app.auth import KeyRing
 from app.dispatch import make_sender
 from app.limits import BodySizeLimit
+from app.reconcile import Reconciler
 from app.metrics import MetricsMiddleware
 from app.routes import health, v1
 from app.s3 import make_client
@@ -28,7 +29,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reconciler = None
+        if settings.reconcile.interval_s > 0:
+            services = app.state.services
+            reconciler = Reconciler(services.store, services.sender, settings)
+            reconciler.start()
         yield
+        if reconciler is not None:
+            reconciler.stop()
         await app.state.async_redis.aclose()
         app.state.services.store.redis.close()
 

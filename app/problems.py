@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,13 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
         return problem_response(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RedisError)
+    async def _store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
+        # After the client's reconnect retries: the job store is down, not the request wrong.
+        logger.warning("job store unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(request, 503, "the job store is unavailable; try again", code="store_unavailable",
+                                headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -57,7 +57,8 @@ async def raw_body(request: Request) -> bytes:
 
 @v1.post("/merges", status_code=202, response_model=Job, responses={
     200: {"model": Job, "description": "Idempotent replay: the original job"},
-    403: {"model": Problem}, 413: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem},
+    403: {"model": Problem}, 409: {"model": Problem}, 413: {"model": Problem}, 429: {"model": Problem},
+    503: {"model": Problem},
 })
 def create_merge(
     spec: JobSpec, response: Response, svc: Services, tenant: Auth, body: Annotated[bytes, Depends(raw_body)],

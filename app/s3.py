@@ -39,7 +39,7 @@ def _boto_session() -> boto3.session.Session:
     return _session
 
 
-def make_client(settings: S3Settings, *, public: bool = False, max_attempts: int = 5,
+def make_client(settings: S3Settings, *, public: bool = False, max_attempts: int | None = None,
                 timeout_s: float | None = None) -> Any:
     endpoint = (settings.public_endpoint_url or settings.endpoint_url) if public else settings.endpoint_url
     return _boto_session().client(
@@ -48,7 +48,7 @@ def make_client(settings: S3Settings, *, public: bool = False, max_attempts: int
         aws_access_key_id=settings.access_key_id,
         aws_secret_access_key=settings.secret_access_key,
         region_name=settings.region,
-        config=_config(settings, max_attempts=max_attempts, timeout_s=timeout_s),
+        config=_config(settings, max_attempts=max_attempts or settings.max_attempts, timeout_s=timeout_s),
     )
 
 

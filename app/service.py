@@ -76,8 +76,19 @@ def submit(
         job_id = new_job_id()
         default_output = f"s3://{settings.s3.results_bucket}/{tenant.name}/{job_id}/"
         output_uri = spec.output.uri or default_output
-        check_access(spec, tenant, output_uri)
-        ObjectChecker(services.s3, settings).check(spec)
+        check_access(spec, tenant, output_uri, settings.s3.results_bucket)
+        checker = ObjectChecker(services.s3, settings)
+        checker.check(spec)
+        if spec.output.uri is not None:
+            checker.check_output_empty(output_uri)
+            # Two submissions racing for one empty prefix: the first to reserve it wins.
+            reserved = services.store.redis.set(
+                f"{services.store.prefix}output:{hashlib.sha256(output_uri.encode()).hexdigest()}", job_id,
+                nx=True, ex=settings.job_ttl_s)
+            if not reserved:
+                raise ApiProblem(409, f"{output_uri} is already the output of another job", code="output_conflict",
+                                 uri=output_uri,
+                                 errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is taken"}])
     except ApiProblem as problem:
         metrics.JOBS_REJECTED.labels(problem.code or str(problem.status)).inc()
         raise

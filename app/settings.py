@@ -49,6 +49,11 @@ class S3Settings(BaseModel):
     presign_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime (MUDSC_S3__PRESIGN_TTL_S)")
     connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout (MUDSC_S3__CONNECT_TIMEOUT_S)")
     read_timeout_s: float = Field(60.0, gt=0, description="S3 read timeout (MUDSC_S3__READ_TIMEOUT_S)")
+    max_attempts: int = Field(
+        5, ge=1, le=20,
+        description="Attempts of one S3 request (boto3 'standard' retry mode: exponential backoff with jitter on "
+        "connection errors, throttling and 5xx) before a transfer fails the job (MUDSC_S3__MAX_ATTEMPTS)",
+    )
     multipart_threshold_bytes: int = Field(
         64 * 1024**2, ge=5 * 1024**2,
         description="Uploads/downloads above this size use multipart transfers (MUDSC_S3__MULTIPART_THRESHOLD_BYTES)",
@@ -111,6 +116,13 @@ class WorkerSettings(BaseModel):
         3, ge=1, le=100, description="Deliveries of one job before it fails with `worker_lost` (MUDSC_WORKER__MAX_ATTEMPTS)"
     )
 
+    debug_stage_delay_s: float = Field(
+        0.0, ge=0, le=600,
+        description="TESTING ONLY, default 0 (off): sleep this long at the start of each stage, while still renewing "
+        "the lease and honouring cancellation, so fault-injection tests can act mid-stage "
+        "(MUDSC_WORKER__DEBUG_STAGE_DELAY_S)",
+    )
+
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
@@ -150,6 +162,14 @@ class LimitSettings(BaseModel):
     )
 
 
+class ReconcileSettings(BaseModel):
+    interval_s: float = Field(
+        15.0, ge=0,
+        description="How often the API process sweeps for running jobs whose lease expired with no live worker and "
+        "re-queues them (or fails them `worker_lost` after max attempts); 0 disables (MUDSC_RECONCILE__INTERVAL_S)",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MUDSC_", env_nested_delimiter="__", extra="ignore")
 
@@ -159,6 +179,9 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys (MUDSC_AUTH__*)")
     worker: WorkerSettings = Field(default_factory=WorkerSettings, description="Merge worker (MUDSC_WORKER__*)")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits (MUDSC_LIMITS__*)")
+    reconcile: ReconcileSettings = Field(
+        default_factory=ReconcileSettings, description="Lost-worker sweep (MUDSC_RECONCILE__*)"
+    )
     job_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, description="How long finished jobs and their events are kept (MUDSC_JOB_TTL_S)"
     )

@@ -19,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 TERMINAL = ("succeeded", "failed", "canceled")
 ACTIVE = ("queued", "running", "canceling")
@@ -34,14 +37,31 @@ EVENTS_MAXLEN = 10_000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_ULID_LOCK = threading.Lock()
+_last_ulid = [0, 0]  # (ms, random part) of this process's last id
+
+
 def new_job_id() -> str:
-    """``mrg_`` + a ULID (48-bit millisecond time + 80 random bits, Crockford base32): sortable, unguessable."""
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    """``mrg_`` + a ULID (48-bit millisecond time + 80 random bits, Crockford base32): sortable, unguessable.
+
+    Monotonic within a process (ULID spec): ids made in the same millisecond increment the random part, so
+    the tenant index (scored by millisecond, ties ordered by id) lists them in creation order.
+    """
+    ms, rand = int(time.time() * 1000), int.from_bytes(os.urandom(10), "big")
+    with _ULID_LOCK:
+        if ms <= _last_ulid[0] and _last_ulid[1] < (1 << 80) - 1:
+            ms, rand = _last_ulid[0], _last_ulid[1] + 1
+        _last_ulid[0], _last_ulid[1] = ms, rand
+    value = (ms << 80) | rand
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
     return "mrg_" + "".join(reversed(chars))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def utcnow() -> str:
@@ -168,6 +188,41 @@ end
 return {'ok', h[1]}
 """
 
+# The reconciler's step for one job whose worker may be gone. KEYS: job, events, active
+# ARGV: max_attempts, now_iso, ttl
+# running|canceling with an expired lease: canceling (or cancel requested) -> canceled; attempts used up ->
+# failed `worker_lost`; else -> queued again (same attempt number: the next claim makes it attempt + 1; the
+# lost worker's heartbeat and completion are then refused, since status and attempt no longer match).
+_LUA_REAP = _LUA_COMMON + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'lease_until_ms', 'id', 'progress', 'cancel')
+local status, attempt, lease_until, id = h[1], tonumber(h[2]), tonumber(h[3]) or 0, h[4]
+if not status then return {'missing', ''} end
+if status ~= 'running' and status ~= 'canceling' then return {'skip', status} end
+if lease_until > now_ms() then return {'live', status} end
+local stage = nil
+if h[5] and h[5] ~= '' then stage = cjson.decode(h[5])['stage'] end
+if status == 'canceling' or h[6] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2], 'updated_at', ARGV[2])
+  add_event(KEYS[2], cjson.encode({type='status', time=ARGV[2], data={status='canceled', attempt=attempt}}))
+  finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[3])
+  return {'canceled', 'canceled'}
+end
+if attempt >= tonumber(ARGV[1]) then
+  local err = {code='worker_lost', message='the worker running attempt ' .. attempt ..
+    ' was lost (lease expired) and the job reached its maximum of ' .. ARGV[1] .. ' attempts', retryable=true}
+  if stage then err['stage'] = stage end
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', cjson.encode(err), 'finished_at', ARGV[2],
+             'updated_at', ARGV[2])
+  add_event(KEYS[2], cjson.encode({type='status', time=ARGV[2], data={status='failed', attempt=attempt, error=err}}))
+  finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[3])
+  return {'failed', 'failed'}
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'lease_owner', '', 'lease_until_ms', '0', 'updated_at', ARGV[2])
+add_event(KEYS[2], cjson.encode({type='status', time=ARGV[2],
+  data={status='queued', attempt=attempt, reason='lease_expired'}}))
+return {'requeued', 'queued'}
+"""
+
 
 # ------------------------------------------------------------------------------------ API
 class StoreError(Exception):
@@ -253,12 +308,16 @@ class JobStore:
         self._transition = client.register_script(_LUA_TRANSITION)
         self._claim = client.register_script(_LUA_CLAIM)
         self._heartbeat = client.register_script(_LUA_HEARTBEAT)
+        self._reap = client.register_script(_LUA_REAP)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> "JobStore":
+        # Reconnect with backoff across a Redis restart (about 10 s in all) before an error reaches the caller.
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         return cls(client, prefix=prefix, job_ttl_s=job_ttl_s)
 
@@ -279,8 +338,17 @@ class JobStore:
         return f"{self.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     # reads
-    def ping(self) -> bool:
-        return bool(self.redis.ping())
+    def ping(self, timeout_s: float = 2.0) -> bool:
+        """One quick PING on a fresh connection, without the reconnect retries (readiness must answer fast)."""
+        pool = self.redis.connection_pool
+        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "socket_timeout": timeout_s,
+                  "socket_connect_timeout": timeout_s}
+        connection = pool.connection_class(**kwargs)
+        try:
+            connection.send_command("PING")
+            return connection.read_response() in (b"PONG", "PONG", True)
+        finally:
+            connection.disconnect()
 
     def get(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
         """The job; JobNotFound when missing or (with ``tenant``) owned by someone else."""
@@ -440,6 +508,34 @@ class JobStore:
         if outcome == "conflict":
             raise TransitionConflict(status)
         return status
+
+    # reconciler
+    def expired_leases(self, batch: int = 500) -> list[str]:
+        """Ids of running/canceling jobs whose lease has expired (by the Redis clock), over every tenant."""
+        seconds, micros = self.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        pattern = _glob_escape(self.prefix) + "tenant:*:active"
+        expired: list[str] = []
+        for active_key in self.redis.scan_iter(match=pattern, count=batch):
+            ids = sorted(self.redis.smembers(active_key))
+            for start in range(0, len(ids), batch):
+                chunk = ids[start:start + batch]
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in chunk:
+                    pipe.hmget(self.job_key(job_id), "status", "lease_until_ms")
+                for job_id, (status, lease_until) in zip(chunk, pipe.execute()):
+                    if status in ("running", "canceling") and int(lease_until or 0) <= now_ms:
+                        expired.append(job_id)
+        return expired
+
+    def reap(self, job_id: str, *, max_attempts: int) -> str:
+        """One expired-lease job -> ``requeued`` | ``failed`` | ``canceled``; ``live``/``skip``/``missing`` otherwise."""
+        tenant = self.redis.hget(self.job_key(job_id), "tenant")
+        if tenant is None:
+            return "missing"
+        outcome, _ = self._reap(keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
+                                args=[max_attempts, utcnow(), self.job_ttl_s])
+        return str(outcome)
 
     def log(self, job_id: str, message: str, **data: Any) -> None:
         self.redis.xadd(self.events_key(job_id), {"e": event_payload("log", {"message": message, **data})},

@@ -51,6 +51,17 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
+def _release_memory() -> None:
+    """After a job (finished, failed or canceled): drop its tensors before the next one starts."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class LeaseKeeper(threading.Thread):
     """Renews the job's lease every ttl/3 while the merge runs; notices cancellation and lost leases."""
 
@@ -89,6 +100,8 @@ class JobRunner:
         self._last_stage = ""
         self.timings: dict[str, float] = {}
         self._stage_started = time.monotonic()
+        self._task_thread = threading.get_ident()
+        self._delayed_stages: set[str] = set()
 
     # ------------------------------------------------------------------ state helpers
     def observe(self, status: str) -> None:
@@ -121,8 +134,37 @@ class JobRunner:
             except (StaleAttempt, JobNotFound, TransitionConflict):
                 self.lease_lost.set()
                 raise LeaseLost(self.job_id) from None
-            self.observe(status)
+            except RedisError as exc:  # Redis restarting: progress is best effort, the lease keeper retries
+                logger.warning("progress of %s not recorded: %s", self.job_id, exc)
+            else:
+                self.observe(status)
         self.checkpoint()
+        if self.ctx.settings.worker.debug_stage_delay_s > 0 and stage not in self._delayed_stages \
+                and threading.get_ident() == self._task_thread:
+            self._delayed_stages.add(stage)
+            self._debug_delay(self.ctx.settings.worker.debug_stage_delay_s)
+
+    def fence(self, strict: bool = True) -> None:
+        """Confirm with the store, now, that this attempt still owns the job and was not canceled.
+
+        ``strict``: an unreachable Redis raises (nothing may be promoted unconfirmed); else it is only logged.
+        """
+        try:
+            self.observe(self.ctx.store.heartbeat(self.job_id, self.attempt, lease_ttl_s=self.lease_ttl_s))
+        except (StaleAttempt, JobNotFound, TransitionConflict):
+            self.lease_lost.set()
+        except RedisError as exc:
+            if strict:
+                raise
+            logger.warning("fence of %s skipped (Redis unavailable): %s", self.job_id, exc)
+        self.checkpoint()
+
+    def _debug_delay(self, seconds: float) -> None:
+        """MUDSC_WORKER__DEBUG_STAGE_DELAY_S (tests only): wait at a stage start, still cancelable and fenced."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+            self.fence(strict=False)
 
     def byte_progress(self, stage: str, total: int, what: str) -> Any:
         done = [0]
@@ -194,6 +236,7 @@ class JobRunner:
         finally:
             keeper.stop()
             shutil.rmtree(scratch, ignore_errors=True)
+            _release_memory()
         return claim
 
     def _run(self, job: dict[str, Any], scratch: Path) -> None:
@@ -241,11 +284,15 @@ class JobRunner:
         # ---- outputs
         self.progress("uploading", 0.0, "uploading results")
         output_uri = spec.output.uri or job["spec"]["output"]["uri"]
+        # The job's spec travels with the results (staged and promoted with them, listed once).
+        (out_dir / "spec.json").write_text(json.dumps(job["spec"], indent=2))
         out_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+        # Staged under a per-attempt prefix; promoted only if this attempt still owns the job and was not
+        # canceled (a stale worker that wakes up late never overwrites a newer attempt's outputs).
         artifacts = transfers.upload_staged(out_dir, output_uri, f".staging-{self.job_id}-a{self.attempt}",
-                                            self.byte_progress("uploading", out_bytes, "uploaded"))
+                                            self.byte_progress("uploading", out_bytes, "uploaded"),
+                                            before_promote=self.fence)
         self.checkpoint()
-        artifacts.append(transfers.put_json(output_uri + "spec.json", json.dumps(job["spec"], indent=2).encode()))
         self.progress("uploading", 1.0, f"{len(artifacts)} files")
         self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self._stage_started
         metrics = dict(report.get("metrics") or {})

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from app.s3 import is_forbidden, is_not_found, split_uri
+from app.s3 import error_code, is_forbidden, is_not_found, split_uri
 from app.settings import Settings
 from mudsc_core.errors import InvalidCheckpoint, MergeError, ObjectNotFound
 
@@ -30,10 +30,16 @@ ProgressBytes = Callable[[int], None]
 
 
 class StorageError(MergeError):
-    """S3 failed after boto3's retries (network, throttling): transient."""
+    """S3 answered with an error that boto3's retries did not clear (a missing output bucket, access denied)."""
 
     code = "storage_error"
     retryable = True
+
+
+class StorageUnavailable(StorageError):
+    """S3 could not be reached at all after boto3's retries with backoff (``MUDSC_S3__MAX_ATTEMPTS``)."""
+
+    code = "storage_unavailable"
 
 
 def transfer_config(settings: Settings) -> TransferConfig:
@@ -53,7 +59,9 @@ class RemoteObject:
     local: Path
 
 
-def _raise_for(uri: str, exc: ClientError) -> None:
+def _raise_for(uri: str, exc: Exception, stage: str = "downloading") -> None:
+    if isinstance(exc, BotoCoreError):  # no answer at all (connection refused, timeouts) after the retries
+        raise StorageUnavailable(f"object storage unreachable for {uri}: {type(exc).__name__}", stage=stage) from None
     if is_not_found(exc):
         raise ObjectNotFound(f"{uri}: object not found", stage="downloading") from None
     if is_forbidden(exc):
@@ -72,7 +80,7 @@ class Transfers:
         bucket, key = split_uri(uri)
         try:
             size = int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             _raise_for(uri, exc)
             raise
         return [RemoteObject(uri, bucket, key, size, local)]
@@ -87,7 +95,7 @@ class Transfers:
                     name = obj["Key"][len(prefix):]
                     if name and "/" not in name and name.endswith(_FOLDER_SUFFIXES) and not name.startswith("."):
                         objects.append(RemoteObject(uri + name, bucket, obj["Key"], int(obj["Size"]), local / name))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             _raise_for(uri, exc)
         if not any(o.key.endswith(".safetensors") for o in objects):
             raise ObjectNotFound(f"{uri}: model folder holds no .safetensors files", stage="downloading")
@@ -110,41 +118,60 @@ class Transfers:
             obj.local.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self.client.download_file(obj.bucket, obj.key, str(obj.local), Config=self.config, Callback=callback)
-            except ClientError as exc:
+            except (ClientError, BotoCoreError) as exc:
                 _raise_for(obj.uri, exc)
 
     # ------------------------------------------------------------------ outputs
     def upload_staged(
         self, out_dir: Path, output_uri: str, staging: str, on_bytes: ProgressBytes,
+        before_promote: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Upload every file of ``out_dir`` under ``staging`` (a sub-prefix), then promote to ``output_uri``."""
+        """Upload every file of ``out_dir`` under ``staging`` (a sub-prefix), then promote to ``output_uri``.
+
+        ``before_promote`` runs once everything is staged and may raise (cancellation, a lost lease): nothing
+        is promoted then. Whatever goes wrong, the staged copies are deleted, and so are final keys promoted
+        before a failure, so a failed or canceled job never leaves a partial result behind.
+        """
         bucket, prefix = split_uri(output_uri)
         files = sorted(p for p in out_dir.rglob("*") if p.is_file())
         staged: list[tuple[str, str, Path]] = []
+        promoted: list[str] = []
+        done = False
         try:
             for path in files:
                 name = path.relative_to(out_dir).as_posix()
                 temp_key = f"{prefix}{staging}/{name}"
                 self.client.upload_file(str(path), bucket, temp_key, Config=self.config, Callback=on_bytes)
                 staged.append((name, temp_key, path))
+            if before_promote is not None:
+                before_promote()
             artifacts = []
             for name, temp_key, path in staged:
                 final_key = prefix + name
+                promoted.append(final_key)
                 self.client.copy({"Bucket": bucket, "Key": temp_key}, bucket, final_key, Config=self.config)
                 artifacts.append({"name": name, "uri": f"s3://{bucket}/{final_key}", "size": path.stat().st_size,
                                   "sha256": sha256_file(path)})
+            done = True
             return artifacts
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"object storage unreachable while uploading to {output_uri}: "
+                                     f"{type(exc).__name__}", stage="uploading") from None
         except ClientError as exc:
-            raise StorageError(f"uploading to {output_uri} failed: {exc}", stage="uploading") from None
+            raise StorageError(f"uploading to {output_uri} failed: {error_code(exc) or exc}",
+                               stage="uploading") from None
         finally:
-            self.delete_keys(bucket, [key for _, key, _ in staged])
+            self.delete_keys(bucket, [key for _, key, _ in staged] + ([] if done else promoted))
 
     def put_json(self, uri: str, body: bytes) -> dict[str, Any]:
         bucket, key = split_uri(uri)
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"object storage unreachable while writing {uri}: {type(exc).__name__}",
+                                     stage="uploading") from None
         except ClientError as exc:
-            raise StorageError(f"writing {uri} failed: {exc}", stage="uploading") from None
+            raise StorageError(f"writing {uri} failed: {error_code(exc) or exc}", stage="uploading") from None
         return {"name": key.rsplit("/", 1)[-1], "uri": uri, "size": len(body),
                 "sha256": hashlib.sha256(body).hexdigest()}
 
@@ -154,7 +181,7 @@ class Transfers:
             try:
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
                                                                   "Quiet": True})
-            except ClientError as exc:  # leftovers under the staging prefix are harmless; say so
+            except (ClientError, BotoCoreError) as exc:  # leftovers under the staging prefix are harmless; say so
                 logger.warning("could not delete %d staged objects in %s: %s", len(chunk), bucket, exc)
 
 

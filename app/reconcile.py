@@ -1,0 +1,86 @@
+"""The reconciler: no job stays ``running`` after its worker is gone.
+
+A worker renews its job's lease every ``lease_ttl_s / 3``. When a whole worker host or process dies (SIGKILL,
+OOM killer, a lost machine), Celery's late-acked message only comes back after the broker's visibility timeout
+(above the hard time limit, i.e. about an hour), so the job would sit ``running`` until then. This sweep runs on
+a timer in every API process (``MUDSC_RECONCILE__INTERVAL_S``, 0 = off; several API processes sweeping at
+once is harmless: each step is one atomic Lua script) and, for every running/canceling job whose lease expired
+by the Redis clock:
+
+- ``canceling`` (or cancel requested) -> ``canceled``;
+- attempts used up (``MUDSC_WORKER__MAX_ATTEMPTS``) -> ``failed`` with ``worker_lost``;
+- otherwise -> ``queued`` again and the task re-sent; the next claim makes it attempt + 1, and the lost
+  worker, should it come back, is fenced off (its heartbeat and completion name the old attempt).
+
+A duplicate message (the original redelivered after the visibility timeout) finds the job leased or terminal
+and does nothing. ``sweep()`` can also be called once by hand (``python -m app.reconcile``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from celery import Celery
+from redis import RedisError
+
+from app.dispatch import send_merge
+from app.settings import Settings
+from app.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
+    """One pass over the active jobs; returns how many ended in each outcome."""
+    outcomes: Counter[str] = Counter()
+    for job_id in store.expired_leases():
+        outcome = store.reap(job_id, max_attempts=settings.worker.max_attempts)
+        outcomes[outcome] += 1
+        if outcome == "requeued":
+            logger.warning("job %s: lease expired with no live worker; re-queued", job_id)
+            try:
+                send_merge(sender, settings, job_id)
+            except Exception as exc:  # noqa: BLE001 - kombu raises several types; the next sweep cannot resend
+                logger.error("job %s re-queued but its task could not be sent: %s", job_id, exc)
+                store.fail_unsent(job_id, store.redis.hget(store.job_key(job_id), "tenant") or "",
+                                  "the job was re-queued after its worker was lost, but the queue is unavailable")
+        elif outcome in ("failed", "canceled"):
+            logger.warning("job %s: lease expired with no live worker; %s", job_id, outcome)
+    return outcomes
+
+
+class Reconciler(threading.Thread):
+    """Runs :func:`sweep` every ``interval_s`` until stopped; Redis outages are logged and outlived."""
+
+    def __init__(self, store: JobStore, sender: Celery, settings: Settings) -> None:
+        super().__init__(name="reconciler", daemon=True)
+        self.store, self.sender, self.settings = store, sender, settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.reconcile.interval_s):
+            try:
+                sweep(self.store, self.sender, self.settings)
+            except RedisError as exc:
+                logger.warning("reconciler sweep failed (Redis): %s", exc)
+            except Exception:  # noqa: BLE001 - the sweep must outlive any one bad record
+                logger.exception("reconciler sweep failed")
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def main() -> int:
+    from app.dispatch import make_sender
+
+    logging.basicConfig(level=logging.INFO)
+    settings = Settings()
+    store = JobStore.from_url(settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s)
+    print(dict(sweep(store, make_sender(settings), settings)))  # noqa: T201 - a command's output
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
