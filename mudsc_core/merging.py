@@ -45,9 +45,13 @@ def _batches(calibration: Tensor, batch_size: int, device: torch.device) -> Iter
         yield calibration[start:start + batch_size].to(device)
 
 
-def _check_weights(index: int, state: Mapping[str, Tensor]) -> None:
+def _check_weights(index: int, state: Mapping[str, Tensor], excluded: frozenset[str]) -> None:
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if name in excluded:  # bookkeeping (BN num_batches_tracked) is an integer by nature
+            continue
+        if not tensor.is_floating_point():
+            raise InvalidCheckpoint(f"model {index}: tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
+        if not bool(torch.isfinite(tensor).all()):
             raise InvalidCheckpoint(f"model {index}: tensor {name!r} contains NaN or Inf")
 
 
@@ -117,7 +121,7 @@ def merge(
 
     for index, state in enumerate(models):
         check_checkpoint(arch, state)
-        _check_weights(index, state)
+        _check_weights(index, state, spec.excluded)
     states = [{k: v.detach().to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
                for k, v in state.items()} for state in models]
     template = build_model(arch).state_dict()

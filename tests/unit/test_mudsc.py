@@ -180,6 +180,9 @@ def test_bad_inputs_get_specific_errors() -> None:
     broken["fc0.weight"][0, 0] = float("nan")
     with pytest.raises(InvalidCheckpoint, match="fc0.weight"):
         merge([a, broken], arch, {"name": "git_rebasin"})
+    integer = {**b, "fc1.weight": b["fc1.weight"].to(torch.int32)}
+    with pytest.raises(InvalidCheckpoint, match="fc1.weight.*floating point"):
+        merge([a, integer], arch, {"name": "git_rebasin"})
     missing = {k: v for k, v in b.items() if k != "head.bias"}
     with pytest.raises(ArchitectureMismatch, match="head.bias"):
         merge([a, missing], arch, {"name": "git_rebasin"})
