@@ -87,6 +87,20 @@ local function finish(job, events, active, id, ttl)
   redis.call('EXPIRE', events, ttl)
   redis.call('SREM', active, id)
 end
+-- The two ways a job whose worker is gone ends (used by claim and by the reconciler).
+local function end_canceled(job, events, active, id, attempt, now_iso, ttl)
+  redis.call('HSET', job, 'status', 'canceled', 'finished_at', now_iso, 'updated_at', now_iso)
+  add_event(events, cjson.encode({type='status', time=now_iso, data={status='canceled', attempt=attempt}}))
+  finish(job, events, active, id, ttl)
+end
+local function end_worker_lost(job, events, active, id, attempt, max_attempts, stage, now_iso, ttl)
+  local err = {code='worker_lost', message='the worker running attempt ' .. attempt ..
+    ' was lost (lease expired) and the job reached its maximum of ' .. max_attempts .. ' attempts', retryable=true}
+  if stage then err['stage'] = stage end
+  redis.call('HSET', job, 'status', 'failed', 'error', cjson.encode(err), 'finished_at', now_iso, 'updated_at', now_iso)
+  add_event(events, cjson.encode({type='status', time=now_iso, data={status='failed', attempt=attempt, error=err}}))
+  finish(job, events, active, id, ttl)
+end
 """ % EVENTS_MAXLEN
 
 # KEYS: job, events, index, active, idem
@@ -148,19 +162,11 @@ if (status == 'running' or status == 'canceling') then
   local stage = nil
   if h[5] and h[5] ~= '' then stage = cjson.decode(h[5])['stage'] end
   if status == 'canceling' or redis.call('HGET', KEYS[1], 'cancel') == '1' then
-    redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[4], 'updated_at', ARGV[4])
-    add_event(KEYS[2], cjson.encode({type='status', time=ARGV[4], data={status='canceled', attempt=attempt}}))
-    finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[5])
+    end_canceled(KEYS[1], KEYS[2], KEYS[3], id, attempt, ARGV[4], ARGV[5])
     return {'terminal', tostring(attempt), 'canceled'}
   end
   if attempt >= tonumber(ARGV[3]) then
-    local err = {code='worker_lost', message='the worker running attempt ' .. attempt ..
-      ' was lost and the job reached its maximum of ' .. ARGV[3] .. ' attempts', retryable=true}
-    if stage then err['stage'] = stage end
-    redis.call('HSET', KEYS[1], 'status', 'failed', 'error', cjson.encode(err), 'finished_at', ARGV[4],
-               'updated_at', ARGV[4])
-    add_event(KEYS[2], cjson.encode({type='status', time=ARGV[4], data={status='failed', attempt=attempt, error=err}}))
-    finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[5])
+    end_worker_lost(KEYS[1], KEYS[2], KEYS[3], id, attempt, ARGV[3], stage, ARGV[4], ARGV[5])
     return {'terminal', tostring(attempt), 'failed'}
   end
 end
@@ -202,19 +208,11 @@ if lease_until > now_ms() then return {'live', status} end
 local stage = nil
 if h[5] and h[5] ~= '' then stage = cjson.decode(h[5])['stage'] end
 if status == 'canceling' or h[6] == '1' then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2], 'updated_at', ARGV[2])
-  add_event(KEYS[2], cjson.encode({type='status', time=ARGV[2], data={status='canceled', attempt=attempt}}))
-  finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[3])
+  end_canceled(KEYS[1], KEYS[2], KEYS[3], id, attempt, ARGV[2], ARGV[3])
   return {'canceled', 'canceled'}
 end
 if attempt >= tonumber(ARGV[1]) then
-  local err = {code='worker_lost', message='the worker running attempt ' .. attempt ..
-    ' was lost (lease expired) and the job reached its maximum of ' .. ARGV[1] .. ' attempts', retryable=true}
-  if stage then err['stage'] = stage end
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', cjson.encode(err), 'finished_at', ARGV[2],
-             'updated_at', ARGV[2])
-  add_event(KEYS[2], cjson.encode({type='status', time=ARGV[2], data={status='failed', attempt=attempt, error=err}}))
-  finish(KEYS[1], KEYS[2], KEYS[3], id, ARGV[3])
+  end_worker_lost(KEYS[1], KEYS[2], KEYS[3], id, attempt, ARGV[1], stage, ARGV[2], ARGV[3])
   return {'failed', 'failed'}
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'lease_owner', '', 'lease_until_ms', '0', 'updated_at', ARGV[2])

@@ -41,6 +41,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from app.client import read_env_file
+
 log = logging.getLogger("localstack")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -532,7 +534,7 @@ class LocalStack:
         stack.redis_claimed_db = state.get("redis_claimed_db")
         stack.api_url = state.get("api_url", "")
         stack.s3_endpoint = state.get("s3_endpoint", "")
-        env = read_env_file(stack.root / "env")
+        env = read_env_file(stack.root / "env") if (stack.root / "env").exists() else {}
         stack.api_key = env.get("MUDSC_API_KEY", "")
         stack.other_api_key = env.get("MUDSC_OTHER_API_KEY", "")
         stack.access_key = env.get("MUDSC_S3_ACCESS_KEY", "")
@@ -594,23 +596,6 @@ def _shell_quote(value: str) -> str:
     import shlex
 
     return shlex.quote(value)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a ``KEY=value`` file written by ``up`` (shell-quoted values)."""
-    import shlex
-
-    values: dict[str, str] = {}
-    if not path.exists():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, raw = line.partition("=")
-        parts = shlex.split(raw)
-        values[key.strip()] = parts[0] if parts else ""
-    return values
 
 
 # --------------------------------------------------------------------------- CLI
