@@ -32,8 +32,6 @@ from worker.transfer import StorageError, Transfers
 
 logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
-# Summary entries of the core's report copied into the job's result metrics (the full report is an artifact).
-METRIC_KEYS = ("groups", "similarity_space", "sweeps", "objective_per_sweep", "bn_reset", "timings_s")
 
 
 class LeaseLost(Exception):
@@ -296,9 +294,6 @@ class JobRunner:
         self.progress("uploading", 1.0, f"{len(artifacts)} files")
         self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self._stage_started
         metrics = dict(report.get("metrics") or {})
-        for key in METRIC_KEYS:  # the report's summary figures, when the core did not name its metrics
-            if key in report and key not in metrics:
-                metrics[key] = report[key]
         metrics.setdefault("timings_s", {})
         if isinstance(metrics["timings_s"], dict):
             metrics["timings_s"] = {**{k: round(v, 3) for k, v in self.timings.items()}, **metrics["timings_s"]}

@@ -117,7 +117,7 @@ def test_merge_end_to_end_matches_the_core(api: httpx.Client, inputs: dict[str, 
     assert job["status"] == "succeeded" and job["attempt"] == 1 and job["finished_at"]
     names = {a["name"] for a in job["result"]["artifacts"]}
     assert {"model.safetensors", "report.json", "spec.json", "manifest.json"} <= names
-    assert set(job["result"]["metrics"]["groups"]) == {"fc0", "fc1"}
+    assert set(job["result"]["metrics"]["mean_similarity_per_group"]) == {"fc0", "fc1"}
     assert job["result"]["metrics"]["timings_s"]["downloading"] >= 0
 
     listed = {a["name"]: a for a in api.get(f"/v1/merges/{job_id}/artifacts").json()["data"]}
