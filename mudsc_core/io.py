@@ -156,10 +156,22 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         return self._entries[name].nbytes
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory it owns (a fresh, writable tensor)."""
+    def get(self, name: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into memory it owns (a fresh, writable tensor).
+
+        With ``out`` (a contiguous uint8 tensor of at least ``nbytes(name)`` bytes) the data is
+        read into the front of that buffer instead and a view of it is returned: a caller that
+        reads many tensors reuses its buffers, whose pages are already resident, rather than
+        page-faulting a fresh allocation for every tensor (which costs more than the read).
+        The view is only valid until the caller reads into that buffer again.
+        """
         entry = self._entries[name]
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if out is None:
+            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < entry.nbytes:
+            raise ValueError(f"read buffer for {name!r} must be a contiguous uint8 tensor of >= {entry.nbytes} bytes")
+        else:
+            buffer = out.reshape(-1)[: entry.nbytes]
         try:
             with open(entry.file, "rb", buffering=0) as f:
                 f.seek(entry.start)
@@ -174,9 +186,13 @@ class Checkpoint:
             raise InvalidCheckpoint(f"{entry.file.name}: cannot read tensor {name!r} ({exc.strerror or exc})") from exc
         return buffer.view(entry.dtype).reshape(entry.shape)
 
-    def get_float32(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
-        """``get`` as float32 (the compute dtype); NaN/Inf raise InvalidCheckpoint naming the tensor."""
-        tensor = self.get(name)
+    def get_float32(self, name: str, *, check_finite: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``get`` as float32 (the compute dtype); NaN/Inf raise InvalidCheckpoint naming the tensor.
+
+        A tensor stored as float32 is returned as read (no copy; a view of ``out`` if given);
+        another dtype is converted into a fresh tensor.
+        """
+        tensor = self.get(name, out=out)
         tensor = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
         if check_finite and not _all_finite(tensor):
             raise InvalidCheckpoint(f"{self.path.name}: tensor {name!r} contains NaN or Inf")

@@ -6,7 +6,8 @@ For methods with a base, ``inputs`` yields task vectors tau_i = theta_i - theta_
 and the merger returns the merged task vector, lambda included (the result is theta_0 plus
 it); for methods without one, ``inputs`` yields the models' tensors and the merger returns
 the merged tensor. ``inputs`` is consumed lazily, so a merger holds no more task vectors
-than its rule needs.
+than its rule needs. The tensors it yields are the merger's to overwrite (they live in read
+buffers that are reused for the next tensor); a merger may return one but must not keep any.
 """
 
 from __future__ import annotations

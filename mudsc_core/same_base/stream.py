@@ -2,11 +2,14 @@
 
 ``merge_checkpoints`` reads checkpoints through :mod:`mudsc_core.io` (validated headers,
 positioned reads into owned buffers), computes in float32 and writes the requested dtype
-through a planned :class:`~mudsc_core.io.ShardWriter`. Peak memory is about (N + 2) x the
-largest tensor plus a constant: the base tensor (which becomes the output in place), the N
-task vectors a sign rule needs, and one block-sized temporary; methods without a sign rule
-hold fewer. The whole-model TIES variant reads everything twice (a histogram pass for each
-model's threshold, then the merge).
+through a planned :class:`~mudsc_core.io.ShardWriter`. Peak memory is about (N + 3) x the
+largest tensor plus a constant: the base tensor (which becomes the output in place), the
+previous output still being written by the write-behind thread, the N task vectors a sign
+rule needs, and one block-sized temporary; methods without a sign rule hold fewer. Inputs
+are read into buffers reused from tensor to tensor (fresh memory would be page-faulted in
+for every tensor, which costs more than reading it), and task_arithmetic-style merges
+accumulate in place into them, allocating nothing per tensor. The whole-model TIES variant
+reads everything twice (a histogram pass for each model's threshold, then the merge).
 
 Defined behaviour for awkward inputs (also listed in the report's ``notes``):
 
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -84,9 +89,49 @@ class TensorPlan:
     source: Checkpoint | None = None  # for "copy"
 
 
+class _ReadBuffers:
+    """Reusable read buffers, one per input slot (slot 0: the base, slot 1 + i: model i).
+
+    Every tensor is read into the front of its slot's buffer, allocated once at the largest
+    size the plan reads. A fresh allocation per tensor would be page-faulted in on first
+    touch, which costs more than the read itself; the reused pages stay resident. Slot 0
+    (which becomes the output) alternates between two buffers from step to step, so that the
+    previous step's output can still be being written; the model slots have one each. A
+    tensor read into a slot is valid until the next read into that slot's buffer.
+    """
+
+    def __init__(self, largest_nbytes: int) -> None:
+        self._size = largest_nbytes
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self._step = 0
+
+    def next_step(self) -> None:
+        self._step += 1
+
+    def __call__(self, slot: int) -> torch.Tensor:
+        key = (slot, self._step % 2 if slot == 0 else 0)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(self._size, dtype=torch.uint8)
+        return self._buffers[key]
+
+    def in_model_slot(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in a model slot's buffer (reused by the very next step)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(slot != 0 and buffer.untyped_storage().data_ptr() == ptr
+                   for (slot, _), buffer in self._buffers.items())
+
+
+def _write(writer: ShardWriter, name: str, tensor: torch.Tensor, timer: _Timer) -> None:
+    t0 = time.perf_counter()
+    writer.add(name, tensor)
+    timer.add("write_s", t0)
+
+
 @dataclass
 class _Timer:
-    seconds: dict[str, float] = field(default_factory=lambda: {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0})
+    # write_s: spent writing (on the write thread); write_wait_s: the merge waited for writes
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("read_s", "compute_s", "write_s", "write_wait_s"), 0.0))
 
     def add(self, key: str, since: float) -> float:
         now = time.perf_counter()
@@ -129,6 +174,7 @@ def merge_checkpoints(
     base_ckpt = open_checkpoint(Path(base)) if base is not None else None
     plan, notes = _plan(checkpoints, base_ckpt)
     timer = _Timer()
+    buffers = _ReadBuffers(max((math.prod(p.shape) * p.dtype.itemsize for p in plan), default=0))
     metrics: dict[str, float] = {"plan_s": time.perf_counter() - started}
 
     gta = params.to_gta() if hasattr(params, "to_gta") else None  # type: ignore[attr-defined]
@@ -137,7 +183,8 @@ def merge_checkpoints(
     thresholds: dict[int, float] = {}
     if whole_model:
         t0 = time.perf_counter()
-        thresholds = _whole_model_thresholds(plan, checkpoints, base_ckpt, gta.density, progress, total_steps)
+        thresholds = _whole_model_thresholds(plan, checkpoints, base_ckpt, gta.density, progress, total_steps,
+                                             buffers)
         metrics["first_pass_s"] = time.perf_counter() - t0
         notes.append("ties over the whole model: per-model magnitude thresholds " + ", ".join(
             f"{Path(models[i]).name}={thresholds[i]:.3g}" for i in sorted(thresholds)))
@@ -149,15 +196,30 @@ def merge_checkpoints(
     try:
         writer = ShardWriter(partial, dtype, shard_size_bytes, layout=[(p.name, p.dtype, p.shape) for p in plan])
         try:
+            # Write-behind: one thread writes tensor k while tensor k + 1 is read and merged
+            # (file I/O and torch ops release the GIL). The output of step k lives in the base
+            # slot, which alternates between two buffers, or in fresh memory; an output in a
+            # model's slot (which the next step reads into) is written before going on.
             done_before = total_steps - len(plan)
-            for step, entry in enumerate(plan):
-                if progress is not None:
-                    progress("merging", (done_before + step) / total_steps, entry.name)
-                tensor = _merge_one(entry, merger, checkpoints, base_ckpt, weights, timer)
-                t0 = time.perf_counter()
-                writer.add(entry.name, tensor)
-                del tensor
-                timer.add("write_s", t0)
+            pending: Future | None = None
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as write_thread:
+                for step, entry in enumerate(plan):
+                    if progress is not None:
+                        progress("merging", (done_before + step) / total_steps, entry.name)
+                    buffers.next_step()
+                    tensor = _merge_one(entry, merger, checkpoints, base_ckpt, weights, timer, buffers)
+                    t0 = time.perf_counter()
+                    if pending is not None:
+                        pending.result()  # the previous write (raises its error, if any)
+                    pending = write_thread.submit(_write, writer, entry.name, tensor, timer)
+                    if buffers.in_model_slot(tensor):
+                        pending.result()
+                    del tensor
+                    timer.add("write_wait_s", t0)
+                if pending is not None:
+                    t0 = time.perf_counter()
+                    pending.result()
+                    timer.add("write_wait_s", t0)
         except BaseException:
             writer.abort()
             raise
@@ -235,7 +297,7 @@ def _plan(checkpoints: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[l
 
 def _whole_model_thresholds(
     plan: Sequence[TensorPlan], checkpoints: Sequence[Checkpoint], base: Checkpoint | None, density: float,
-    progress: Progress | None, total_steps: int,
+    progress: Progress | None, total_steps: int, buffers: _ReadBuffers,
 ) -> dict[int, float]:
     """First pass of whole-model TIES: each model's top-``density`` magnitude threshold."""
     assert base is not None
@@ -245,9 +307,9 @@ def _whole_model_thresholds(
             progress("merging", step / total_steps, f"threshold pass: {entry.name}")
         if entry.action != "merge":
             continue
-        base_tensor = base.get_float32(entry.name)
+        base_tensor = base.get_float32(entry.name, out=buffers(0))
         for i in entry.holders:
-            delta = checkpoints[i].get_float32(entry.name).sub_(base_tensor)
+            delta = checkpoints[i].get_float32(entry.name, out=buffers(1 + i)).sub_(base_tensor)
             histograms[i].add(delta)
             del delta
     return {i: h.threshold(int(density * h.total)) for i, h in histograms.items() if h.total}
@@ -255,25 +317,28 @@ def _whole_model_thresholds(
 
 # --------------------------------------------------------------------------- one tensor
 def _merge_one(entry: TensorPlan, merger: Any, checkpoints: Sequence[Checkpoint], base: Checkpoint | None,
-               weights: Sequence[float], timer: _Timer) -> torch.Tensor:
+               weights: Sequence[float], timer: _Timer, buffers: _ReadBuffers) -> torch.Tensor:
+    """The merged tensor; it may live in a read buffer, so write it before the next read."""
     t0 = time.perf_counter()
     if entry.action == "copy":
         assert entry.source is not None
-        tensor = entry.source.get_float32(entry.name) if entry.dtype.is_floating_point else entry.source.get(entry.name)
+        read = entry.source.get_float32 if entry.dtype.is_floating_point else entry.source.get
+        tensor = read(entry.name, out=buffers(0))
         timer.add("read_s", t0)
         return tensor
     holder_weights = [weights[i] for i in entry.holders]
     if entry.action == "mean":
-        return linear(_reads(entry.name, checkpoints, entry.holders, timer), holder_weights, normalize=True)
+        return linear(_reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights, normalize=True)
     reads_before = timer.seconds["read_s"]
     if not merger.needs_base:
-        out = merger.merge(entry.name, _reads(entry.name, checkpoints, entry.holders, timer), holder_weights,
+        out = merger.merge(entry.name, _reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights,
                            entry.holders)
     else:
         assert base is not None
-        base_tensor = base.get_float32(entry.name)
+        base_tensor = base.get_float32(entry.name, out=buffers(0))
         timer.add("read_s", t0)
-        delta = merger.merge(entry.name, _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer),
+        delta = merger.merge(entry.name,
+                             _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers),
                              holder_weights, entry.holders)
         out = base_tensor.add_(delta)  # the base buffer becomes the output
         del delta
@@ -282,20 +347,21 @@ def _merge_one(entry: TensorPlan, merger: Any, checkpoints: Sequence[Checkpoint]
     return out
 
 
-def _reads(name: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int], timer: _Timer) -> Iterator[torch.Tensor]:
+def _reads(name: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int], timer: _Timer,
+           buffers: _ReadBuffers) -> Iterator[torch.Tensor]:
     for i in holders:
         t0 = time.perf_counter()
-        tensor = checkpoints[i].get_float32(name)
+        tensor = checkpoints[i].get_float32(name, out=buffers(1 + i))
         timer.add("read_s", t0)
         yield tensor
         del tensor
 
 
 def _task_vectors(name: str, base_tensor: torch.Tensor, checkpoints: Sequence[Checkpoint], holders: Sequence[int],
-                  timer: _Timer) -> Iterator[torch.Tensor]:
+                  timer: _Timer, buffers: _ReadBuffers) -> Iterator[torch.Tensor]:
     for i in holders:
         t0 = time.perf_counter()
-        delta = checkpoints[i].get_float32(name)
+        delta = checkpoints[i].get_float32(name, out=buffers(1 + i))
         timer.add("read_s", t0)
         delta.sub_(base_tensor)
         yield delta

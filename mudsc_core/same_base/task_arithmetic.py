@@ -10,7 +10,8 @@ and della_linear are configurations of :class:`TaskArithmeticFamily` (see
     theta  = theta_0 + lambda * mixed
 
 Memory: without a sign rule the task vectors are summed as they arrive (one at a time);
-with one, the N sparsified task vectors are held and mixed in blocks into one output.
+with one, the N sparsified task vectors are held and mixed in blocks into one output. The
+task vectors passed to ``merge`` are its own: it may overwrite them.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ class TaskArithmeticFamily:
         if p.consensus == "none":
             mixed: torch.Tensor | None = None
             for delta, weight, model_id in zip(deltas, weights, model_ids):
-                # Without a sparsifier, accumulate straight from the input: one allocation per tensor.
+                # Without a sparsifier, accumulate straight into the first input (the task vectors
+                # are the merger's to overwrite): no allocation at all.
                 part = delta if p.sparsifier == "none" else self.sparsify(name, delta, model_id)
                 del delta
                 if mixed is None:
-                    mixed = part * weight
+                    mixed = part.mul_(weight)
                 else:
                     mixed.add_(part, alpha=weight)
                 del part
