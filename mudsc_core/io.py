@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from mudsc_core.errors import InvalidCheckpoint
+from mudsc_core.schema.safetensors import InvalidSafetensors, header_length, parse_header
 
 logger = logging.getLogger(__name__)
 
@@ -64,67 +65,27 @@ class TensorEntry:
 
 
 # --------------------------------------------------------------------------- reading
-def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Validate a safetensors file's header; return its tensors and its ``__metadata__``."""
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Validate a safetensors file's header (before any data is read); return its tensors."""
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InvalidCheckpoint(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len == 0 or header_len > min(file_size - 8, HEADER_CAP_BYTES):
-                raise InvalidCheckpoint(
-                    f"{path.name}: not a safetensors file or truncated (header length {header_len} "
-                    f"does not fit a file of {file_size} bytes)"
-                )
+            header_len = header_length(prefix, object_size=file_size, max_header_bytes=HEADER_CAP_BYTES)
             raw = f.read(header_len)
+        tensors = parse_header(raw, object_size=file_size)
     except OSError as exc:
         raise InvalidCheckpoint(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCheckpoint(f"{path.name}: not a safetensors file (header is not JSON: {exc})") from exc
-    if not isinstance(header, dict):
-        raise InvalidCheckpoint(f"{path.name}: safetensors header is not a JSON object")
-
+    except InvalidSafetensors as exc:
+        raise InvalidCheckpoint(f"{path.name}: not a valid safetensors file: {exc}") from None
     data_start = 8 + header_len
-    data_len = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidCheckpoint(f"{path.name}: __metadata__ must map strings to strings")
-
     entries: dict[str, TensorEntry] = {}
-    ranges: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
-            raise InvalidCheckpoint(f"{path.name}: malformed header entry for tensor {name!r}")
-        dtype = DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    for name, info in tensors.items():
+        dtype = DTYPES.get(info.dtype)
         if dtype is None:
-            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise InvalidCheckpoint(
-                f"{path.name}: tensor {name!r} lies outside the data section (offsets {begin}..{end}, "
-                f"data is {data_len} bytes; file truncated?)"
-            )
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected:
-            raise InvalidCheckpoint(
-                f"{path.name}: tensor {name!r} has {end - begin} bytes but shape {shape} of {info['dtype']} needs {expected}"
-            )
-        entries[name] = TensorEntry(path, dtype, tuple(shape), data_start + begin, end - begin)
-        ranges.append((begin, end, name))
-    ranges.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
-        if b1 < e0:
-            raise InvalidCheckpoint(f"{path.name}: tensors {n0!r} and {n1!r} overlap in the data section")
-    return entries, metadata
+            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has dtype {info.dtype}, which cannot be merged")
+        entries[name] = TensorEntry(path, dtype, info.shape, data_start + info.begin, info.end - info.begin)
+    return entries
 
 
 class Checkpoint:
@@ -211,7 +172,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
     """Open a ``.safetensors`` file or a HF model folder (single file or shards + index)."""
     path = Path(path)
     if path.is_file():
-        entries, _ = read_header(path)
+        entries = read_header(path)
         return Checkpoint(path, entries, None)
     if not path.is_dir():
         raise InvalidCheckpoint(f"{path.name}: no such checkpoint file or folder")
@@ -227,7 +188,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
             f"{path.name}: model folder has no {SINGLE_NAME} or {INDEX_NAME}"
             + (f" and {len(candidates)} .safetensors files" if candidates else "")
         )
-    entries, _ = read_header(candidates[0])
+    entries = read_header(candidates[0])
     return Checkpoint(path, entries, config_path)
 
 
@@ -246,7 +207,7 @@ def _read_sharded(folder: Path, index: Path) -> dict[str, TensorEntry]:
         shard = folder / shard_name
         if not shard.is_file():
             raise InvalidCheckpoint(f"{shard_name}: shard named in {index.name} is missing")
-        shard_entries, _ = read_header(shard)
+        shard_entries = read_header(shard)
         for name, entry in shard_entries.items():
             if weight_map.get(name) == shard_name:
                 entries[name] = entry

@@ -1,4 +1,4 @@
-"""A torch-free check that an object is a safetensors file, from its header alone.
+"""Torch-free validation of a safetensors header (used by the API on S3 objects and by mudsc_core.io on files).
 
 Layout: 8 bytes little-endian header length N, N bytes of JSON, then the data buffer. The
 header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
@@ -31,6 +31,8 @@ class InvalidSafetensors(ValueError):
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    begin: int  # byte offsets in the data buffer (after the header)
+    end: int
 
 
 def header_length(prefix: bytes, *, object_size: int, max_header_bytes: int) -> int:
@@ -89,7 +91,7 @@ def parse_header(header: bytes, *, object_size: int) -> dict[str, TensorInfo]:
             raise InvalidSafetensors(
                 f"tensor {name!r}: {dtype}{shape} needs {expected:g} bytes, data_offsets span {end - begin}"
             )
-        tensors[name] = TensorInfo(dtype, tuple(shape))
+        tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
         spans.append((begin, end, name))
     spans.sort()
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
