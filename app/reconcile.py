@@ -12,8 +12,9 @@ by the Redis clock:
 - otherwise -> ``queued`` again and the task re-sent; the next claim makes it attempt + 1, and the lost
   worker, should it come back, is fenced off (its heartbeat and completion name the old attempt).
 
-A duplicate message (the original redelivered after the visibility timeout) finds the job leased or terminal
-and does nothing. ``sweep()`` can also be called once by hand (``python -m app.reconcile``).
+A job still ``queued`` ``MUDSC_RECONCILE__RESEND_QUEUED_AFTER_S`` after its task was last sent has the task
+sent again (a broker that lost messages, e.g. a Redis crash between fsyncs). A duplicate message (that one,
+or the original redelivered after the visibility timeout) finds the job leased or terminal and does nothing. ``sweep()`` can also be called once by hand (``python -m app.reconcile``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
                                   "the job was re-queued after its worker was lost, but the queue is unavailable")
         elif outcome in ("failed", "canceled"):
             logger.warning("job %s: lease expired with no live worker; %s", job_id, outcome)
+    if settings.reconcile.resend_queued_after_s > 0:
+        for job_id in store.stale_queued(settings.reconcile.resend_queued_after_s):
+            logger.warning("job %s: still queued %.0f s after its task was sent; sending it again",
+                           job_id, settings.reconcile.resend_queued_after_s)
+            try:
+                send_merge(sender, settings, job_id)
+            except Exception as exc:  # noqa: BLE001 - kombu raises several types; the next sweep tries again
+                logger.error("job %s: its task could not be sent again: %s", job_id, exc)
+                continue
+            store.mark_sent(job_id)
+            outcomes["resent"] += 1
     return outcomes
 
 

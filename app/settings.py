@@ -168,6 +168,12 @@ class ReconcileSettings(BaseModel):
         description="How often the API process sweeps for running jobs whose lease expired with no live worker and "
         "re-queues them (or fails them `worker_lost` after max attempts); 0 disables (MUDSC_RECONCILE__INTERVAL_S)",
     )
+    resend_queued_after_s: float = Field(
+        3600.0, ge=0,
+        description="A job still queued this long after its task was last sent gets its task sent again (a broker "
+        "that lost messages, e.g. a crashed Redis); a duplicate is harmless, the claim is fenced; 0 disables "
+        "(MUDSC_RECONCILE__RESEND_QUEUED_AFTER_S)",
+    )
 
 
 class Settings(BaseSettings):

@@ -526,6 +526,30 @@ class JobStore:
                         expired.append(job_id)
         return expired
 
+    def stale_queued(self, older_than_s: float, batch: int = 500) -> list[str]:
+        """Ids of queued jobs whose task was last sent (or that were last queued) more than ``older_than_s`` ago."""
+        seconds, micros = self.redis.time()
+        cutoff_ms = seconds * 1000 + micros // 1000 - older_than_s * 1000
+        stale: list[str] = []
+        for active_key in self.redis.scan_iter(match=_glob_escape(self.prefix) + "tenant:*:active", count=batch):
+            ids = sorted(self.redis.smembers(active_key))
+            for start in range(0, len(ids), batch):
+                chunk = ids[start:start + batch]
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in chunk:
+                    pipe.hmget(self.job_key(job_id), "status", "updated_at", "sent_ms")
+                for job_id, (status, updated_at, sent_ms) in zip(chunk, pipe.execute()):
+                    if status != "queued" or not updated_at:
+                        continue
+                    last_ms = max(int(sent_ms or 0), int(datetime.fromisoformat(updated_at).timestamp() * 1000))
+                    if last_ms <= cutoff_ms:
+                        stale.append(job_id)
+        return stale
+
+    def mark_sent(self, job_id: str) -> None:
+        seconds, micros = self.redis.time()
+        self.redis.hset(self.job_key(job_id), "sent_ms", seconds * 1000 + micros // 1000)
+
     def reap(self, job_id: str, *, max_attempts: int) -> str:
         """One expired-lease job -> ``requeued`` | ``failed`` | ``canceled``; ``live``/``skip``/``missing`` otherwise."""
         tenant = self.redis.hget(self.job_key(job_id), "tenant")

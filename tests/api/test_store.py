@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+import redis
 
+from app.dispatch import make_sender
+from app.reconcile import sweep
+from app.settings import Settings
 from app.store import IdempotencyConflict, JobStore, StaleAttempt, TenantLimitReached, TransitionConflict
 from tests.api.conftest import seed_job
 
@@ -83,3 +88,21 @@ def test_idempotency_and_tenant_limit_are_atomic(store: JobStore) -> None:
         store.create(tenant=tenant, spec={}, labels={}, max_active=2)
     store.request_cancel(first["id"], tenant)  # a finished job frees its slot
     store.create(tenant=tenant, spec={}, labels={}, max_active=2)
+
+
+def test_reconciler_resends_a_job_left_queued_by_a_lost_broker_message(store: JobStore, settings: Settings) -> None:
+    """The broker lost the message (e.g. Redis crashed between fsyncs): the sweep sends the task again, once."""
+    job = seed_job(store)  # created, but no task was ever sent: as if the broker lost it
+    broker = redis.Redis.from_url(settings.broker_url)
+    queue = settings.celery.key_prefix + settings.celery.queue
+    time.sleep(0.05)
+    eager = settings.model_copy(update={"reconcile": settings.reconcile.model_copy(
+        update={"resend_queued_after_s": 0.01})})
+    sender = make_sender(settings)
+    outcomes = sweep(store, sender, eager)
+    assert outcomes["resent"] >= 1
+    sent_ids = [json.loads(message)["headers"]["id"] for message in broker.lrange(queue, 0, -1)]
+    assert job["id"] in sent_ids
+    # Sent just now: not stale again until the threshold has passed once more.
+    assert job["id"] not in store.stale_queued(60.0)
+    assert store.get(job["id"])["status"] == "queued"
