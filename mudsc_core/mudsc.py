@@ -96,22 +96,17 @@ def find_correspondences(
         return MatchingOutcome(correspondences, {g: 0.0 for g in spec.groups})
 
     def similarity(group: str, current: Mapping[str, Correspondence]) -> Tensor:
+        """S = beta * S_weight + (1 - beta) * S_act, S_weight from the others' current correspondences."""
         act = activation_sims.get(group) if activation_sims else None
-        if beta == 0.0 and act is not None:
-            return act
         return dual_similarity(weight_similarity(states, spec, group, current), act, beta if act is not None else 1.0)
 
-    def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> dict[str, float]:
-        scores: dict[str, float] = {}
-        block_pairing: Tensor | None = None
+    def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> None:
+        block_pairing: Tensor | None = None  # a tied group reuses its root's head pairing
         for group in cluster:
-            unit_group = spec.groups[group]
-            sim = similarity(group, current)
-            match = _run_matcher(params, sim, num_models, unit_group.num_blocks, block_pairing)
+            match = _run_matcher(params, similarity(group, current), num_models, spec.groups[group].num_blocks,
+                                 block_pairing)
             block_pairing = match.block_pairing
             current[group] = _from_match(match)
-            scores[group] = pair_score(current[group], sim)
-        return scores
 
     current: dict[str, Correspondence] = {}
     scores: dict[str, float] = {}
