@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -295,6 +295,16 @@ def decode_event(event_id: str, fields: dict[str, str]) -> dict[str, Any]:
     return {"id": event_id, "time": body["time"], "type": body["type"], "data": body["data"]}
 
 
+def _raise_for(outcome: str, status: str, job_id: str) -> None:
+    """Map a transition script's refusal to its exception."""
+    if outcome == "missing":
+        raise JobNotFound(job_id)
+    if outcome == "stale":
+        raise StaleAttempt(job_id)
+    if outcome == "conflict":
+        raise TransitionConflict(status)
+
+
 class JobStore:
     """Synchronous store used by the API (in its thread pool) and by the worker."""
 
@@ -435,12 +445,7 @@ class JobStore:
             keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
             args=[",".join(allowed), "" if attempt is None else str(attempt), new_status, self.job_ttl_s, event, *pairs],
         )
-        if outcome == "missing":
-            raise JobNotFound(job_id)
-        if outcome == "stale":
-            raise StaleAttempt(job_id)
-        if outcome == "conflict":
-            raise TransitionConflict(status)
+        _raise_for(outcome, status, job_id)
         return status
 
     def request_cancel(self, job_id: str, tenant: str) -> dict[str, Any]:
@@ -499,56 +504,44 @@ class JobStore:
             args=[str(attempt), int(lease_ttl_s * 1000), _json(progress) if progress else "",
                   event_payload("progress", progress, now) if progress else "", now],
         )
-        if outcome == "missing":
-            raise JobNotFound(job_id)
-        if outcome == "stale":
-            raise StaleAttempt(job_id)
-        if outcome == "conflict":
-            raise TransitionConflict(status)
+        _raise_for(outcome, status, job_id)
         return status
 
     # reconciler
-    def expired_leases(self, batch: int = 500) -> list[str]:
-        """Ids of running/canceling jobs whose lease has expired (by the Redis clock), over every tenant."""
-        seconds, micros = self.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        pattern = _glob_escape(self.prefix) + "tenant:*:active"
-        expired: list[str] = []
-        for active_key in self.redis.scan_iter(match=pattern, count=batch):
-            ids = sorted(self.redis.smembers(active_key))
-            for start in range(0, len(ids), batch):
-                chunk = ids[start:start + batch]
-                pipe = self.redis.pipeline(transaction=False)
-                for job_id in chunk:
-                    pipe.hmget(self.job_key(job_id), "status", "lease_until_ms")
-                for job_id, (status, lease_until) in zip(chunk, pipe.execute()):
-                    if status in ("running", "canceling") and int(lease_until or 0) <= now_ms:
-                        expired.append(job_id)
-        return expired
-
-    def stale_queued(self, older_than_s: float, batch: int = 500) -> list[str]:
-        """Ids of queued jobs whose task was last sent (or that were last queued) more than ``older_than_s`` ago."""
-        seconds, micros = self.redis.time()
-        cutoff_ms = seconds * 1000 + micros // 1000 - older_than_s * 1000
-        stale: list[str] = []
+    def _active_jobs(self, fields: tuple[str, ...], batch: int = 500) -> Iterator[tuple[str, list[str | None]]]:
+        """(job id, the requested fields) of every active job over every tenant, read in pipelined batches."""
         for active_key in self.redis.scan_iter(match=_glob_escape(self.prefix) + "tenant:*:active", count=batch):
             ids = sorted(self.redis.smembers(active_key))
             for start in range(0, len(ids), batch):
                 chunk = ids[start:start + batch]
                 pipe = self.redis.pipeline(transaction=False)
                 for job_id in chunk:
-                    pipe.hmget(self.job_key(job_id), "status", "updated_at", "sent_ms")
-                for job_id, (status, updated_at, sent_ms) in zip(chunk, pipe.execute()):
-                    if status != "queued" or not updated_at:
-                        continue
-                    last_ms = max(int(sent_ms or 0), int(datetime.fromisoformat(updated_at).timestamp() * 1000))
-                    if last_ms <= cutoff_ms:
-                        stale.append(job_id)
+                    pipe.hmget(self.job_key(job_id), *fields)
+                yield from zip(chunk, pipe.execute())
+
+    def _now_ms(self) -> int:
+        seconds, micros = self.redis.time()
+        return seconds * 1000 + micros // 1000
+
+    def expired_leases(self) -> list[str]:
+        """Ids of running/canceling jobs whose lease has expired (by the Redis clock), over every tenant."""
+        now_ms = self._now_ms()
+        return [job_id for job_id, (status, lease_until) in self._active_jobs(("status", "lease_until_ms"))
+                if status in ("running", "canceling") and int(lease_until or 0) <= now_ms]
+
+    def stale_queued(self, older_than_s: float) -> list[str]:
+        """Ids of queued jobs whose task was last sent (or that were last queued) more than ``older_than_s`` ago."""
+        cutoff_ms = self._now_ms() - older_than_s * 1000
+        stale = []
+        for job_id, (status, updated_at, sent_ms) in self._active_jobs(("status", "updated_at", "sent_ms")):
+            if status != "queued" or not updated_at:
+                continue
+            if max(int(sent_ms or 0), int(datetime.fromisoformat(updated_at).timestamp() * 1000)) <= cutoff_ms:
+                stale.append(job_id)
         return stale
 
     def mark_sent(self, job_id: str) -> None:
-        seconds, micros = self.redis.time()
-        self.redis.hset(self.job_key(job_id), "sent_ms", seconds * 1000 + micros // 1000)
+        self.redis.hset(self.job_key(job_id), "sent_ms", self._now_ms())
 
     def reap(self, job_id: str, *, max_attempts: int) -> str:
         """One expired-lease job -> ``requeued`` | ``failed`` | ``canceled``; ``live``/``skip``/``missing`` otherwise."""
