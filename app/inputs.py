@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app import s3 as s3util
 from app.auth import Tenant
 from app.problems import ApiProblem
-from mudsc_core.schema.safetensors import InvalidSafetensors, TensorInfo, header_length, parse_header
+from mudsc_core.formats.safetensors import InvalidSafetensors, TensorInfo, header_length, parse_header
 from app.settings import Settings
 from mudsc_core.schema import JobSpec
 

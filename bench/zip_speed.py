@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mudsc_core.matching import Match, zip_match, zip_match_reference
+from mudsc_core.permutation.matching import Match, zip_match, zip_match_reference
 
 NUM_MODELS = 2
 SAMPLES = 1024

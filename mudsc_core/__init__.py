@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["merge", "build_model", "MergeResult", "merge_files"]
+__all__ = ["merge", "build_model", "MergeResult", "merge_files", "merge_checkpoints"]
 
 _LAZY = {
-    "merge": ("mudsc_core.merging", "merge"),
-    "MergeResult": ("mudsc_core.merging", "MergeResult"),
-    "merge_files": ("mudsc_core.pipeline", "merge_files"),
+    "merge": ("mudsc_core.permutation.merge", "merge"),
+    "MergeResult": ("mudsc_core.permutation.merge", "MergeResult"),
+    "merge_files": ("mudsc_core.files", "merge_files"),
+    "merge_checkpoints": ("mudsc_core.same_base.stream", "merge_checkpoints"),
     "build_model": ("mudsc_core.architectures", "build_model"),
 }
 

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from mudsc_core.errors import InvalidCheckpoint
-from mudsc_core.schema.safetensors import InvalidSafetensors, header_length, parse_header
+from mudsc_core.formats.safetensors import InvalidSafetensors, header_length, parse_header
 
 logger = logging.getLogger(__name__)
 

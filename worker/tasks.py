@@ -1,6 +1,6 @@
 """The merge task: claim the job, fetch inputs, call the core, upload outputs, record the outcome.
 
-The merge logic lives in ``mudsc_core.pipeline.merge_files``; this module only moves files and
+The merge logic lives in ``mudsc_core.files.merge_files``; this module only moves files and
 records state. torch is imported inside the task (in the pool process), never at import time.
 """
 
@@ -247,7 +247,7 @@ class JobRunner:
         self.progress("downloading", 0.0, "listing inputs")
 
         # ---- inputs
-        from mudsc_core.pipeline import LocalInputs, merge_files
+        from mudsc_core.files import LocalInputs, merge_files
 
         inputs_dir = scratch / "in"
         plan: list[Any] = []

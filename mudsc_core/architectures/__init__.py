@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mudsc_core.architectures import mlp, resnet, vgg, vit
 from mudsc_core.errors import ArchitectureMismatch
-from mudsc_core.permspec import PermSpec, validate_state_dict
+from mudsc_core.permutation.spec import PermSpec, validate_state_dict
 from mudsc_core.schema.job import ArchitectureSpec
 
 _MODULES: dict[str, ModuleType] = {"mlp": mlp, "vgg": vgg, "resnet": resnet, "vit": vit}

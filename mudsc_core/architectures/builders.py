@@ -7,7 +7,7 @@ A group argument of ``None`` means "this axis carries no units" (input pixels, c
 
 from __future__ import annotations
 
-from mudsc_core.permspec import ActivationSite, AxisSpec, PermSpec, Role, Segment, UnitGroup
+from mudsc_core.permutation.spec import ActivationSite, AxisSpec, PermSpec, Role, Segment, UnitGroup
 
 GroupRef = str | None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mudsc_core.architectures.builders import SpecBuilder
-from mudsc_core.permspec import ActivationSite, PermSpec
+from mudsc_core.permutation.spec import ActivationSite, PermSpec
 from mudsc_core.schema.architectures import MLPConfig
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mudsc_core.architectures.builders import SpecBuilder
-from mudsc_core.permspec import ActivationSite, PermSpec
+from mudsc_core.permutation.spec import ActivationSite, PermSpec
 from mudsc_core.schema.architectures import ViTConfig
 
 

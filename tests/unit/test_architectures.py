@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mudsc_core.architectures import build_model, check_checkpoint, perm_spec
 from mudsc_core.errors import ArchitectureMismatch
-from mudsc_core.permute import axis_index, permute_state_dict, random_permutations
+from mudsc_core.permutation.permute import axis_index, permute_state_dict, random_permutations
 from mudsc_core.schema import ArchitectureSpec
 
 # name -> (architecture dict, input shape of one sample)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mudsc_core.errors import InvalidCalibration
-from mudsc_core.matching import InvalidMatchInput, Match, align_match, zip_match, zip_match_reference
+from mudsc_core.permutation.matching import InvalidMatchInput, Match, align_match, zip_match, zip_match_reference
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,8 +13,8 @@ from torch.testing import assert_close
 from mudsc_core.architectures import build_model, perm_spec
 from mudsc_core.errors import ArchitectureMismatch, InvalidCalibration, InvalidCheckpoint, MergeCanceled
 from mudsc_core import merge
-from mudsc_core.permute import permute_state_dict, random_permutations
-from mudsc_core.similarity import CorrelationAccumulator, row_correlation
+from mudsc_core.permutation.permute import permute_state_dict, random_permutations
+from mudsc_core.permutation.similarity import CorrelationAccumulator, row_correlation
 
 IMAGE = (1, 8, 8)
 ARCHITECTURES = {

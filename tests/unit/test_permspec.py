@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from mudsc_core.architectures.builders import SpecBuilder
 from mudsc_core.errors import ArchitectureMismatch, SpecError
-from mudsc_core.permspec import PermSpec, Segment, UnitGroup, validate_state_dict
-from mudsc_core.permute import (
+from mudsc_core.permutation.spec import PermSpec, Segment, UnitGroup, validate_state_dict
+from mudsc_core.permutation.permute import (
     block_permutation,
     identity_permutations,
     invert_permutation,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
-from mudsc_core.schema.safetensors import InvalidSafetensors, header_length, parse_header
+from mudsc_core.formats.safetensors import InvalidSafetensors, header_length, parse_header
 
 
 def _split(blob: bytes) -> tuple[int, bytes]:

@@ -2,7 +2,7 @@
 
 Mirrors the API's job spec: an architecture spec, a method spec (name + params), N state
 dicts, optional calibration inputs. Same-base (task-vector) methods stream from files
-instead; see :mod:`mudsc_core.pipeline`.
+instead; see :mod:`mudsc_core.files`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from mudsc_core.architectures import build_model, check_checkpoint, perm_spec
 from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint, MergeError
-from mudsc_core.mudsc import build_merged_state, find_correspondences
+from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
 from mudsc_core.schema import ArchitectureSpec, MethodSpec, METHODS
-from mudsc_core.similarity import activation_correlations
+from mudsc_core.permutation.similarity import activation_correlations
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """File-level merge used by the worker: local checkpoint files in, merged files + report out.
 
 Dispatches by method family: permutation methods (MuDSC and its special cases) load the
-(small, separately trained) models whole and call :func:`mudsc_core.merging.merge`;
+(small, separately trained) models whole and call :func:`mudsc_core.permutation.merge.merge`;
 same-base methods stream tensor by tensor (:mod:`mudsc_core.same_base.stream`).
 """
 
@@ -64,7 +64,7 @@ def merge_files(
         )
     else:
         from mudsc_core.io import load_state_dict, save_state_dict
-        from mudsc_core.merging import merge
+        from mudsc_core.permutation.merge import merge
 
         assert spec.architecture is not None  # the spec validator requires it
         calibration = None

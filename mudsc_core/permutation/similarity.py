@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from mudsc_core.permspec import ActivationSite, PermSpec
+from mudsc_core.permutation.spec import ActivationSite, PermSpec
 
 _DEAD_STD = 1e-12
 

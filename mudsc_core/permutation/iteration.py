@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from mudsc_core.errors import SpecError
-from mudsc_core.matching import Match, align_match, zip_match
-from mudsc_core.permspec import PermSpec
+from mudsc_core.permutation.matching import Match, align_match, zip_match
+from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.schema.methods import MudscParams
-from mudsc_core.similarity import Correspondence, dual_similarity, weight_similarity
+from mudsc_core.permutation.similarity import Correspondence, dual_similarity, weight_similarity
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from mudsc_core.permspec import PermSpec, validate_state_dict
+from mudsc_core.permutation.spec import PermSpec, validate_state_dict
 
 
 def block_permutation(block_order: Tensor, within: Tensor) -> Tensor:
