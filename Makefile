@@ -23,7 +23,7 @@ help:  ## list the targets
 
 install: $(INSTALLED)  ## virtualenv in .venv with the package and its dev extra (idempotent)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml client/pyproject.toml
 	@bash scripts/ensure_deps.sh python
 	@test -x $(PY) || { $(PYTHON) -m venv $(VENV) && $(PIP) install -q --upgrade pip; }
 	@if [ -z "$(HAS_GPU)" ] && ! $(PY) -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("$(TORCH_VERSION)") else 1)' 2>/dev/null; then \
@@ -31,6 +31,7 @@ $(INSTALLED): pyproject.toml
 	  $(PIP) install torch==$(TORCH_VERSION) $(TORCH_INDEX_ARGS); \
 	fi
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e ./client
 	@touch $@
 
 up: install  ## start Redis, S3 (SeaweedFS), a Celery worker and the API under .stack/

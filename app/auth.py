@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from app.problems import ApiProblem
-from app.settings import ApiKey
+from mudsc_jobs.settings import ApiKey
 
 
 @dataclass(frozen=True)

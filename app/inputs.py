@@ -7,33 +7,34 @@ its header; a model folder (URI ending in '/') must hold safetensors shards (all
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from app import s3 as s3util
 from app.auth import Tenant
 from app.problems import ApiProblem
-from mudsc_core.formats.safetensors import InvalidSafetensors, TensorInfo, header_length, parse_header
-from app.settings import Settings
+from mudsc_core.errors import MergeError
+from mudsc_core.formats import hf_folder
+from mudsc_core.formats.safetensors import (
+    FLOAT_DTYPES, InvalidSafetensors, TensorInfo, header_length, is_bookkeeping, parse_header,
+)
 from mudsc_core.schema import JobSpec
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.storage import STORAGE_ERRORS, StorageUnavailable, read_failure, split_uri
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-# Merging averages, permutes and scales weights: they must be floating point. Integer bookkeeping tensors
-# (BatchNorm's step counter) are carried over as they are.
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-BOOKKEEPING_SUFFIXES = ("num_batches_tracked",)
-MAX_FOLDER_OBJECTS = 10_000
-MAX_INDEX_BYTES = 16 * 1024**2
-
-
 def _unprocessable(uri: str, detail: str, code: str, loc: list[Any]) -> ApiProblem:
     return ApiProblem(422, f"{uri}: {detail}", code=code, errors=[{"loc": loc, "msg": f"{uri}: {detail}"}], uri=uri)
+
+
+def _problem(uri: str, error: MergeError, loc: list[Any]) -> ApiProblem:
+    """A storage or format error of an input -> its answer: 503 when storage is down, else 422 with its code."""
+    if isinstance(error, StorageUnavailable):
+        logger.warning("S3 unavailable while checking %s: %s", uri, error.message)
+        return ApiProblem(503, "object storage is unavailable; try again", code="storage_unavailable")
+    detail = error.message[len(uri) + 2:] if error.message.startswith(f"{uri}: ") else error.message
+    return _unprocessable(uri, detail, error.code, loc)
 
 
 def referenced(spec: JobSpec) -> list[tuple[str, list[Any]]]:
@@ -97,25 +98,16 @@ class ObjectChecker:
     def _call(self, uri: str, loc: list[Any], fn: Any, **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)
-        except ClientError as exc:
-            if s3util.is_not_found(exc):
-                raise _unprocessable(uri, "object not found", "object_not_found", loc) from None
-            if s3util.is_forbidden(exc):
-                raise _unprocessable(uri, "object is not readable (access denied)", "object_not_readable",
-                                     loc) from None
-            raise _unprocessable(uri, f"object could not be read ({s3util.error_code(exc) or 'error'})",
-                                 "object_not_readable", loc) from None
-        except BotoCoreError as exc:
-            logger.warning("S3 unavailable while checking %s: %s", uri, exc)
-            raise ApiProblem(503, "object storage is unavailable; try again", code="storage_unavailable") from None
+        except STORAGE_ERRORS as exc:
+            raise _problem(uri, read_failure(uri, exc), loc) from None
 
     def head(self, uri: str, loc: list[Any]) -> int:
-        bucket, key = s3util.split_uri(uri)
+        bucket, key = split_uri(uri)
         response = self._call(uri, loc, self.client.head_object, Bucket=bucket, Key=key)
         return int(response["ContentLength"])
 
     def _range(self, uri: str, loc: list[Any], start: int, end: int) -> bytes:
-        bucket, key = s3util.split_uri(uri)
+        bucket, key = split_uri(uri)
         response = self._call(uri, loc, self.client.get_object, Bucket=bucket, Key=key, Range=f"bytes={start}-{end}")
         return response["Body"].read(end - start + 1)
 
@@ -142,7 +134,7 @@ class ObjectChecker:
     @staticmethod
     def _check_weight_dtypes(uri: str, loc: list[Any], tensors: dict[str, TensorInfo]) -> None:
         for name, info in tensors.items():
-            if info.dtype not in FLOAT_DTYPES and not name.endswith(BOOKKEEPING_SUFFIXES):
+            if info.dtype not in FLOAT_DTYPES and not is_bookkeeping(name):
                 raise _unprocessable(uri, f"tensor {name!r} has dtype {info.dtype}; merging needs floating-point "
                                      f"weights ({', '.join(sorted(FLOAT_DTYPES))})", "invalid_checkpoint", loc)
 
@@ -153,44 +145,32 @@ class ObjectChecker:
                                  loc)
 
     def check_folder(self, uri: str, loc: list[Any]) -> int:
-        bucket, prefix = s3util.split_uri(uri)
+        """A model folder's weight files exist, fit the limit and are float safetensors (rules: ``hf_folder``)."""
+        bucket, prefix = split_uri(uri)
         objects: dict[str, int] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
                 for obj in page.get("Contents", []):
                     objects[obj["Key"][len(prefix):]] = int(obj["Size"])
-                if len(objects) > MAX_FOLDER_OBJECTS:
-                    raise _unprocessable(uri, f"model folder holds more than {MAX_FOLDER_OBJECTS} objects",
+                if len(objects) > hf_folder.MAX_FOLDER_OBJECTS:
+                    raise _unprocessable(uri, f"model folder holds more than {hf_folder.MAX_FOLDER_OBJECTS} objects",
                                          "invalid_checkpoint", loc)
-        except ClientError as exc:
-            if s3util.is_not_found(exc):
-                raise _unprocessable(uri, "bucket not found", "object_not_found", loc) from None
-            raise _unprocessable(uri, "folder could not be listed", "object_not_readable", loc) from None
-        except BotoCoreError:
-            raise ApiProblem(503, "object storage is unavailable; try again", code="storage_unavailable") from None
+        except STORAGE_ERRORS as exc:
+            raise _problem(uri, read_failure(uri, exc), loc) from None
         if not objects:
             raise _unprocessable(uri, "model folder not found (no objects under this prefix)", "object_not_found", loc)
-        if INDEX_NAME in objects:
-            index_uri = uri + INDEX_NAME
-            if objects[INDEX_NAME] > MAX_INDEX_BYTES:
-                raise _unprocessable(index_uri, "index file is too large", "invalid_checkpoint", loc)
-            raw = self._range(index_uri, loc, 0, max(objects[INDEX_NAME] - 1, 0))
-            try:
-                weight_map = json.loads(raw)["weight_map"]
-                shards = sorted(set(weight_map.values()))
-                if not shards or not all(isinstance(s, str) for s in shards):
-                    raise ValueError("empty weight_map")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise _unprocessable(index_uri, "not a valid safetensors index (needs a weight_map)",
-                                     "invalid_checkpoint", loc) from None
-            for shard in shards:
-                if shard not in objects:
-                    raise _unprocessable(uri + shard, "shard named by the index not found", "object_not_found", loc)
-        else:
-            shards = sorted(name for name in objects if name.endswith(".safetensors"))
-            if not shards:
-                raise _unprocessable(uri, "model folder holds no .safetensors shards", "invalid_checkpoint", loc)
+        try:
+            weight_map = None
+            if hf_folder.INDEX_NAME in objects:
+                size = objects[hf_folder.INDEX_NAME]
+                if size > hf_folder.MAX_INDEX_BYTES:
+                    raise _unprocessable(uri + hf_folder.INDEX_NAME, "index file is too large", "invalid_checkpoint",
+                                         loc)
+                weight_map = hf_folder.parse_index(self._range(uri + hf_folder.INDEX_NAME, loc, 0, max(size - 1, 0)))
+            shards = hf_folder.weight_files(objects, weight_map)
+        except MergeError as exc:
+            raise _problem(uri, exc, loc) from None
         total = sum(objects[s] for s in shards)
         self._check_size(uri, loc, total)
         for shard in shards:
@@ -199,7 +179,7 @@ class ObjectChecker:
 
     def check_output_empty(self, output_uri: str) -> None:
         """An explicit output prefix that already holds objects (another job's results, say) is refused."""
-        bucket, prefix = s3util.split_uri(output_uri)
+        bucket, prefix = split_uri(output_uri)
         listing = self._call(output_uri, ["body", "output", "uri"], self.client.list_objects_v2, Bucket=bucket,
                              Prefix=prefix, MaxKeys=1)
         if listing.get("KeyCount", len(listing.get("Contents", []))):

@@ -11,15 +11,15 @@ from fastapi import FastAPI
 
 from app import problems
 from app.auth import KeyRing
-from app.dispatch import make_sender
+from mudsc_jobs.dispatch import make_sender
 from app.limits import BodySizeLimit
 from app.reconcile import Reconciler
 from app.metrics import MetricsMiddleware
 from app.routes import health, v1
-from app.s3 import make_client
+from mudsc_jobs.storage import make_client
 from app.service import Services
-from app.settings import Settings
-from app.store import JobStore
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.store import EventTail, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if reconciler is not None:
             reconciler.stop()
         await app.state.async_redis.aclose()
-        app.state.services.store.redis.close()
+        app.state.services.store.close()
 
     app = FastAPI(
         title="mudsc merge service",
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = KeyRing(settings.auth.api_keys, settings.s3.results_bucket)
     app.state.services = Services(
         settings=settings,
-        store=JobStore.from_url(settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s),
+        store=JobStore.from_settings(settings),
         s3=make_client(settings.s3),
         s3_public=make_client(settings.s3, public=True),
         sender=make_sender(settings),
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # XREAD blocks up to 2 s server-side; the socket timeout must exceed it.
     app.state.async_redis = aioredis.Redis.from_url(settings.redis.url, decode_responses=True, socket_timeout=15,
                                                     socket_connect_timeout=5)
+    app.state.event_tail = EventTail(app.state.async_redis, settings.redis.key_prefix)
     problems.install(app)
     app.include_router(v1)
     app.include_router(health)

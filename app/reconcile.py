@@ -26,9 +26,9 @@ from collections import Counter
 from celery import Celery
 from redis import RedisError
 
-from app.dispatch import send_merge
-from app.settings import Settings
-from app.store import JobStore
+from mudsc_jobs.dispatch import send_merge
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
                 send_merge(sender, settings, job_id)
             except Exception as exc:  # noqa: BLE001 - kombu raises several types; the next sweep cannot resend
                 logger.error("job %s re-queued but its task could not be sent: %s", job_id, exc)
-                store.fail_unsent(job_id, store.redis.hget(store.job_key(job_id), "tenant") or "",
+                store.fail_unsent(job_id, store.tenant_of(job_id) or "",
                                   "the job was re-queued after its worker was lost, but the queue is unavailable")
         elif outcome in ("failed", "canceled"):
             logger.warning("job %s: lease expired with no live worker; %s", job_id, outcome)
@@ -85,11 +85,11 @@ class Reconciler(threading.Thread):
 
 
 def main() -> int:
-    from app.dispatch import make_sender
+    from mudsc_jobs.dispatch import make_sender
 
     logging.basicConfig(level=logging.INFO)
     settings = Settings()
-    store = JobStore.from_url(settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s)
+    store = JobStore.from_settings(settings)
     print(dict(sweep(store, make_sender(settings), settings)))  # noqa: T201 - a command's output
     return 0
 

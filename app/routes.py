@@ -18,7 +18,7 @@ from app.problems import ApiProblem, problem_response
 from app.schemas import (
     ArchitectureList, ArtifactList, EventPage, Job, JobPage, JobStatus, MethodList, Problem,
 )
-from app.store import TERMINAL, CursorNotFound, JobNotFound, TransitionConflict, decode_event
+from mudsc_jobs.store import TERMINAL, CursorNotFound, EventTail, JobNotFound, TransitionConflict
 from mudsc_core.schema import ARCHITECTURE_CONFIGS, METHODS, JobSpec
 
 _JOB_ID = re.compile(r"^mrg_[0-9A-HJKMNP-TV-Z]{26}$")
@@ -141,28 +141,22 @@ def stream_events(
     _owned_job(svc, job_id, tenant)
     start = _event_cursor(last_event_id, ["header", "Last-Event-ID"]) or \
         _event_cursor(after, ["query", "after"]) or "0-0"
-    client = request.app.state.async_redis
-    store = svc.store
+    tail: EventTail = request.app.state.event_tail
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         cursor = start
-        key = store.events_key(job_id)
         block: int | None = None  # the first read does not block: a finished job's replay ends at once
         while True:
-            batches = await client.xread({key: cursor}, count=100, block=block)
+            batch = await tail.read(job_id, cursor, block_ms=block)
             block = 2000
-            delivered = False
-            for _, entries in batches or []:
-                for event_id, fields in entries:
-                    event = decode_event(event_id, fields)
-                    cursor = event_id
-                    delivered = True
-                    yield {"id": event_id, "event": event["type"], "data": json.dumps(event)}
-                    if event["type"] == "status" and event["data"].get("status") in TERMINAL:
-                        return
-            if not delivered:
+            for event in batch:
+                cursor = event["id"]
+                yield {"id": event["id"], "event": event["type"], "data": json.dumps(event)}
+                if event["type"] == "status" and event["data"].get("status") in TERMINAL:
+                    return
+            if not batch:
                 # Nothing new: stop if the job ended before this cursor or expired meanwhile.
-                status = await client.hget(store.job_key(job_id), "status")
+                status = await tail.status(job_id)
                 if status is None or status in TERMINAL:
                     return
             if await request.is_disconnected():

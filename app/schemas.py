@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
+from mudsc_jobs.store import JobStatus
+
 
 
 class Progress(BaseModel):

@@ -13,11 +13,11 @@ from celery import Celery
 
 from app import metrics
 from app.auth import Tenant
-from app.dispatch import send_merge
+from mudsc_jobs.dispatch import send_merge
 from app.inputs import ObjectChecker, check_access, check_limits
 from app.problems import ApiProblem
-from app.settings import Settings
-from app.store import IdempotencyConflict, JobNotFound, JobStore, TenantLimitReached, new_job_id
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.store import IdempotencyConflict, JobNotFound, JobStore, TenantLimitReached, new_job_id
 from mudsc_core.schema import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,10 @@ def _idempotency_conflict(job_id: str) -> ApiProblem:
 
 def replay(services: Services, tenant: Tenant, idempotency_key: str, digest: str) -> dict[str, Any] | None:
     """The original job of a replayed Idempotency-Key (same body), 422 for a different body, None if unused."""
-    stored = services.store.redis.get(services.store.idem_key(tenant.name, idempotency_key))
-    if not stored:
+    record = services.store.idempotency_record(tenant.name, idempotency_key)
+    if record is None:
         return None
-    job_id, _, stored_hash = stored.partition(" ")
+    job_id, stored_hash = record
     try:
         job = services.store.get(job_id, tenant.name)
     except JobNotFound:
@@ -82,10 +82,7 @@ def submit(
         if spec.output.uri is not None:
             checker.check_output_empty(output_uri)
             # Two submissions racing for one empty prefix: the first to reserve it wins.
-            reserved = services.store.redis.set(
-                f"{services.store.prefix}output:{hashlib.sha256(output_uri.encode()).hexdigest()}", job_id,
-                nx=True, ex=settings.job_ttl_s)
-            if not reserved:
+            if not services.store.reserve_output(output_uri, job_id):
                 raise ApiProblem(409, f"{output_uri} is already the output of another job", code="output_conflict",
                                  uri=output_uri,
                                  errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is taken"}])

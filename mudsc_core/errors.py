@@ -24,6 +24,12 @@ class ObjectNotFound(MergeError):
     code = "object_not_found"
 
 
+class ObjectNotReadable(MergeError):
+    """An input the storage refuses to hand out (access denied, or another refusal)."""
+
+    code = "object_not_readable"
+
+
 class InvalidCheckpoint(MergeError):
     """Not safetensors, truncated, hostile header, NaN/Inf weights, unsupported dtype."""
 
@@ -56,3 +62,10 @@ class MergeCanceled(MergeError):
     """Raised by a progress callback to stop a merge cooperatively."""
 
     code = "canceled"
+
+
+class UnsupportedArchitecture(MergeError):
+    """A model whose permutation spec cannot be derived or verified (untraceable forward, a spec
+    that changes the model's outputs under permutation)."""
+
+    code = "unsupported_architecture"

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,14 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from mudsc_core.errors import InvalidCheckpoint
+from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound
+from mudsc_core.formats import hf_folder
+from mudsc_core.formats.hf_folder import INDEX_NAME, SINGLE_NAME
 from mudsc_core.formats.safetensors import InvalidSafetensors, header_length, parse_header
 
 logger = logging.getLogger(__name__)
 
 HEADER_CAP_BYTES = 100 * 1024 * 1024  # same cap as the safetensors library
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}\.safetensors$")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -169,51 +167,43 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
-    """Open a ``.safetensors`` file or a HF model folder (single file or shards + index)."""
+    """Open a ``.safetensors`` file or a HF model folder (rules: :mod:`mudsc_core.formats.hf_folder`)."""
     path = Path(path)
     if path.is_file():
         entries = read_header(path)
         return Checkpoint(path, entries, None)
     if not path.is_dir():
         raise InvalidCheckpoint(f"{path.name}: no such checkpoint file or folder")
-    config = path / "config.json"
+    config = path / hf_folder.CONFIG_NAME
     config_path = config if config.is_file() else None
-    index = path / INDEX_NAME
-    if index.is_file():
-        return Checkpoint(path, _read_sharded(path, index), config_path)
-    single = path / SINGLE_NAME
-    candidates = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
-    if len(candidates) != 1:
-        raise InvalidCheckpoint(
-            f"{path.name}: model folder has no {SINGLE_NAME} or {INDEX_NAME}"
-            + (f" and {len(candidates)} .safetensors files" if candidates else "")
-        )
-    entries = read_header(candidates[0])
-    return Checkpoint(path, entries, config_path)
-
-
-def _read_sharded(folder: Path, index: Path) -> dict[str, TensorEntry]:
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    weight_map = None
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCheckpoint(f"{index.name}: unreadable index ({exc})") from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise InvalidCheckpoint(f"{index.name}: index has no weight_map of tensor name -> shard file")
+        if hf_folder.INDEX_NAME in names:
+            index = path / hf_folder.INDEX_NAME
+            if index.stat().st_size > hf_folder.MAX_INDEX_BYTES:
+                raise InvalidCheckpoint(f"{hf_folder.INDEX_NAME}: index file is too large")
+            weight_map = hf_folder.parse_index(index.read_bytes())
+        files = hf_folder.weight_files(names, weight_map)
+    except ObjectNotFound as exc:  # locally, a shard the index names is simply missing from the checkpoint
+        raise InvalidCheckpoint(f"{path.name}: {exc.message} (missing)") from None
+    except InvalidCheckpoint as exc:
+        raise InvalidCheckpoint(f"{path.name}: {exc.message}") from None
+    if weight_map is None:
+        return Checkpoint(path, read_header(path / files[0]), config_path)
+    return Checkpoint(path, _read_sharded(path, weight_map), config_path)
+
+
+def _read_sharded(folder: Path, weight_map: Mapping[str, str]) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
-    for shard_name in dict.fromkeys(weight_map.values()):
-        if not _SHARD_NAME.match(shard_name) or shard_name.startswith("."):
-            raise InvalidCheckpoint(f"{index.name}: shard name {shard_name!r} is not a plain .safetensors file name")
-        shard = folder / shard_name
-        if not shard.is_file():
-            raise InvalidCheckpoint(f"{shard_name}: shard named in {index.name} is missing")
-        shard_entries = read_header(shard)
-        for name, entry in shard_entries.items():
+    for shard_name in hf_folder.shards_of(weight_map):
+        for name, entry in read_header(folder / shard_name).items():
             if weight_map.get(name) == shard_name:
                 entries[name] = entry
     missing = [n for n in weight_map if n not in entries]
     if missing:
-        raise InvalidCheckpoint(f"{index.name}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]}")
+        raise InvalidCheckpoint(f"{hf_folder.INDEX_NAME}: tensor {missing[0]!r} is not in its shard "
+                                f"{weight_map[missing[0]]}")
     return {name: entries[name] for name in weight_map}
 
 

@@ -2,7 +2,7 @@
 
 1. trains model A and model B (same architecture, different seeds) on scikit-learn's bundled 8x8 digits;
 2. uploads both checkpoints and a calibration set (``inputs``: training images) as safetensors to S3;
-3. submits a ``mudsc`` merge job and a ``weight_average`` job through the REST API (``app.client``);
+3. submits a ``mudsc`` merge job and a ``weight_average`` job through the REST API (``mudsc_client.client``);
 4. follows the MuDSC job's progress from its Server-Sent Events stream;
 5. downloads the merged checkpoints through their presigned URLs and prints the test accuracy of
    A, B, plain weight averaging and MuDSC.
@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from safetensors.torch import load_file, save  # noqa: E402
 
-from app.cli import watch  # noqa: E402
-from app.client import MudscClient, read_env_file  # noqa: E402
+from mudsc_client.cli import watch  # noqa: E402
+from mudsc_client.client import MudscClient, read_env_file  # noqa: E402
 from bench.testbed import accuracy, inputs_for, load_digits_data, train  # noqa: E402
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from app.client import read_env_file
+from mudsc_client.client import read_env_file
 
 log = logging.getLogger("localstack")
 

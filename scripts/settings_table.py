@@ -1,4 +1,4 @@
-"""Print the configuration table of the README (Markdown) from ``app.settings.Settings``.
+"""Print the configuration table of the README (Markdown) from ``mudsc_jobs.settings.Settings``.
 
     python scripts/settings_table.py                     # print it
     python scripts/settings_table.py --write README.md   # replace the table between the README's markers
@@ -22,7 +22,7 @@ from pydantic import BaseModel  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from app.settings import Settings  # noqa: E402
+from mudsc_jobs.settings import Settings  # noqa: E402
 
 ENV_PREFIX = "MUDSC_"
 DELIMITER = "__"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from app.client import MudscClient
+    from mudsc_client.client import MudscClient
     from scripts.localstack import LocalStack
 
 
@@ -58,7 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalStack"]:
 @pytest.fixture(scope="session")
 def stack_client(stack: "LocalStack") -> Iterator["MudscClient"]:
     """API client of tenant ``demo`` (allowed: every bucket)."""
-    from app.client import MudscClient
+    from mudsc_client.client import MudscClient
 
     with MudscClient(stack.api_url, stack.api_key) as client:
         yield client
@@ -67,7 +67,7 @@ def stack_client(stack: "LocalStack") -> Iterator["MudscClient"]:
 @pytest.fixture(scope="session")
 def other_client(stack: "LocalStack") -> Iterator["MudscClient"]:
     """API client of tenant ``other`` (allowed: only ``s3://<bucket>/other/`` prefixes)."""
-    from app.client import MudscClient
+    from mudsc_client.client import MudscClient
 
     with MudscClient(stack.api_url, stack.other_api_key) as client:
         yield client

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.settings import Settings
+from mudsc_jobs.settings import Settings
 from scripts.localstack import LocalStack
 from scripts.settings_table import env_names, replace_table
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = sorted(p for p in (REPO / "docker").glob("Dockerfile.*") if p.suffix != ".dockerignore")
 MUDSC_VAR = re.compile(r"\bMUDSC_[A-Z0-9_]+")
-# Client-side variables (read by app/cli.py, scripts/demo.py and written to .stack/env), not server settings.
+# Client-side variables (read by client/mudsc_client/cli.py, scripts/demo.py and written to .stack/env), not server settings.
 CLIENT_VARS = {
     "MUDSC_API_URL", "MUDSC_API_KEY", "MUDSC_TENANT", "MUDSC_OTHER_API_KEY", "MUDSC_OTHER_TENANT",
     "MUDSC_S3_ENDPOINT", "MUDSC_S3_ACCESS_KEY", "MUDSC_S3_SECRET_KEY", "MUDSC_S3_REGION",
@@ -175,7 +175,7 @@ def test_every_mudsc_variable_is_a_setting(compose: dict[str, Any], tmp_path: Pa
     }
     for source, names in used.items():
         unknown = sorted(names - known - CLIENT_VARS)
-        assert not unknown, f"{source} uses {unknown}, which are not fields of app.settings.Settings"
+        assert not unknown, f"{source} uses {unknown}, which are not fields of mudsc_jobs.settings.Settings"
 
 
 def test_localstack_env_is_valid_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

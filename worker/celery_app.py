@@ -15,8 +15,8 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import worker_process_init
 
-from app.dispatch import celery_config
-from app.settings import Settings
+from mudsc_jobs.dispatch import celery_config
+from mudsc_jobs.settings import Settings
 
 settings = Settings()
 

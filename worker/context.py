@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.s3 import make_client
-from app.settings import Settings
-from app.store import JobStore
+from mudsc_jobs.storage import make_client
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.store import JobStore
 
 
 @dataclass
@@ -26,8 +26,7 @@ def get() -> WorkerContext:
         settings = Settings()
         _context = WorkerContext(
             settings=settings,
-            store=JobStore.from_url(settings.redis.url, prefix=settings.redis.key_prefix,
-                                    job_ttl_s=settings.job_ttl_s, timeout_s=10.0),
+            store=JobStore.from_settings(settings, timeout_s=10.0),
             s3=make_client(settings.s3),
         )
     return _context

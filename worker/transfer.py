@@ -16,30 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import BotoCoreError, ClientError
 
-from app.s3 import error_code, is_forbidden, is_not_found, split_uri
-from app.settings import Settings
-from mudsc_core.errors import InvalidCheckpoint, MergeError, ObjectNotFound
+from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound
+from mudsc_core.formats import hf_folder
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.storage import STORAGE_ERRORS, read_failure, split_uri, write_failure
 
 logger = logging.getLogger(__name__)
 
-# Files of a Hugging Face folder worth fetching; pickles (*.bin, *.pt) are never downloaded.
-_FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".md")
 ProgressBytes = Callable[[int], None]
-
-
-class StorageError(MergeError):
-    """S3 answered with an error that boto3's retries did not clear (a missing output bucket, access denied)."""
-
-    code = "storage_error"
-    retryable = True
-
-
-class StorageUnavailable(StorageError):
-    """S3 could not be reached at all after boto3's retries with backoff (``MUDSC_S3__MAX_ATTEMPTS``)."""
-
-    code = "storage_unavailable"
 
 
 def transfer_config(settings: Settings) -> TransferConfig:
@@ -59,16 +44,6 @@ class RemoteObject:
     local: Path
 
 
-def _raise_for(uri: str, exc: Exception, stage: str = "downloading") -> None:
-    if isinstance(exc, BotoCoreError):  # no answer at all (connection refused, timeouts) after the retries
-        raise StorageUnavailable(f"object storage unreachable for {uri}: {type(exc).__name__}", stage=stage) from None
-    if is_not_found(exc):
-        raise ObjectNotFound(f"{uri}: object not found", stage="downloading") from None
-    if is_forbidden(exc):
-        raise ObjectNotFound(f"{uri}: object is not readable (access denied)", stage="downloading") from None
-    raise StorageError(f"{uri}: {exc}", stage="downloading") from None
-
-
 class Transfers:
     def __init__(self, client: Any, settings: Settings) -> None:
         self.client = client
@@ -80,26 +55,32 @@ class Transfers:
         bucket, key = split_uri(uri)
         try:
             size = int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except (ClientError, BotoCoreError) as exc:
-            _raise_for(uri, exc)
-            raise
+        except STORAGE_ERRORS as exc:
+            raise read_failure(uri, exc, stage="downloading") from None
         return [RemoteObject(uri, bucket, key, size, local)]
 
     def plan_folder(self, uri: str, local: Path) -> list[RemoteObject]:
+        """The weight files, index and sidecars of a model folder (rules: :mod:`mudsc_core.formats.hf_folder`)."""
         bucket, prefix = split_uri(uri)
-        objects: list[RemoteObject] = []
+        sizes: dict[str, int] = {}
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
                                                                               Delimiter="/"):
                 for obj in page.get("Contents", []):
-                    name = obj["Key"][len(prefix):]
-                    if name and "/" not in name and name.endswith(_FOLDER_SUFFIXES) and not name.startswith("."):
-                        objects.append(RemoteObject(uri + name, bucket, obj["Key"], int(obj["Size"]), local / name))
-        except (ClientError, BotoCoreError) as exc:
-            _raise_for(uri, exc)
-        if not any(o.key.endswith(".safetensors") for o in objects):
-            raise ObjectNotFound(f"{uri}: model folder holds no .safetensors files", stage="downloading")
-        return objects
+                    sizes[obj["Key"][len(prefix):]] = int(obj["Size"])
+            weight_map = None
+            if hf_folder.INDEX_NAME in sizes:
+                if sizes[hf_folder.INDEX_NAME] > hf_folder.MAX_INDEX_BYTES:
+                    raise InvalidCheckpoint(f"{uri}{hf_folder.INDEX_NAME}: index file is too large",
+                                            stage="downloading")
+                body = self.client.get_object(Bucket=bucket, Key=prefix + hf_folder.INDEX_NAME)["Body"].read()
+                weight_map = hf_folder.parse_index(body)
+            names = hf_folder.files_to_fetch(sizes, weight_map)
+        except STORAGE_ERRORS as exc:
+            raise read_failure(uri, exc, stage="downloading") from None
+        except (InvalidCheckpoint, ObjectNotFound) as exc:
+            raise type(exc)(f"{uri}: {exc.message}", stage="downloading") from None
+        return [RemoteObject(uri + name, bucket, prefix + name, sizes[name], local / name) for name in names]
 
     def check_size(self, uri: str, objects: list[RemoteObject]) -> None:
         total = sum(o.size for o in objects if o.key.endswith(".safetensors"))
@@ -118,8 +99,8 @@ class Transfers:
             obj.local.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self.client.download_file(obj.bucket, obj.key, str(obj.local), Config=self.config, Callback=callback)
-            except (ClientError, BotoCoreError) as exc:
-                _raise_for(obj.uri, exc)
+            except STORAGE_ERRORS as exc:
+                raise read_failure(obj.uri, exc, stage="downloading") from None
 
     # ------------------------------------------------------------------ outputs
     def upload_staged(
@@ -154,12 +135,8 @@ class Transfers:
                                   "sha256": sha256_file(path)})
             done = True
             return artifacts
-        except BotoCoreError as exc:
-            raise StorageUnavailable(f"object storage unreachable while uploading to {output_uri}: "
-                                     f"{type(exc).__name__}", stage="uploading") from None
-        except ClientError as exc:
-            raise StorageError(f"uploading to {output_uri} failed: {error_code(exc) or exc}",
-                               stage="uploading") from None
+        except STORAGE_ERRORS as exc:
+            raise write_failure(output_uri, exc) from None
         finally:
             self.delete_keys(bucket, [key for _, key, _ in staged] + ([] if done else promoted))
 
@@ -167,11 +144,8 @@ class Transfers:
         bucket, key = split_uri(uri)
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
-        except BotoCoreError as exc:
-            raise StorageUnavailable(f"object storage unreachable while writing {uri}: {type(exc).__name__}",
-                                     stage="uploading") from None
-        except ClientError as exc:
-            raise StorageError(f"writing {uri} failed: {error_code(exc) or exc}", stage="uploading") from None
+        except STORAGE_ERRORS as exc:
+            raise write_failure(uri, exc) from None
         return {"name": key.rsplit("/", 1)[-1], "uri": uri, "size": len(body),
                 "sha256": hashlib.sha256(body).hexdigest()}
 
@@ -181,7 +155,7 @@ class Transfers:
             try:
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
                                                                   "Quiet": True})
-            except (ClientError, BotoCoreError) as exc:  # leftovers under the staging prefix are harmless; say so
+            except STORAGE_ERRORS as exc:  # leftovers under the staging prefix are harmless; say so
                 logger.warning("could not delete %d staged objects in %s: %s", len(chunk), bucket, exc)
 
 

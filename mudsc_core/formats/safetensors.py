@@ -21,6 +21,15 @@ DTYPE_SIZES: dict[str, float] = {
     "U64": 8, "F64": 8, "C64": 8,
 }
 MAX_TENSORS = 1_000_000
+# Merging averages, permutes and scales weights: they must be floating point. Integer bookkeeping tensors
+# (BatchNorm's step counter) are carried over as they are.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+BOOKKEEPING_SUFFIXES = ("num_batches_tracked",)
+
+
+def is_bookkeeping(name: str) -> bool:
+    """An integer counter that rides along with the weights (never merged, never refused for its dtype)."""
+    return name.endswith(BOOKKEEPING_SUFFIXES)
 
 
 class InvalidSafetensors(ValueError):

@@ -21,8 +21,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.settings import Settings
-from app.store import JobStore
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.store import JobStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KEYS = {"acme": "key-acme-" + "x" * 20, "rival": "key-rival-" + "y" * 20}

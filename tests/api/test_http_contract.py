@@ -128,5 +128,5 @@ def test_openapi_lists_every_route(client: TestClient) -> None:
 
 
 def test_api_process_does_not_import_torch() -> None:
-    code = "import sys, app.main, app.store, app.inputs; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, app.main, mudsc_jobs.store, app.inputs; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlparse
 
 from fastapi.testclient import TestClient
 
-from app.store import JobStore
+from mudsc_jobs.store import JobStore
 from tests.api.conftest import auth, seed_job
 from tests.api.test_http_contract import assert_problem
 

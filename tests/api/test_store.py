@@ -8,10 +8,10 @@ import time
 import pytest
 import redis
 
-from app.dispatch import make_sender
+from mudsc_jobs.dispatch import make_sender
 from app.reconcile import sweep
-from app.settings import Settings
-from app.store import IdempotencyConflict, JobStore, StaleAttempt, TenantLimitReached, TransitionConflict
+from mudsc_jobs.settings import Settings
+from mudsc_jobs.store import IdempotencyConflict, JobStore, StaleAttempt, TenantLimitReached, TransitionConflict
 from tests.api.conftest import seed_job
 
 

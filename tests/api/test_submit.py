@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from safetensors.numpy import save
 
 from app.main import create_app
-from app.store import JobStore
+from mudsc_jobs.store import JobStore
 from tests.api.conftest import auth, make_settings, mlp_spec
 from tests.api.test_http_contract import assert_problem
 

@@ -210,8 +210,8 @@ def test_killed_on_every_attempt_fails_worker_lost(rel: Slice, uris: dict[str, s
 
 
 def test_duplicate_delivery_while_the_first_runs_does_nothing(rel: Slice, uris: dict[str, str]) -> None:
-    from app.dispatch import make_sender, send_merge
-    from app.settings import Settings
+    from mudsc_jobs.dispatch import make_sender, send_merge
+    from mudsc_jobs.settings import Settings
 
     settings = Settings(redis={"url": rel.redis_url, "key_prefix": rel.prefix},
                         celery={"broker_url": rel.redis_url, "key_prefix": rel.env["MUDSC_CELERY__KEY_PREFIX"]})

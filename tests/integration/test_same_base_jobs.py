@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from app.client import ApiError
+from mudsc_client.client import ApiError
 from bench import task_vectors as tv
 from mudsc_core.io import ShardWriter, load_state_dict
 from mudsc_core.same_base.stream import merge_checkpoints

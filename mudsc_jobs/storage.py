@@ -1,4 +1,4 @@
-"""boto3 clients built from Settings (used by the API and the worker).
+"""Object storage: boto3 clients built from Settings, and the one mapping of S3 errors to error codes.
 
 Two clients: one for the endpoint the service talks to, and one for the public endpoint
 clients reach, used only to presign (a SigV4 signature covers the host, so a URL signed
@@ -12,8 +12,11 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from app.settings import S3Settings
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mudsc_core.errors import MergeError, ObjectNotFound, ObjectNotReadable
 from mudsc_core.schema import parse_s3_uri
+from mudsc_jobs.settings import S3Settings
 
 
 def _config(settings: S3Settings, *, max_attempts: int = 5, timeout_s: float | None = None) -> Config:
@@ -70,3 +73,43 @@ def is_not_found(exc: Exception) -> bool:
 
 def is_forbidden(exc: Exception) -> bool:
     return error_code(exc) in ("403", "AccessDenied", "Forbidden")
+
+
+class StorageError(MergeError):
+    """S3 answered with an error that boto3's retries did not clear (a missing output bucket, access denied)."""
+
+    code = "storage_error"
+    retryable = True
+
+
+class StorageUnavailable(StorageError):
+    """S3 could not be reached at all after boto3's retries with backoff (``MUDSC_S3__MAX_ATTEMPTS``)."""
+
+    code = "storage_unavailable"
+
+
+def read_failure(uri: str, exc: Exception, *, stage: str | None = None) -> MergeError:
+    """The error of a failed read of ``uri`` (an input): the same code in the API's check and in the worker.
+
+    No answer at all -> ``storage_unavailable`` (retryable); 404 -> ``object_not_found``; access denied or
+    any other refusal -> ``object_not_readable``.
+    """
+    if isinstance(exc, BotoCoreError):
+        return StorageUnavailable(f"object storage unreachable for {uri}: {type(exc).__name__}", stage=stage)
+    if is_not_found(exc):
+        return ObjectNotFound(f"{uri}: object not found", stage=stage)
+    if is_forbidden(exc):
+        return ObjectNotReadable(f"{uri}: object is not readable (access denied)", stage=stage)
+    return ObjectNotReadable(f"{uri}: object could not be read ({error_code(exc) or 'error'})", stage=stage)
+
+
+def write_failure(uri: str, exc: Exception, *, stage: str = "uploading") -> StorageError:
+    """The error of a failed write under ``uri`` (an output)."""
+    if isinstance(exc, BotoCoreError):
+        return StorageUnavailable(f"object storage unreachable while writing {uri}: {type(exc).__name__}",
+                                  stage=stage)
+    return StorageError(f"writing {uri} failed: {error_code(exc) or exc}", stage=stage)
+
+
+STORAGE_ERRORS = (ClientError, BotoCoreError)
+

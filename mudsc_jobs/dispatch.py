@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.settings import Settings
+from mudsc_jobs.settings import Settings
 
 TASK_NAME = "mudsc.merge"
 

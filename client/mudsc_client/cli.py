@@ -8,7 +8,7 @@
     mudsc methods
 
 The API URL and key come from ``--api-url``/``--api-key``, else ``MUDSC_API_URL``/``MUDSC_API_KEY``, else
-the local stack's ``.stack/env``. Exit status: 0 success, 1 job failed or canceled, 2 usage or API error.
+the env file named by ``--env-file`` or ``MUDSC_ENV_FILE`` (the local stack writes one: ``.stack/env``). Exit status: 0 success, 1 job failed or canceled, 2 usage or API error.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import httpx
 import yaml
 
-from app.client import TERMINAL, ApiError, DownloadError, MudscClient
+from mudsc_client.client import TERMINAL, ApiError, DownloadError, MudscClient
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -158,9 +158,10 @@ def _cmd_methods(client: MudscClient, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mudsc", description="Client of the model-merging service.")
-    parser.add_argument("--api-url", help="default: $MUDSC_API_URL or .stack/env")
-    parser.add_argument("--api-key", help="default: $MUDSC_API_KEY or .stack/env")
-    parser.add_argument("--env-file", help="KEY=value file with MUDSC_API_URL/MUDSC_API_KEY (default .stack/env)")
+    parser.add_argument("--api-url", help="default: $MUDSC_API_URL, else the env file")
+    parser.add_argument("--api-key", help="default: $MUDSC_API_KEY, else the env file")
+    parser.add_argument("--env-file", help="KEY=value file with MUDSC_API_URL/MUDSC_API_KEY, e.g. .stack/env "
+                        "(default: $MUDSC_ENV_FILE)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     submit = sub.add_parser("submit", help="submit a job spec (YAML or JSON file, '-' for stdin)")

@@ -1,6 +1,6 @@
 """A small synchronous client of the merge service's REST API (httpx; torch-free).
 
-    client = MudscClient.from_env()            # MUDSC_API_URL / MUDSC_API_KEY, else .stack/env
+    client = MudscClient.from_env()            # MUDSC_API_URL / MUDSC_API_KEY (or an env file you name)
     job = client.submit(spec)                  # spec: dict (or a JobSpec)
     for event in client.stream(job["id"]):     # Server-Sent Events until the terminal event
         ...
@@ -20,8 +20,9 @@ from typing import Any
 
 import httpx
 
+# The job statuses that never change again (the REST contract; the server's copy is ``mudsc_jobs.store.TERMINAL``,
+# and a test keeps the two equal: this package installs without the server).
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-DEFAULT_ENV_FILE = Path(".stack") / "env"
 
 
 class ApiError(Exception):
@@ -44,7 +45,7 @@ class DownloadError(Exception):
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=value`` lines (values may be shell-quoted), as written by ``scripts/localstack.py``."""
+    """``KEY=value`` lines (values may be shell-quoted, ``export`` allowed), e.g. the local stack's ``.stack/env``."""
     values: dict[str, str] = {}
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -71,15 +72,21 @@ class MudscClient:
     @classmethod
     def from_env(cls, env_file: Path | str | None = None, *, api_url: str | None = None,
                  api_key: str | None = None, **kwargs: Any) -> "MudscClient":
-        """Explicit arguments, else ``MUDSC_API_URL``/``MUDSC_API_KEY``, else the env file (``.stack/env``)."""
+        """Explicit arguments, else ``MUDSC_API_URL``/``MUDSC_API_KEY``, else ``env_file`` when one is named.
+
+        ``env_file`` (or ``MUDSC_ENV_FILE``) is a ``KEY=value`` file such as the local stack's ``.stack/env``.
+        """
         url = api_url or os.environ.get("MUDSC_API_URL")
         key = api_key or os.environ.get("MUDSC_API_KEY")
-        path = Path(env_file) if env_file else DEFAULT_ENV_FILE
-        if (not url or not key) and path.exists():
+        named = env_file or os.environ.get("MUDSC_ENV_FILE")
+        if (not url or not key) and named:
+            path = Path(named)
+            if not path.is_file():
+                raise ValueError(f"env file {path} does not exist")
             values = read_env_file(path)
             url, key = url or values.get("MUDSC_API_URL"), key or values.get("MUDSC_API_KEY")
         if not url or not key:
-            raise ValueError(f"set MUDSC_API_URL and MUDSC_API_KEY (or start the local stack: {path} is missing)")
+            raise ValueError("set MUDSC_API_URL and MUDSC_API_KEY, or name an env file (--env-file / MUDSC_ENV_FILE)")
         return cls(url, key, **kwargs)
 
     def close(self) -> None:

@@ -23,15 +23,20 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
 import redis
+import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-TERMINAL = ("succeeded", "failed", "canceled")
-ACTIVE = ("queued", "running", "canceling")
-STATUSES = ACTIVE + TERMINAL
+if TYPE_CHECKING:
+    from mudsc_jobs.settings import Settings
+
+JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
+TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "canceled")
+ACTIVE: tuple[JobStatus, ...] = ("queued", "running", "canceling")
+STATUSES: tuple[JobStatus, ...] = ACTIVE + TERMINAL
 EVENTS_MAXLEN = 10_000
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -305,12 +310,38 @@ def _raise_for(outcome: str, status: str, job_id: str) -> None:
         raise TransitionConflict(status)
 
 
+@dataclass(frozen=True)
+class Keys:
+    """The store's key layout (see the module docstring); every key starts with ``prefix``."""
+
+    prefix: str
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:events"
+
+    def index(self, tenant: str) -> str:
+        return f"{self.prefix}tenant:{tenant}:jobs"
+
+    def active(self, tenant: str) -> str:
+        return f"{self.prefix}tenant:{tenant}:active"
+
+    def idem(self, tenant: str, key: str) -> str:
+        return f"{self.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def output(self, uri: str) -> str:
+        return f"{self.prefix}output:{hashlib.sha256(uri.encode()).hexdigest()}"
+
+
 class JobStore:
     """Synchronous store used by the API (in its thread pool) and by the worker."""
 
     def __init__(self, client: redis.Redis, *, prefix: str, job_ttl_s: int) -> None:
         self.redis = client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.job_ttl_s = job_ttl_s
         self._create = client.register_script(_LUA_CREATE)
         self._transition = client.register_script(_LUA_TRANSITION)
@@ -329,21 +360,29 @@ class JobStore:
         )
         return cls(client, prefix=prefix, job_ttl_s=job_ttl_s)
 
+    @classmethod
+    def from_settings(cls, settings: "Settings", *, timeout_s: float = 5.0) -> "JobStore":
+        return cls.from_url(settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s,
+                            timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self.redis.close()
+
     # keys
     def job_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}"
+        return self.keys.job(job_id)
 
     def events_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:events"
+        return self.keys.events(job_id)
 
     def index_key(self, tenant: str) -> str:
-        return f"{self.prefix}tenant:{tenant}:jobs"
+        return self.keys.index(tenant)
 
     def active_key(self, tenant: str) -> str:
-        return f"{self.prefix}tenant:{tenant}:active"
+        return self.keys.active(tenant)
 
     def idem_key(self, tenant: str, key: str) -> str:
-        return f"{self.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+        return self.keys.idem(tenant, key)
 
     # reads
     def ping(self, timeout_s: float = 2.0) -> bool:
@@ -401,6 +440,23 @@ class JobStore:
                 self.redis.zrem(index, *expired)
                 start -= len(expired)
         return found[:limit], len(found) > limit
+
+    def tenant_of(self, job_id: str) -> str | None:
+        """The job's tenant, None when the job does not exist (or expired)."""
+        tenant = self.redis.hget(self.job_key(job_id), "tenant")
+        return str(tenant) if tenant is not None else None
+
+    def idempotency_record(self, tenant: str, key: str) -> tuple[str, str] | None:
+        """(job id, body hash) recorded for the tenant's ``Idempotency-Key``, None if unused or expired."""
+        stored = self.redis.get(self.idem_key(tenant, key))
+        if not stored:
+            return None
+        job_id, _, digest = str(stored).partition(" ")
+        return job_id, digest
+
+    def reserve_output(self, uri: str, job_id: str) -> bool:
+        """Reserve an explicit output prefix for ``job_id``; False when another job holds it."""
+        return bool(self.redis.set(self.keys.output(uri), job_id, nx=True, ex=self.job_ttl_s))
 
     def events(self, job_id: str, *, after: str | None = None, count: int | None = None) -> list[dict[str, Any]]:
         start = f"({after}" if after else "-"
@@ -484,7 +540,7 @@ class JobStore:
 
     # writes (worker)
     def claim(self, job_id: str, *, owner: str, lease_ttl_s: float, max_attempts: int) -> Claim:
-        job = self.redis.hget(self.job_key(job_id), "tenant")
+        job = self.tenant_of(job_id)
         if job is None:
             return Claim("missing", 0, None)
         outcome, attempt, *rest = self._claim(
@@ -545,7 +601,7 @@ class JobStore:
 
     def reap(self, job_id: str, *, max_attempts: int) -> str:
         """One expired-lease job -> ``requeued`` | ``failed`` | ``canceled``; ``live``/``skip``/``missing`` otherwise."""
-        tenant = self.redis.hget(self.job_key(job_id), "tenant")
+        tenant = self.tenant_of(job_id)
         if tenant is None:
             return "missing"
         outcome, _ = self._reap(keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
@@ -575,3 +631,22 @@ class JobStore:
             job_id, tenant, allowed=["running", "canceling"], new_status=status, attempt=attempt,
             event=event_payload("status", data, now), fields=fields,
         )
+
+
+class EventTail:
+    """Async reads of one job's event stream for the SSE route (a blocking XREAD must not hold a thread)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+
+    async def read(self, job_id: str, cursor: str, *, count: int = 100,
+                   block_ms: int | None = None) -> list[dict[str, Any]]:
+        """Events after ``cursor`` (a stream id), waiting up to ``block_ms`` for the first when given."""
+        batches = await self.client.xread({self.keys.events(job_id): cursor}, count=count, block=block_ms)
+        return [decode_event(event_id, fields) for _, entries in batches or [] for event_id, fields in entries]
+
+    async def status(self, job_id: str) -> str | None:
+        status = await self.client.hget(self.keys.job(job_id), "status")
+        return str(status) if status is not None else None
+
