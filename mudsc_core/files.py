@@ -1,13 +1,14 @@
-"""File-level merge used by the worker: local checkpoint files in, merged files + report out.
+"""File-level merge used by the worker: local checkpoint files in, a merged model folder out.
 
 Dispatches by method family: permutation methods (MuDSC and its special cases) load the
 (small, separately trained) models whole and call :func:`mudsc_core.permutation.merge.merge`;
-same-base methods stream tensor by tensor (:mod:`mudsc_core.same_base.stream`).
+same-base methods stream tensor by tensor (:mod:`mudsc_core.same_base.stream`). Either way the
+folder gets the weights and its sidecars (:mod:`mudsc_core.output`): the job spec, the report and,
+for same-base merges, the model config and card.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from mudsc_core.errors import InvalidCalibration
+from mudsc_core.output import write_sidecars
 from mudsc_core.schema import METHODS, JobSpec
 
 ProgressFn = Callable[[str, float, str], None]
@@ -53,6 +55,7 @@ def merge_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     info = METHODS[spec.method.name]
     spec_json = spec.model_dump(mode="json")
+    sidecars: dict[str, Any] = {}
     if info.family == "same_base":
         from mudsc_core.same_base.stream import merge_checkpoints
 
@@ -75,6 +78,7 @@ def merge_files(
                        calibration_batch_size=spec.calibration.batch_size if spec.calibration else 128)
         report = result.report
         save_state_dict(result.state_dict, out_dir, spec.output.dtype, spec.output.shard_size_bytes)
+        sidecars["spec"] = spec_json  # (the same-base stream writes its spec, config and card itself)
     report.setdefault("metrics", {})
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_sidecars(out_dir, report=report, **sidecars)
     return report

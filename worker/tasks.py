@@ -38,17 +38,6 @@ class LeaseLost(Exception):
     """A newer attempt owns the job (or it ended elsewhere): stop without writing anything."""
 
 
-def resolve_device(setting: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``. Runs in the pool process, never the parent."""
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"MUDSC_WORKER__DEVICE={setting} but CUDA is not available")
-    return setting
-
-
 def _release_memory() -> None:
     """After a job (finished, failed or canceled): drop its tensors before the next one starts."""
     import gc
@@ -273,7 +262,9 @@ class JobRunner:
         inputs = LocalInputs(models=model_paths, base_model=base, calibration=calibration_path)
 
         # ---- merge
-        device = resolve_device(settings.worker.device)
+        from mudsc_core.devices import resolve_device
+
+        device = str(resolve_device(settings.worker.device))
         self.ctx.store.log(self.job_id, f"merging on {device}", device=device, attempt=self.attempt)
         out_dir = scratch / "out"
         report = merge_files(spec, inputs, out_dir, device=device, progress=self.progress)
@@ -282,8 +273,6 @@ class JobRunner:
         # ---- outputs
         self.progress("uploading", 0.0, "uploading results")
         output_uri = spec.output.uri or job["spec"]["output"]["uri"]
-        # The job's spec travels with the results (staged and promoted with them, listed once).
-        (out_dir / "spec.json").write_text(json.dumps(job["spec"], indent=2))
         out_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
         # Staged under a per-attempt prefix; promoted only if this attempt still owns the job and was not
         # canceled (a stale worker that wakes up late never overwrites a newer attempt's outputs).

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mudsc_core.devices import resolve_device
 from mudsc_core.architectures import build_model, check_checkpoint, perm_spec
 from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint, MergeError
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
@@ -31,13 +32,6 @@ ProgressFn = Callable[[str, float, str], None]
 class MergeResult:
     state_dict: dict[str, Tensor]
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when available, else CPU. Called once, at the edge."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _batches(calibration: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:

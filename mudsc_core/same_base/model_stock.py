@@ -14,11 +14,18 @@ from typing import Iterable, Sequence
 
 import torch
 
+from mudsc_core.same_base.base import SinglePass
+from mudsc_core.schema.same_base_params import ModelStockParams
+
 
 @dataclass(frozen=True)
-class ModelStock:
+class ModelStock(SinglePass):
     filter_wise: bool = False
     needs_base: bool = True
+
+    @classmethod
+    def from_params(cls, params: ModelStockParams) -> "ModelStock":
+        return cls(filter_wise=params.filter_wise)
 
     def merge(self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float],
               model_ids: Sequence[int]) -> torch.Tensor:

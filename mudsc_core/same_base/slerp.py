@@ -17,15 +17,21 @@ from typing import Iterable, Sequence
 import torch
 
 from mudsc_core.errors import IncompatibleModels
+from mudsc_core.same_base.base import SinglePass
+from mudsc_core.schema.same_base_params import MultislerpParams, SlerpParams
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
 @dataclass(frozen=True)
-class Slerp:
+class Slerp(SinglePass):
     t: float
     needs_base: bool = False
+
+    @classmethod
+    def from_params(cls, params: SlerpParams) -> "Slerp":
+        return cls(t=params.t)
 
     def merge(self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float],
               model_ids: Sequence[int]) -> torch.Tensor:
@@ -36,9 +42,13 @@ class Slerp:
 
 
 @dataclass(frozen=True)
-class Multislerp:
+class Multislerp(SinglePass):
     normalize_weights: bool = True
     needs_base: bool = False
+
+    @classmethod
+    def from_params(cls, params: MultislerpParams) -> "Multislerp":
+        return cls(normalize_weights=params.normalize_weights)
 
     def merge(self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float],
               model_ids: Sequence[int]) -> torch.Tensor:

@@ -47,36 +47,28 @@ import torch
 
 from mudsc_core.errors import IncompatibleModels
 from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, ShardWriter, open_checkpoint
-from mudsc_core.same_base.model_stock import ModelStock
-from mudsc_core.same_base.slerp import Multislerp, Slerp
-from mudsc_core.same_base.sparsify import MagnitudeHistogram
-from mudsc_core.same_base.svd import SvdMerge
-from mudsc_core.same_base.task_arithmetic import Linear, TaskArithmeticFamily, linear
+from mudsc_core.output import write_sidecars
+from mudsc_core.same_base.base import FirstPass, Merger, MergerFactory
+from mudsc_core.same_base.task_arithmetic import linear
 from mudsc_core.schema._base import Frozen
-from mudsc_core.schema.methods import METHODS
+from mudsc_core.schema.methods import METHODS, MethodInfo
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, float, str], None]
 
 
-def build_merger(method_name: str, params: Frozen, thresholds: Mapping[int, float] | None = None) -> Any:
-    """The merger object for a registered same-base method and its typed params."""
-    if method_name == "linear":
-        return Linear(normalize=params.normalize)  # type: ignore[attr-defined]
-    if method_name == "slerp":
-        return Slerp(t=params.t)  # type: ignore[attr-defined]
-    if method_name == "multislerp":
-        return Multislerp(normalize_weights=params.normalize_weights)  # type: ignore[attr-defined]
-    if method_name == "model_stock":
-        return ModelStock(filter_wise=params.filter_wise)  # type: ignore[attr-defined]
-    if method_name in ("tsv_merge", "iso_c", "iso_cts"):
-        rule = {"tsv_merge": "tsv", "iso_c": "iso_c", "iso_cts": "iso_cts"}[method_name]
-        return SvdMerge(rule, params.scaling_factor,  # type: ignore[attr-defined]
-                        getattr(params, "common_space_fraction", 0.8))
-    if hasattr(params, "to_gta"):
-        return TaskArithmeticFamily(params.to_gta(), dict(thresholds or {}))  # type: ignore[attr-defined]
-    raise ValueError(f"{method_name!r} is not a same-base method")
+def same_base_method(method_name: str) -> MethodInfo:
+    info = METHODS.get(method_name)
+    if info is None or info.family != "same_base":
+        raise ValueError(f"unknown same-base method {method_name!r}")
+    return info
+
+
+def build_merger(method_name: str, params: Frozen) -> Merger:
+    """The merger of a registered same-base method: its registry entry's factory applied to its params."""
+    factory: MergerFactory = same_base_method(method_name).load()
+    return factory(params)
 
 
 @dataclass
@@ -154,19 +146,12 @@ def merge_checkpoints(
 ) -> dict:
     """Merge same-base checkpoints tensor by tensor into ``out_dir``; return the report."""
     started = time.perf_counter()
-    info = METHODS.get(method_name)
-    if info is None or info.family != "same_base":
-        raise ValueError(f"unknown same-base method {method_name!r}")
+    info = same_base_method(method_name)
     if not isinstance(params, info.params):
         params = info.params.model_validate(dict(params) if isinstance(params, Mapping) else params.model_dump())
     if len(weights) != len(models) or not models:
         raise ValueError("give one weight per model (and at least one model)")
-    if info.requires_base and base is None:
-        raise ValueError(f"method {method_name!r} requires a base model")
-    if not info.requires_base and base is not None:
-        raise ValueError(f"method {method_name!r} does not use a base model")
-    if len(models) < info.min_models or (info.max_models is not None and len(models) > info.max_models):
-        raise ValueError(f"method {method_name!r} takes {info.min_models}..{info.max_models or 'any'} models")
+    info.check_inputs(models=len(models), base=base is not None, architecture=False, calibration=False)
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}")
 
@@ -177,18 +162,14 @@ def merge_checkpoints(
     buffers = _ReadBuffers(max((math.prod(p.shape) * p.dtype.itemsize for p in plan), default=0))
     metrics: dict[str, float] = {"plan_s": time.perf_counter() - started}
 
-    gta = params.to_gta() if hasattr(params, "to_gta") else None  # type: ignore[attr-defined]
-    whole_model = gta is not None and gta.topk_scope == "model"
-    total_steps = len(plan) * (2 if whole_model else 1)
-    thresholds: dict[int, float] = {}
-    if whole_model:
+    merger = build_merger(method_name, params)
+    first_pass = merger.first_pass()
+    total_steps = len(plan) * (2 if first_pass is not None else 1)
+    if first_pass is not None:
         t0 = time.perf_counter()
-        thresholds = _whole_model_thresholds(plan, checkpoints, base_ckpt, gta.density, progress, total_steps,
-                                             buffers)
+        _run_first_pass(first_pass, plan, checkpoints, base_ckpt, progress, total_steps, buffers)
+        notes.extend(first_pass.finish())
         metrics["first_pass_s"] = time.perf_counter() - t0
-        notes.append("ties over the whole model: per-model magnitude thresholds " + ", ".join(
-            f"{Path(models[i]).name}={thresholds[i]:.3g}" for i in sorted(thresholds)))
-    merger = build_merger(method_name, params, thresholds)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,16 +210,10 @@ def merge_checkpoints(
         config_source = (base_ckpt.config_path if base_ckpt else None) or checkpoints[0].config_path
         if config_source is None:
             config_source = next((c.config_path for c in checkpoints if c.config_path), None)
-        if config_source is not None:
-            shutil.copyfile(config_source, partial / "config.json")
-            files.append("config.json")
         spec = spec_json if spec_json is not None else _default_spec(method_name, params, models, base, weights,
                                                                       dtype, shard_size_bytes)
-        (partial / "spec.json").write_text(json.dumps(spec, indent=2, default=str) + "\n", encoding="utf-8")
-        (partial / "README.md").write_text(
-            model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json),
-            encoding="utf-8")
-        files += ["spec.json", "README.md"]
+        files += write_sidecars(partial, config_source=config_source, spec=spec, card=model_card(
+            method_name, params, models, base, weights, dtype, len(plan), notes, spec_json))
         for name in files:
             os.replace(partial / name, out_dir / name)
     finally:
@@ -295,24 +270,21 @@ def _plan(checkpoints: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[l
     return plan, notes
 
 
-def _whole_model_thresholds(
-    plan: Sequence[TensorPlan], checkpoints: Sequence[Checkpoint], base: Checkpoint | None, density: float,
+def _run_first_pass(
+    first_pass: FirstPass, plan: Sequence[TensorPlan], checkpoints: Sequence[Checkpoint], base: Checkpoint | None,
     progress: Progress | None, total_steps: int, buffers: _ReadBuffers,
-) -> dict[int, float]:
-    """First pass of whole-model TIES: each model's top-``density`` magnitude threshold."""
-    assert base is not None
-    histograms = {i: MagnitudeHistogram() for i in range(len(checkpoints))}
+) -> None:
+    """Show the merger every task vector once (whole-model statistics) before the merge pass."""
+    if base is None:
+        raise ValueError("a first pass over task vectors needs a base model")
     for step, entry in enumerate(plan):
         if progress is not None:
-            progress("merging", step / total_steps, f"threshold pass: {entry.name}")
+            progress("merging", step / total_steps, f"first pass: {entry.name}")
         if entry.action != "merge":
             continue
         base_tensor = base.get_float32(entry.name, out=buffers(0))
         for i in entry.holders:
-            delta = checkpoints[i].get_float32(entry.name, out=buffers(1 + i)).sub_(base_tensor)
-            histograms[i].add(delta)
-            del delta
-    return {i: h.threshold(int(density * h.total)) for i, h in histograms.items() if h.total}
+            first_pass.observe(entry.name, i, checkpoints[i].get_float32(entry.name, out=buffers(1 + i)).sub_(base_tensor))
 
 
 # --------------------------------------------------------------------------- one tensor

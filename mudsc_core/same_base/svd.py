@@ -25,15 +25,31 @@ from typing import Iterable, Literal, Sequence
 
 import torch
 
+from mudsc_core.same_base.base import SinglePass
+from mudsc_core.schema.same_base_params import IsoCParams, IsoCtsParams, TsvParams
+
 SvdRule = Literal["tsv", "iso_c", "iso_cts"]
 
 
 @dataclass(frozen=True)
-class SvdMerge:
+class SvdMerge(SinglePass):
     rule: SvdRule
     scaling_factor: float = 1.0
     common_space_fraction: float = 0.8
     needs_base: bool = True
+
+    # The registry's factories, one per method of this module.
+    @classmethod
+    def tsv(cls, params: TsvParams) -> "SvdMerge":
+        return cls("tsv", params.scaling_factor)
+
+    @classmethod
+    def iso_c(cls, params: IsoCParams) -> "SvdMerge":
+        return cls("iso_c", params.scaling_factor)
+
+    @classmethod
+    def iso_cts(cls, params: IsoCtsParams) -> "SvdMerge":
+        return cls("iso_cts", params.scaling_factor, params.common_space_fraction)
 
     def merge(self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float],
               model_ids: Sequence[int]) -> torch.Tensor:

@@ -22,7 +22,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from mudsc_core.same_base import sparsify as sp
-from mudsc_core.schema.methods import GeneralizedTaskArithmeticParams
+from mudsc_core.same_base.base import FirstPass, SinglePass
+from mudsc_core.schema.same_base_params import GeneralizedTaskArithmeticParams, GtaPreset, LinearParams
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,18 @@ class TaskArithmeticFamily:
     params: GeneralizedTaskArithmeticParams
     # Whole-model TIES (topk_scope="model"): per model id, the magnitude threshold found by
     # the first pass over the whole model.
-    thresholds: Mapping[int, float] = field(default_factory=dict)
+    # the first pass over the whole model fills it in.
+    thresholds: dict[int, float] = field(default_factory=dict)
     needs_base: bool = True
+
+    @classmethod
+    def from_params(cls, params: GtaPreset) -> "TaskArithmeticFamily":
+        return cls(params.to_gta())
+
+    def first_pass(self) -> FirstPass | None:
+        if self.params.topk_scope != "model":
+            return None
+        return WholeModelThresholds(self.params.density, self.thresholds)
 
     def sparsify(self, name: str, delta: torch.Tensor, model_id: int) -> torch.Tensor:
         p = self.params
@@ -77,12 +88,35 @@ class TaskArithmeticFamily:
         return mixed.mul_(p.scaling_factor) if p.scaling_factor != 1.0 else mixed
 
 
+class WholeModelThresholds:
+    """First pass of whole-model TIES: each model's top-``density`` magnitude threshold over all its tensors."""
+
+    def __init__(self, density: float, thresholds: dict[int, float]) -> None:
+        self.density = density
+        self.thresholds = thresholds
+        self.histograms: dict[int, sp.MagnitudeHistogram] = {}
+
+    def observe(self, name: str, model_id: int, task_vector: torch.Tensor) -> None:
+        self.histograms.setdefault(model_id, sp.MagnitudeHistogram()).add(task_vector)
+
+    def finish(self) -> list[str]:
+        for model_id, histogram in self.histograms.items():
+            if histogram.total:
+                self.thresholds[model_id] = histogram.threshold(int(self.density * histogram.total))
+        return ["ties over the whole model: per-model magnitude thresholds " + ", ".join(
+            f"model {i}={self.thresholds[i]:.3g}" for i in sorted(self.thresholds))]
+
+
 @dataclass(frozen=True)
-class Linear:
+class Linear(SinglePass):
     """Weighted sum of the models' tensors, divided by the sum of the weights when normalising."""
 
     normalize: bool = True
     needs_base: bool = False
+
+    @classmethod
+    def from_params(cls, params: LinearParams) -> "Linear":
+        return cls(normalize=params.normalize)
 
     def merge(
         self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]

@@ -139,27 +139,9 @@ class JobSpec(Frozen):
 
     @model_validator(mode="after")
     def _method_requirements(self) -> "JobSpec":
-        info = METHODS[self.method.name]
-        n = len(self.models)
-        if n < info.min_models:
-            raise ValueError(f"method {info.name!r} needs at least {info.min_models} models, got {n}")
-        if info.max_models is not None and n > info.max_models:
-            raise ValueError(f"method {info.name!r} takes at most {info.max_models} models, got {n}")
-        if info.requires_base and self.base_model is None:
-            raise ValueError(f"method {info.name!r} requires base_model")
-        if not info.requires_base and self.base_model is not None:
-            raise ValueError(f"method {info.name!r} does not use a base_model; remove it")
-        if info.requires_architecture and self.architecture is None:
-            raise ValueError(f"method {info.name!r} requires architecture")
-        if not info.requires_architecture and self.architecture is not None:
-            raise ValueError(f"method {info.name!r} does not use an architecture; remove it")
-        if info.calibration == "required" and self.calibration is None:
-            raise ValueError(f"method {info.name!r} requires calibration data")
-        if info.calibration == "unused" and self.calibration is not None:
-            raise ValueError(f"method {info.name!r} does not use calibration data; remove it")
-        if info.family == "permutation" and any(m.weight != 1.0 for m in self.models):
-            raise ValueError(f"method {info.name!r} averages matched units equally; per-model weights are "
-                             "only used by same-base methods")
+        METHODS[self.method.name].check_inputs(
+            models=len(self.models), base=self.base_model is not None, architecture=self.architecture is not None,
+            calibration=self.calibration is not None, weighted=any(m.weight != 1.0 for m in self.models))
         return self
 
     def input_uris(self) -> list[str]:
