@@ -35,7 +35,7 @@ def _check_broker(services: Services) -> str:
             with Connection(url, connect_timeout=TIMEOUT_S) as conn:
                 conn.ensure_connection(max_retries=1, timeout=TIMEOUT_S)
         return "ok"
-    except Exception as exc:  # any transport error means "not ready"
+    except Exception as exc:  # noqa: BLE001 - any transport error means "not ready"
         return f"unavailable ({type(exc).__name__})"
 
 
@@ -43,7 +43,7 @@ def _check_s3(services: Services, client: Any) -> str:
     try:
         client.head_bucket(Bucket=services.settings.s3.results_bucket)
         return "ok"
-    except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, timeouts...
+    except Exception as exc:  # noqa: BLE001 - botocore raises ClientError, EndpointConnectionError, timeouts...
         return f"unavailable ({type(exc).__name__})"
 
 

@@ -16,13 +16,19 @@ from app.problems import ApiProblem
 from mudsc_core.errors import MergeError
 from mudsc_core.formats import hf_folder
 from mudsc_core.formats.safetensors import (
-    FLOAT_DTYPES, InvalidSafetensors, TensorInfo, header_length, is_bookkeeping, parse_header,
+    FLOAT_DTYPES,
+    InvalidSafetensors,
+    TensorInfo,
+    header_length,
+    is_bookkeeping,
+    parse_header,
 )
 from mudsc_core.schema import JobSpec
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.storage import STORAGE_ERRORS, StorageUnavailable, read_failure, split_uri
 
 logger = logging.getLogger(__name__)
+
 
 def _unprocessable(uri: str, detail: str, code: str, loc: list[Any]) -> ApiProblem:
     return ApiProblem(422, f"{uri}: {detail}", code=code, errors=[{"loc": loc, "msg": f"{uri}: {detail}"}], uri=uri)
@@ -33,7 +39,7 @@ def _problem(uri: str, error: MergeError, loc: list[Any]) -> ApiProblem:
     if isinstance(error, StorageUnavailable):
         logger.warning("S3 unavailable while checking %s: %s", uri, error.message)
         return ApiProblem(503, "object storage is unavailable; try again", code="storage_unavailable")
-    detail = error.message[len(uri) + 2:] if error.message.startswith(f"{uri}: ") else error.message
+    detail = error.message[len(uri) + 2 :] if error.message.startswith(f"{uri}: ") else error.message
     return _unprocessable(uri, detail, error.code, loc)
 
 
@@ -50,15 +56,21 @@ def referenced(spec: JobSpec) -> list[tuple[str, list[Any]]]:
 def check_limits(spec: JobSpec, settings: Settings) -> None:
     limits = settings.limits
     if len(spec.models) > limits.max_models:
-        raise ApiProblem(422, f"{len(spec.models)} models exceed the limit of {limits.max_models}",
-                         code="limit_exceeded", errors=[{"loc": ["body", "models"],
-                                                         "msg": f"at most {limits.max_models} models"}])
+        raise ApiProblem(
+            422,
+            f"{len(spec.models)} models exceed the limit of {limits.max_models}",
+            code="limit_exceeded",
+            errors=[{"loc": ["body", "models"], "msg": f"at most {limits.max_models} models"}],
+        )
     if spec.calibration is not None and spec.calibration.max_samples > limits.max_calibration_samples:
         raise ApiProblem(
-            422, f"calibration.max_samples {spec.calibration.max_samples} exceeds the limit of "
-            f"{limits.max_calibration_samples}", code="limit_exceeded",
-            errors=[{"loc": ["body", "calibration", "max_samples"],
-                     "msg": f"at most {limits.max_calibration_samples}"}],
+            422,
+            f"calibration.max_samples {spec.calibration.max_samples} exceeds the limit of "
+            f"{limits.max_calibration_samples}",
+            code="limit_exceeded",
+            errors=[
+                {"loc": ["body", "calibration", "max_samples"], "msg": f"at most {limits.max_calibration_samples}"}
+            ],
         )
 
 
@@ -74,18 +86,33 @@ def check_access(spec: JobSpec, tenant: Tenant, output_uri: str, results_bucket:
     """
     for uri, loc in [*referenced(spec), (output_uri, ["body", "output", "uri"])]:
         if not tenant.may_access(uri):
-            raise ApiProblem(403, f"{uri} is outside the prefixes tenant {tenant.name!r} may access",
-                             code="forbidden_uri", errors=[{"loc": loc, "msg": f"{uri}: not permitted"}], uri=uri)
+            raise ApiProblem(
+                403,
+                f"{uri} is outside the prefixes tenant {tenant.name!r} may access",
+                code="forbidden_uri",
+                errors=[{"loc": loc, "msg": f"{uri}: not permitted"}],
+                uri=uri,
+            )
     explicit = spec.output.uri
     if explicit is None or results_bucket is None:
         return
     loc = ["body", "output", "uri"]
     if explicit.startswith(f"s3://{results_bucket}/") and not explicit.startswith(tenant.results_prefix):
-        raise ApiProblem(403, f"{explicit} is in another tenant's results", code="forbidden_uri",
-                         errors=[{"loc": loc, "msg": f"{explicit}: not permitted"}], uri=explicit)
-    if explicit.startswith(tenant.results_prefix) and _JOB_DIR.match(explicit[len(tenant.results_prefix):]):
-        raise ApiProblem(422, f"{explicit} is reserved for a job's default output", code="output_conflict",
-                         errors=[{"loc": loc, "msg": "reserved for job outputs"}], uri=explicit)
+        raise ApiProblem(
+            403,
+            f"{explicit} is in another tenant's results",
+            code="forbidden_uri",
+            errors=[{"loc": loc, "msg": f"{explicit}: not permitted"}],
+            uri=explicit,
+        )
+    if explicit.startswith(tenant.results_prefix) and _JOB_DIR.match(explicit[len(tenant.results_prefix) :]):
+        raise ApiProblem(
+            422,
+            f"{explicit} is reserved for a job's default output",
+            code="output_conflict",
+            errors=[{"loc": loc, "msg": "reserved for job outputs"}],
+            uri=explicit,
+        )
 
 
 class ObjectChecker:
@@ -115,8 +142,9 @@ class ObjectChecker:
         try:
             if size < 8:
                 raise InvalidSafetensors(f"{size} bytes is too short for a safetensors file")
-            length = header_length(self._range(uri, loc, 0, 7), object_size=size,
-                                   max_header_bytes=self.settings.limits.max_header_bytes)
+            length = header_length(
+                self._range(uri, loc, 0, 7), object_size=size, max_header_bytes=self.settings.limits.max_header_bytes
+            )
             header = self._range(uri, loc, 8, 8 + length - 1)
             if len(header) != length:
                 raise InvalidSafetensors("object is shorter than its header length")
@@ -135,14 +163,20 @@ class ObjectChecker:
     def _check_weight_dtypes(uri: str, loc: list[Any], tensors: dict[str, TensorInfo]) -> None:
         for name, info in tensors.items():
             if info.dtype not in FLOAT_DTYPES and not is_bookkeeping(name):
-                raise _unprocessable(uri, f"tensor {name!r} has dtype {info.dtype}; merging needs floating-point "
-                                     f"weights ({', '.join(sorted(FLOAT_DTYPES))})", "invalid_checkpoint", loc)
+                raise _unprocessable(
+                    uri,
+                    f"tensor {name!r} has dtype {info.dtype}; merging needs floating-point "
+                    f"weights ({', '.join(sorted(FLOAT_DTYPES))})",
+                    "invalid_checkpoint",
+                    loc,
+                )
 
     def _check_size(self, uri: str, loc: list[Any], size: int) -> None:
         limit = self.settings.limits.max_checkpoint_bytes
         if size > limit:
-            raise _unprocessable(uri, f"{size} bytes exceed the checkpoint limit of {limit} bytes", "limit_exceeded",
-                                 loc)
+            raise _unprocessable(
+                uri, f"{size} bytes exceed the checkpoint limit of {limit} bytes", "limit_exceeded", loc
+            )
 
     def check_folder(self, uri: str, loc: list[Any]) -> int:
         """A model folder's weight files exist, fit the limit and are float safetensors (rules: ``hf_folder``)."""
@@ -152,10 +186,14 @@ class ObjectChecker:
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
                 for obj in page.get("Contents", []):
-                    objects[obj["Key"][len(prefix):]] = int(obj["Size"])
+                    objects[obj["Key"][len(prefix) :]] = int(obj["Size"])
                 if len(objects) > hf_folder.MAX_FOLDER_OBJECTS:
-                    raise _unprocessable(uri, f"model folder holds more than {hf_folder.MAX_FOLDER_OBJECTS} objects",
-                                         "invalid_checkpoint", loc)
+                    raise _unprocessable(
+                        uri,
+                        f"model folder holds more than {hf_folder.MAX_FOLDER_OBJECTS} objects",
+                        "invalid_checkpoint",
+                        loc,
+                    )
         except STORAGE_ERRORS as exc:
             raise _problem(uri, read_failure(uri, exc), loc) from None
         if not objects:
@@ -165,8 +203,9 @@ class ObjectChecker:
             if hf_folder.INDEX_NAME in objects:
                 size = objects[hf_folder.INDEX_NAME]
                 if size > hf_folder.MAX_INDEX_BYTES:
-                    raise _unprocessable(uri + hf_folder.INDEX_NAME, "index file is too large", "invalid_checkpoint",
-                                         loc)
+                    raise _unprocessable(
+                        uri + hf_folder.INDEX_NAME, "index file is too large", "invalid_checkpoint", loc
+                    )
                 weight_map = hf_folder.parse_index(self._range(uri + hf_folder.INDEX_NAME, loc, 0, max(size - 1, 0)))
             shards = hf_folder.weight_files(objects, weight_map)
         except MergeError as exc:
@@ -180,17 +219,25 @@ class ObjectChecker:
     def check_output_empty(self, output_uri: str) -> None:
         """An explicit output prefix that already holds objects (another job's results, say) is refused."""
         bucket, prefix = split_uri(output_uri)
-        listing = self._call(output_uri, ["body", "output", "uri"], self.client.list_objects_v2, Bucket=bucket,
-                             Prefix=prefix, MaxKeys=1)
+        listing = self._call(
+            output_uri, ["body", "output", "uri"], self.client.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1
+        )
         if listing.get("KeyCount", len(listing.get("Contents", []))):
-            raise ApiProblem(409, f"{output_uri} already holds objects; choose an empty output prefix",
-                             code="output_conflict", uri=output_uri,
-                             errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is not empty"}])
+            raise ApiProblem(
+                409,
+                f"{output_uri} already holds objects; choose an empty output prefix",
+                code="output_conflict",
+                uri=output_uri,
+                errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is not empty"}],
+            )
 
     def check(self, spec: JobSpec) -> None:
         for model_index, model in enumerate([*spec.models, *([spec.base_model] if spec.base_model else [])]):
-            loc = ["body", "models", model_index, "uri"] if model_index < len(spec.models) else \
-                ["body", "base_model", "uri"]
+            loc = (
+                ["body", "models", model_index, "uri"]
+                if model_index < len(spec.models)
+                else ["body", "base_model", "uri"]
+            )
             if model.uri.endswith("/"):
                 self.check_folder(model.uri, loc)
             else:
@@ -201,14 +248,24 @@ class ObjectChecker:
             tensors = self.safetensors_header(spec.calibration.uri, loc, size)
             info = tensors.get(spec.calibration.tensor)
             if info is None:
-                raise _unprocessable(spec.calibration.uri, f"holds no tensor {spec.calibration.tensor!r} "
-                                     f"(has: {', '.join(sorted(tensors)[:10])})", "invalid_calibration",
-                                     ["body", "calibration", "tensor"])
+                raise _unprocessable(
+                    spec.calibration.uri,
+                    f"holds no tensor {spec.calibration.tensor!r} (has: {', '.join(sorted(tensors)[:10])})",
+                    "invalid_calibration",
+                    ["body", "calibration", "tensor"],
+                )
             if info.dtype not in FLOAT_DTYPES:
-                raise _unprocessable(spec.calibration.uri, f"tensor {spec.calibration.tensor!r} has dtype "
-                                     f"{info.dtype}; calibration inputs must be floating point",
-                                     "invalid_calibration", ["body", "calibration", "tensor"])
+                raise _unprocessable(
+                    spec.calibration.uri,
+                    f"tensor {spec.calibration.tensor!r} has dtype "
+                    f"{info.dtype}; calibration inputs must be floating point",
+                    "invalid_calibration",
+                    ["body", "calibration", "tensor"],
+                )
             if len(info.shape) < 1 or info.shape[0] < 1:
-                raise _unprocessable(spec.calibration.uri, f"tensor {spec.calibration.tensor!r} has no samples "
-                                     f"(shape {list(info.shape)})", "invalid_calibration",
-                                     ["body", "calibration", "tensor"])
+                raise _unprocessable(
+                    spec.calibration.uri,
+                    f"tensor {spec.calibration.tensor!r} has no samples (shape {list(info.shape)})",
+                    "invalid_calibration",
+                    ["body", "calibration", "tensor"],
+                )

@@ -12,14 +12,26 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     async def _reject(self, scope: dict[str, Any], send: Any) -> None:
-        body = json.dumps({
-            "type": "/problems/request-too-large", "title": "Content Too Large", "status": 413,
-            "detail": f"request body exceeds {self.max_bytes} bytes", "instance": scope.get("path", ""),
-            "code": "request_too_large",
-        }).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"),
-                                (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "type": "/problems/request-too-large",
+                "title": "Content Too Large",
+                "status": 413,
+                "detail": f"request body exceeds {self.max_bytes} bytes",
+                "instance": scope.get("path", ""),
+                "code": "request_too_large",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from app import problems
 from app.auth import KeyRing
-from mudsc_jobs.dispatch import make_sender
 from app.limits import BodySizeLimit
-from app.reconcile import Reconciler
 from app.metrics import MetricsMiddleware
+from app.reconcile import Reconciler
 from app.routes import health, v1
-from mudsc_jobs.storage import make_client
 from app.service import Services
+from mudsc_jobs.dispatch import make_sender
 from mudsc_jobs.settings import Settings
+from mudsc_jobs.storage import make_client
 from mudsc_jobs.store import EventTail, JobStore
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.readiness_s3 = make_client(settings.s3, max_attempts=1, timeout_s=2.0)
     # XREAD blocks up to 2 s server-side; the socket timeout must exceed it.
-    app.state.async_redis = aioredis.Redis.from_url(settings.redis.url, decode_responses=True, socket_timeout=15,
-                                                    socket_connect_timeout=5)
+    app.state.async_redis = aioredis.Redis.from_url(
+        settings.redis.url, decode_responses=True, socket_timeout=15, socket_connect_timeout=5
+    )
     app.state.event_tail = EventTail(app.state.async_redis, settings.redis.key_prefix)
     problems.install(app)
     app.include_router(v1)

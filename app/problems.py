@@ -21,8 +21,15 @@ class ApiProblem(Exception):
     """An error answer. ``code`` is a stable machine-readable name, also used in ``type``."""
 
     def __init__(
-        self, status: int, detail: str, *, code: str | None = None, title: str | None = None,
-        errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None, **extra: Any,
+        self,
+        status: int,
+        detail: str,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -35,8 +42,15 @@ class ApiProblem(Exception):
 
 
 def problem_response(
-    request: Request, status: int, detail: str, *, code: str | None = None, title: str | None = None,
-    errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None, **extra: Any,
+    request: Request,
+    status: int,
+    detail: str,
+    *,
+    code: str | None = None,
+    title: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": f"/problems/{code.replace('_', '-')}" if code else "about:blank",
@@ -61,15 +75,29 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiProblem)
     async def _api_problem(request: Request, exc: ApiProblem) -> JSONResponse:
-        return problem_response(request, exc.status, exc.detail, code=exc.code, title=exc.title, errors=exc.errors,
-                                headers=exc.headers, **exc.extra)
+        return problem_response(
+            request,
+            exc.status,
+            exc.detail,
+            code=exc.code,
+            title=exc.title,
+            errors=exc.errors,
+            headers=exc.headers,
+            **exc.extra,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(exc)
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
-        return problem_response(request, 422, detail or "request validation failed", code="validation_error",
-                                title="Request validation failed", errors=errors)
+        return problem_response(
+            request,
+            422,
+            detail or "request validation failed",
+            code="validation_error",
+            title="Request validation failed",
+            errors=errors,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -82,8 +110,13 @@ def install(app: FastAPI) -> None:
     async def _store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         # After the client's reconnect retries: the job store is down, not the request wrong.
         logger.warning("job store unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-        return problem_response(request, 503, "the job store is unavailable; try again", code="store_unavailable",
-                                headers={"Retry-After": "5"})
+        return problem_response(
+            request,
+            503,
+            "the job store is unavailable; try again",
+            code="store_unavailable",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -45,14 +45,20 @@ def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
                 send_merge(sender, settings, job_id)
             except Exception as exc:  # noqa: BLE001 - kombu raises several types; the next sweep cannot resend
                 logger.error("job %s re-queued but its task could not be sent: %s", job_id, exc)
-                store.fail_unsent(job_id, store.tenant_of(job_id) or "",
-                                  "the job was re-queued after its worker was lost, but the queue is unavailable")
+                store.fail_unsent(
+                    job_id,
+                    store.tenant_of(job_id) or "",
+                    "the job was re-queued after its worker was lost, but the queue is unavailable",
+                )
         elif outcome in ("failed", "canceled"):
             logger.warning("job %s: lease expired with no live worker; %s", job_id, outcome)
     if settings.reconcile.resend_queued_after_s > 0:
         for job_id in store.stale_queued(settings.reconcile.resend_queued_after_s):
-            logger.warning("job %s: still queued %.0f s after its task was sent; sending it again",
-                           job_id, settings.reconcile.resend_queued_after_s)
+            logger.warning(
+                "job %s: still queued %.0f s after its task was sent; sending it again",
+                job_id,
+                settings.reconcile.resend_queued_after_s,
+            )
             try:
                 send_merge(sender, settings, job_id)
             except Exception as exc:  # noqa: BLE001 - kombu raises several types; the next sweep tries again

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -16,10 +17,17 @@ from app.auth import Tenant, authenticate
 from app.health import readiness
 from app.problems import ApiProblem, problem_response
 from app.schemas import (
-    ArchitectureList, ArtifactList, EventPage, Job, JobPage, JobStatus, MethodList, Problem,
+    ArchitectureList,
+    ArtifactList,
+    EventPage,
+    Job,
+    JobPage,
+    JobStatus,
+    MethodList,
+    Problem,
 )
-from mudsc_jobs.store import TERMINAL, CursorNotFound, EventTail, JobNotFound, TransitionConflict
 from mudsc_core.schema import ARCHITECTURE_CONFIGS, METHODS, JobSpec
+from mudsc_jobs.store import TERMINAL, CursorNotFound, EventTail, JobNotFound, TransitionConflict
 
 _JOB_ID = re.compile(r"^mrg_[0-9A-HJKMNP-TV-Z]{26}$")
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -55,17 +63,28 @@ async def raw_body(request: Request) -> bytes:
     return await request.body()
 
 
-@v1.post("/merges", status_code=202, response_model=Job, responses={
-    200: {"model": Job, "description": "Idempotent replay: the original job"},
-    403: {"model": Problem}, 409: {"model": Problem}, 413: {"model": Problem}, 429: {"model": Problem},
-    503: {"model": Problem},
-})
+@v1.post(
+    "/merges",
+    status_code=202,
+    response_model=Job,
+    responses={
+        200: {"model": Job, "description": "Idempotent replay: the original job"},
+        403: {"model": Problem},
+        409: {"model": Problem},
+        413: {"model": Problem},
+        429: {"model": Problem},
+        503: {"model": Problem},
+    },
+)
 def create_merge(
-    spec: JobSpec, response: Response, svc: Services, tenant: Auth, body: Annotated[bytes, Depends(raw_body)],
+    spec: JobSpec,
+    response: Response,
+    svc: Services,
+    tenant: Auth,
+    body: Annotated[bytes, Depends(raw_body)],
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> dict[str, Any]:
-    job, created = service.submit(svc, tenant, spec, idempotency_key=idempotency_key,
-                                  digest=service.body_hash(body))
+    job, created = service.submit(svc, tenant, spec, idempotency_key=idempotency_key, digest=service.body_hash(body))
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/merges/{job['id']}"
     return job
@@ -73,7 +92,8 @@ def create_merge(
 
 @v1.get("/merges", response_model=JobPage)
 def list_merges(
-    svc: Services, tenant: Auth,
+    svc: Services,
+    tenant: Auth,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64, description="id of the last job of the previous page")] = None,
     status: JobStatus | None = None,
@@ -83,14 +103,22 @@ def list_merges(
     for item in label:
         key, sep, value = item.partition(":")
         if not sep or not key:
-            raise ApiProblem(422, f"label filter {item!r} must be key:value", code="validation_error",
-                             errors=[{"loc": ["query", "label"], "msg": "must be key:value"}])
+            raise ApiProblem(
+                422,
+                f"label filter {item!r} must be key:value",
+                code="validation_error",
+                errors=[{"loc": ["query", "label"], "msg": "must be key:value"}],
+            )
         labels[key] = value
     try:
         jobs, has_more = svc.store.list(tenant.name, limit=limit, after=after, status=status, labels=labels)
     except CursorNotFound:
-        raise ApiProblem(422, f"cursor {after!r} is not one of your jobs", code="validation_error",
-                         errors=[{"loc": ["query", "after"], "msg": "unknown job id"}]) from None
+        raise ApiProblem(
+            422,
+            f"cursor {after!r} is not one of your jobs",
+            code="validation_error",
+            errors=[{"loc": ["query", "after"], "msg": "unknown job id"}],
+        ) from None
     return {"data": jobs, "has_more": has_more}
 
 
@@ -105,8 +133,9 @@ def cancel_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
     try:
         return svc.store.request_cancel(job_id, tenant.name)
     except TransitionConflict as conflict:
-        raise ApiProblem(409, f"job is already {conflict.status}", code="job_finished",
-                         status_of_job=conflict.status) from None
+        raise ApiProblem(
+            409, f"job is already {conflict.status}", code="job_finished", status_of_job=conflict.status
+        ) from None
     except JobNotFound:
         raise ApiProblem(404, f"job {job_id!r} not found", code="job_not_found") from None
 
@@ -115,14 +144,20 @@ def _event_cursor(value: str | None, loc: list[str]) -> str | None:
     if value is None or value == "":
         return None
     if not _EVENT_ID.match(value):
-        raise ApiProblem(422, f"event id {value!r} is malformed (expected <ms>-<seq>)", code="validation_error",
-                         errors=[{"loc": loc, "msg": "malformed event id"}])
+        raise ApiProblem(
+            422,
+            f"event id {value!r} is malformed (expected <ms>-<seq>)",
+            code="validation_error",
+            errors=[{"loc": loc, "msg": "malformed event id"}],
+        )
     return value
 
 
 @v1.get("/merges/{job_id}/events", response_model=EventPage)
 def list_events(
-    job_id: str, svc: Services, tenant: Auth,
+    job_id: str,
+    svc: Services,
+    tenant: Auth,
     after: Annotated[str | None, Query(max_length=64, description="event id; events after it")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> dict[str, Any]:
@@ -131,16 +166,23 @@ def list_events(
     return {"data": events[:limit], "has_more": len(events) > limit}
 
 
-@v1.get("/merges/{job_id}/events/stream", response_class=EventSourceResponse,
-        responses={200: {"content": {"text/event-stream": {}}}})
+@v1.get(
+    "/merges/{job_id}/events/stream",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 def stream_events(
-    job_id: str, request: Request, svc: Services, tenant: Auth,
+    job_id: str,
+    request: Request,
+    svc: Services,
+    tenant: Auth,
     after: Annotated[str | None, Query(max_length=64)] = None,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> EventSourceResponse:
     _owned_job(svc, job_id, tenant)
-    start = _event_cursor(last_event_id, ["header", "Last-Event-ID"]) or \
-        _event_cursor(after, ["query", "after"]) or "0-0"
+    start = (
+        _event_cursor(last_event_id, ["header", "Last-Event-ID"]) or _event_cursor(after, ["query", "after"]) or "0-0"
+    )
     tail: EventTail = request.app.state.event_tail
 
     async def events() -> AsyncIterator[dict[str, Any]]:
@@ -170,14 +212,22 @@ def list_artifacts(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
     return {"data": service.artifact_urls(svc, _owned_job(svc, job_id, tenant))}
 
 
-@v1.get("/merges/{job_id}/artifacts/{name:path}", status_code=307, response_class=RedirectResponse,
-        responses={307: {"description": "redirect to a presigned GET URL"}, 409: {"model": Problem}})
+@v1.get(
+    "/merges/{job_id}/artifacts/{name:path}",
+    status_code=307,
+    response_class=RedirectResponse,
+    responses={307: {"description": "redirect to a presigned GET URL"}, 409: {"model": Problem}},
+)
 def get_artifact(job_id: str, name: str, svc: Services, tenant: Auth) -> RedirectResponse:
     job = _owned_job(svc, job_id, tenant)
     segments = name.split("/")
     if not all(_ARTIFACT_SEGMENT.match(s) for s in segments) or ".." in name:
-        raise ApiProblem(422, f"artifact name {name!r} is not a plain file name", code="validation_error",
-                         errors=[{"loc": ["path", "name"], "msg": "must be a plain relative file name"}])
+        raise ApiProblem(
+            422,
+            f"artifact name {name!r} is not a plain file name",
+            code="validation_error",
+            errors=[{"loc": ["path", "name"], "msg": "must be a plain relative file name"}],
+        )
     for artifact in service.artifact_urls(svc, job):
         if artifact["name"] == name:
             return RedirectResponse(artifact["url"], status_code=307)
@@ -191,10 +241,12 @@ def list_methods(tenant: Auth) -> dict[str, Any]:
 
 @v1.get("/architectures", response_model=ArchitectureList)
 def list_architectures(tenant: Auth) -> dict[str, Any]:
-    return {"data": [
-        {"name": name, "description": (config.__doc__ or "").strip(), "config_schema": config.model_json_schema()}
-        for name, config in sorted(ARCHITECTURE_CONFIGS.items())
-    ]}
+    return {
+        "data": [
+            {"name": name, "description": (config.__doc__ or "").strip(), "config_schema": config.model_json_schema()}
+            for name, config in sorted(ARCHITECTURE_CONFIGS.items())
+        ]
+    }
 
 
 @health.get("/livez")
@@ -214,5 +266,3 @@ def readyz(request: Request) -> Response:
 @health.get("/metrics", response_class=Response)
 def prometheus_metrics() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-

@@ -9,7 +9,6 @@ from pydantic import BaseModel, Field
 from mudsc_jobs.store import JobStatus
 
 
-
 class Progress(BaseModel):
     stage: str
     percent: float = Field(ge=0, le=100)

@@ -6,19 +6,19 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
 
 from app import metrics
 from app.auth import Tenant
-from mudsc_jobs.dispatch import send_merge
 from app.inputs import ObjectChecker, check_access, check_limits
 from app.problems import ApiProblem
+from mudsc_core.schema import JobSpec
+from mudsc_jobs.dispatch import send_merge
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.store import IdempotencyConflict, JobNotFound, JobStore, TenantLimitReached, new_job_id
-from mudsc_core.schema import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,12 @@ def body_hash(body: bytes) -> str:
 
 
 def _idempotency_conflict(job_id: str) -> ApiProblem:
-    return ApiProblem(422, f"Idempotency-Key was already used with a different request body (job {job_id})",
-                      code="idempotency_conflict",
-                      errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body"}])
+    return ApiProblem(
+        422,
+        f"Idempotency-Key was already used with a different request body (job {job_id})",
+        code="idempotency_conflict",
+        errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body"}],
+    )
 
 
 def replay(services: Services, tenant: Tenant, idempotency_key: str, digest: str) -> dict[str, Any] | None:
@@ -63,7 +66,12 @@ def replay(services: Services, tenant: Tenant, idempotency_key: str, digest: str
 
 
 def submit(
-    services: Services, tenant: Tenant, spec: JobSpec, *, idempotency_key: str | None, digest: str,
+    services: Services,
+    tenant: Tenant,
+    spec: JobSpec,
+    *,
+    idempotency_key: str | None,
+    digest: str,
 ) -> tuple[dict[str, Any], bool]:
     """Validate against limits, rights and S3, create the job, send the task. Returns (job, created)."""
     settings = services.settings
@@ -83,9 +91,13 @@ def submit(
             checker.check_output_empty(output_uri)
             # Two submissions racing for one empty prefix: the first to reserve it wins.
             if not services.store.reserve_output(output_uri, job_id):
-                raise ApiProblem(409, f"{output_uri} is already the output of another job", code="output_conflict",
-                                 uri=output_uri,
-                                 errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is taken"}])
+                raise ApiProblem(
+                    409,
+                    f"{output_uri} is already the output of another job",
+                    code="output_conflict",
+                    uri=output_uri,
+                    errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is taken"}],
+                )
     except ApiProblem as problem:
         metrics.JOBS_REJECTED.labels(problem.code or str(problem.status)).inc()
         raise
@@ -93,25 +105,35 @@ def submit(
     normalised["output"]["uri"] = output_uri
     try:
         job, created = services.store.create(
-            job_id=job_id, tenant=tenant.name, spec=normalised, labels=spec.labels,
-            max_active=settings.limits.max_concurrent_jobs_per_tenant, idempotency_key=idempotency_key,
+            job_id=job_id,
+            tenant=tenant.name,
+            spec=normalised,
+            labels=spec.labels,
+            max_active=settings.limits.max_concurrent_jobs_per_tenant,
+            idempotency_key=idempotency_key,
             body_hash=digest,
         )
     except IdempotencyConflict as conflict:
         raise _idempotency_conflict(conflict.job_id) from None
     except TenantLimitReached:
         metrics.JOBS_REJECTED.labels("too_many_jobs").inc()
-        raise ApiProblem(429, f"tenant {tenant.name!r} already has {settings.limits.max_concurrent_jobs_per_tenant} "
-                         "queued or running jobs", code="too_many_jobs", headers={"Retry-After": "30"}) from None
+        raise ApiProblem(
+            429,
+            f"tenant {tenant.name!r} already has {settings.limits.max_concurrent_jobs_per_tenant} "
+            "queued or running jobs",
+            code="too_many_jobs",
+            headers={"Retry-After": "30"},
+        ) from None
     if not created:
         return job, False
     try:
         send_merge(services.sender, settings, job["id"])
-    except Exception as exc:  # kombu raises several types; the job must not stay queued forever
+    except Exception as exc:  # noqa: BLE001 - kombu raises several types; the job must not stay queued forever
         logger.error("could not send job %s to the broker: %s", job["id"], exc)
         services.store.fail_unsent(job["id"], tenant.name, "the job could not be queued (broker unavailable)")
-        raise ApiProblem(503, "the job queue is unavailable; the job was not started", code="broker_unavailable",
-                         job_id=job["id"]) from None
+        raise ApiProblem(
+            503, "the job queue is unavailable; the job was not started", code="broker_unavailable", job_id=job["id"]
+        ) from None
     metrics.JOBS_SUBMITTED.labels(spec.method.name).inc()
     return job, True
 
@@ -119,17 +141,28 @@ def submit(
 def artifact_urls(services: Services, job: dict[str, Any]) -> list[dict[str, Any]]:
     """Presigned GET URLs (signed for the public endpoint) of a succeeded job's artifacts."""
     if job["status"] != "succeeded" or not job.get("result"):
-        raise ApiProblem(409, f"job is {job['status']}; artifacts exist once it succeeded", code="not_succeeded",
-                         status_of_job=job["status"])
+        raise ApiProblem(
+            409,
+            f"job is {job['status']}; artifacts exist once it succeeded",
+            code="not_succeeded",
+            status_of_job=job["status"],
+        )
     ttl = services.settings.s3.presign_ttl_s
-    expires_at = (datetime.now(timezone.utc) + timedelta(seconds=ttl)).isoformat(timespec="seconds")
+    expires_at = (datetime.now(UTC) + timedelta(seconds=ttl)).isoformat(timespec="seconds")
     expires_at = expires_at.replace("+00:00", "Z")
     out = []
     for artifact in job["result"]["artifacts"]:
-        bucket, _, key = artifact["uri"][len("s3://"):].partition("/")
+        bucket, _, key = artifact["uri"][len("s3://") :].partition("/")
         url = services.s3_public.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl
         )
-        out.append({"name": artifact["name"], "size": artifact["size"], "sha256": artifact["sha256"], "url": url,
-                    "expires_at": expires_at})
+        out.append(
+            {
+                "name": artifact["name"],
+                "size": artifact["size"],
+                "sha256": artifact["sha256"],
+                "url": url,
+                "expires_at": expires_at,
+            }
+        )
     return out

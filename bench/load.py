@@ -47,16 +47,21 @@ def _percentiles(values: list[float]) -> str:
 
 class Load:
     def __init__(self, api_url: str, api_key: str, concurrency: int) -> None:
-        self.client = httpx.AsyncClient(base_url=api_url, headers={"Authorization": f"Bearer {api_key}"},
-                                        timeout=60, limits=httpx.Limits(max_connections=concurrency))
+        self.client = httpx.AsyncClient(
+            base_url=api_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=60,
+            limits=httpx.Limits(max_connections=concurrency),
+        )
         self.gate = asyncio.Semaphore(concurrency)
         self.submit_latency: list[float] = []
         self.status_latency: list[float] = []
         self.retries = 0
         self.requests = 0
 
-    async def request(self, method: str, url: str, latencies: list[float] | None = None, **kwargs: Any
-                      ) -> httpx.Response:
+    async def request(
+        self, method: str, url: str, latencies: list[float] | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """One request with client retries (connection errors, 5xx, 429 honouring Retry-After)."""
         for attempt in range(8):
             async with self.gate:
@@ -73,12 +78,13 @@ class Load:
                 return response
             self.retries += 1
             wait = float(response.headers.get("retry-after", 0)) if response is not None else 0.0
-            await asyncio.sleep(min(max(wait, 0.05 * 2 ** attempt), 5) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(min(max(wait, 0.05 * 2**attempt), 5) * random.uniform(0.5, 1.0))
         raise RuntimeError(f"{method} {url}: no answer after retries")
 
     async def submit(self, body: dict[str, Any], key: str) -> tuple[int, str]:
-        response = await self.request("POST", "/v1/merges", self.submit_latency, json=body,
-                                      headers={"Idempotency-Key": key})
+        response = await self.request(
+            "POST", "/v1/merges", self.submit_latency, json=body, headers={"Idempotency-Key": key}
+        )
         if response.status_code not in (200, 202):
             raise RuntimeError(f"submission {key}: {response.status_code} {response.text[:300]}")
         return response.status_code, response.json()["id"]
@@ -103,27 +109,35 @@ class Load:
 async def run(args: argparse.Namespace, api_url: str, api_key: str, uris: dict[str, str]) -> dict[str, Any]:
     load = Load(api_url, api_key, args.concurrency)
     run_id = uuid.uuid4().hex[:8]
-    body = {"method": {"name": "mudsc", "params": {"mode": "zip", "beta": 0.5, "seed": 0}},
-            "architecture": {"name": "mlp", "config": {"input_dim": 8, "hidden": [8], "num_classes": 4}},
-            "models": [{"uri": uris["a"]}, {"uri": uris["b"]}],
-            "calibration": {"uri": uris["calib"], "tensor": "inputs", "max_samples": 16, "batch_size": 16}}
+    body = {
+        "method": {"name": "mudsc", "params": {"mode": "zip", "beta": 0.5, "seed": 0}},
+        "architecture": {"name": "mlp", "config": {"input_dim": 8, "hidden": [8], "num_classes": 4}},
+        "models": [{"uri": uris["a"]}, {"uri": uris["b"]}],
+        "calibration": {"uri": uris["calib"], "tensor": "inputs", "max_samples": 16, "batch_size": 16},
+    }
     keys = [f"load-{run_id}-{i}" for i in range(args.jobs)]
     report: dict[str, Any] = {"jobs": args.jobs, "concurrency": args.concurrency}
 
     # 1. concurrent submissions
     started = time.perf_counter()
-    results = await asyncio.gather(*(load.submit({**body, "labels": {"load": run_id, "i": str(i)}}, key)
-                                     for i, key in enumerate(keys)))
+    results = await asyncio.gather(
+        *(load.submit({**body, "labels": {"load": run_id, "i": str(i)}}, key) for i, key in enumerate(keys))
+    )
     submit_s = time.perf_counter() - started
     id_of = {key: job_id for key, (_, job_id) in zip(keys, results)}
-    report["submit"] = {"seconds": round(submit_s, 2), "jobs_per_s": round(args.jobs / submit_s, 1),
-                        "latency": _percentiles(load.submit_latency), "client_retries": load.retries,
-                        "status_202": sum(code == 202 for code, _ in results)}
+    report["submit"] = {
+        "seconds": round(submit_s, 2),
+        "jobs_per_s": round(args.jobs / submit_s, 1),
+        "latency": _percentiles(load.submit_latency),
+        "client_retries": load.retries,
+        "status_202": sum(code == 202 for code, _ in results),
+    }
 
     # 2. replays: same key, same body -> 200 with the original id
     sample = random.Random(0).sample(range(args.jobs), max(1, args.jobs // 10))
-    replays = await asyncio.gather(*(load.submit({**body, "labels": {"load": run_id, "i": str(i)}}, keys[i])
-                                     for i in sample))
+    replays = await asyncio.gather(
+        *(load.submit({**body, "labels": {"load": run_id, "i": str(i)}}, keys[i]) for i in sample)
+    )
     replay_ok = all(code == 200 and job_id == id_of[keys[i]] for i, (code, job_id) in zip(sample, replays))
 
     # 3. to the end: cancel (no worker) and poll until every job is terminal
@@ -146,16 +160,22 @@ async def run(args: argparse.Namespace, api_url: str, api_key: str, uris: dict[s
         if pending:
             await asyncio.sleep(0.5)
     poll_s = time.perf_counter() - started
-    report["poll"] = {"seconds": round(poll_s, 2), "status_reads": polls, "reads_per_s": round(polls / poll_s, 1),
-                      "latency": _percentiles(load.status_latency)}
+    report["poll"] = {
+        "seconds": round(poll_s, 2),
+        "status_reads": polls,
+        "reads_per_s": round(polls / poll_s, 1),
+        "latency": _percentiles(load.status_latency),
+    }
 
     # 4. the books
     listed = await load.list_all()
     mine = [job_id for job_id in listed if job_id in set(id_of.values())]
     report["accounting"] = {
-        "distinct_jobs": len(set(id_of.values())), "replays_returned_original": replay_ok,
+        "distinct_jobs": len(set(id_of.values())),
+        "replays_returned_original": replay_ok,
         "listed_once_each": len(mine) == len(set(mine)) == args.jobs,
-        "terminal": len(final), "still_pending": len(pending),
+        "terminal": len(final),
+        "still_pending": len(pending),
         "by_status": {s: list(final.values()).count(s) for s in sorted(set(final.values()))},
     }
 
@@ -178,8 +198,12 @@ async def run(args: argparse.Namespace, api_url: str, api_key: str, uris: dict[s
     started = time.perf_counter()
     await asyncio.gather(*(reader(i) for i in range(args.read_concurrency)))
     elapsed = time.perf_counter() - started
-    report["status_reads"] = {"concurrency": args.read_concurrency, "seconds": round(elapsed, 1),
-                              "reads_per_s": round(count / elapsed, 1), "latency": _percentiles(read_latency)}
+    report["status_reads"] = {
+        "concurrency": args.read_concurrency,
+        "seconds": round(elapsed, 1),
+        "reads_per_s": round(count / elapsed, 1),
+        "latency": _percentiles(read_latency),
+    }
     report["total_requests"] = load.requests
     await load.client.aclose()
     return report
@@ -192,15 +216,21 @@ def _upload_inputs(stack: Any) -> dict[str, str]:
     rng = np.random.default_rng(0)
 
     def mlp() -> bytes:
-        return save({"layers.0.weight": rng.standard_normal((8, 8), dtype=np.float32),
-                     "layers.0.bias": np.zeros(8, np.float32),
-                     "layers.1.weight": rng.standard_normal((4, 8), dtype=np.float32),
-                     "layers.1.bias": np.zeros(4, np.float32)})
+        return save(
+            {
+                "layers.0.weight": rng.standard_normal((8, 8), dtype=np.float32),
+                "layers.0.bias": np.zeros(8, np.float32),
+                "layers.1.weight": rng.standard_normal((4, 8), dtype=np.float32),
+                "layers.1.bias": np.zeros(4, np.float32),
+            }
+        )
 
     s3 = stack.s3_client()
-    objects = {"a": ("models", "load/a.safetensors", mlp()), "b": ("models", "load/b.safetensors", mlp()),
-               "calib": ("data", "load/calib.safetensors",
-                         save({"inputs": rng.standard_normal((16, 8), dtype=np.float32)}))}
+    objects = {
+        "a": ("models", "load/a.safetensors", mlp()),
+        "b": ("models", "load/b.safetensors", mlp()),
+        "calib": ("data", "load/calib.safetensors", save({"inputs": rng.standard_normal((16, 8), dtype=np.float32)})),
+    }
     for bucket, key, blob in objects.values():
         s3.put_object(Bucket=stack.buckets[bucket], Key=key, Body=blob)
     return {name: f"s3://{stack.buckets[bucket]}/{key}" for name, (bucket, key, _) in objects.items()}
@@ -238,22 +268,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if owned is not None:
             owned.stop()
-    print(f"jobs {report['jobs']}, client concurrency {report['concurrency']}, "
-          f"mode {'real worker' if args.worker else 'no worker: cancel'}")
-    print(f"submit   {report['submit']['seconds']:7.2f} s  {report['submit']['jobs_per_s']:7.1f} jobs/s  "
-          f"{report['submit']['latency']}  client retries {report['submit']['client_retries']}")
+    print(
+        f"jobs {report['jobs']}, client concurrency {report['concurrency']}, "
+        f"mode {'real worker' if args.worker else 'no worker: cancel'}"
+    )
+    print(
+        f"submit   {report['submit']['seconds']:7.2f} s  {report['submit']['jobs_per_s']:7.1f} jobs/s  "
+        f"{report['submit']['latency']}  client retries {report['submit']['client_retries']}"
+    )
     if "cancel_per_s" in report:
         print(f"cancel   {report['cancel_per_s']:7.1f} jobs/s")
-    print(f"poll     {report['poll']['seconds']:7.2f} s  {report['poll']['reads_per_s']:7.1f} reads/s  "
-          f"{report['poll']['latency']}")
-    print(f"reads    {report['status_reads']['reads_per_s']:7.1f} status reads/s with "
-          f"{report['status_reads']['concurrency']} concurrent GET loops over "
-          f"{report['status_reads']['seconds']} s  {report['status_reads']['latency']}")
+    print(
+        f"poll     {report['poll']['seconds']:7.2f} s  {report['poll']['reads_per_s']:7.1f} reads/s  "
+        f"{report['poll']['latency']}"
+    )
+    print(
+        f"reads    {report['status_reads']['reads_per_s']:7.1f} status reads/s with "
+        f"{report['status_reads']['concurrency']} concurrent GET loops over "
+        f"{report['status_reads']['seconds']} s  {report['status_reads']['latency']}"
+    )
     print("accounting " + json.dumps(report["accounting"]))
     print(f"total requests {report['total_requests']}")
     books = report["accounting"]
-    ok = books["replays_returned_original"] and books["listed_once_each"] and books["still_pending"] == 0 \
+    ok = (
+        books["replays_returned_original"]
+        and books["listed_once_each"]
+        and books["still_pending"] == 0
         and books["distinct_jobs"] == report["jobs"]
+    )
     print("OK: every job accounted for exactly once" if ok else "FAILED: the books do not balance")
     return 0 if ok else 1
 

@@ -74,7 +74,9 @@ def calibration_inputs(data: tb.Digits, n: int = CALIBRATION) -> Tensor:
     return data.x_train[:n]
 
 
-def same_task_scores(architecture: Mapping[str, Any], state: Mapping[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
+def same_task_scores(
+    architecture: Mapping[str, Any], state: Mapping[str, Tensor], x: Tensor, y: Tensor
+) -> dict[str, float]:
     """Joint accuracy plus 10-way accuracy on the digits of each half."""
     pred = tb.logits(architecture, state, x).argmax(1)
     scores = {"joint": float((pred == y).float().mean())}
@@ -84,8 +86,9 @@ def same_task_scores(architecture: Mapping[str, Any], state: Mapping[str, Tensor
     return scores
 
 
-def train_pair(architecture: Mapping[str, Any], data: tb.Digits, setting: str, seeds: Sequence[int],
-               epochs: int = EPOCHS) -> Pair:
+def train_pair(
+    architecture: Mapping[str, Any], data: tb.Digits, setting: str, seeds: Sequence[int], epochs: int = EPOCHS
+) -> Pair:
     if setting == "same":
         arch = dict(architecture)
         states = [tb.train(arch, data.x_train, data.y_train, seed=s, epochs=epochs) for s in seeds]
@@ -118,8 +121,9 @@ def score(pair: Pair, state: Mapping[str, Tensor], x: Tensor, y: Tensor) -> dict
     return tb.disjoint_scores(pair.architecture, state, tb.Digits(x, y, x, y))
 
 
-def choose_beta(pair: Pair, mode: str, reset_bn: bool, data: tb.Digits, calibration: Tensor,
-                betas: Sequence[float] = BETAS) -> tuple[float, Any]:
+def choose_beta(
+    pair: Pair, mode: str, reset_bn: bool, data: tb.Digits, calibration: Tensor, betas: Sequence[float] = BETAS
+) -> tuple[float, Any]:
     """The paper's protocol: pick beta by joint accuracy on TRAIN data (ties -> smaller beta)."""
     best = None
     for beta in betas:
@@ -131,8 +135,9 @@ def choose_beta(pair: Pair, mode: str, reset_bn: bool, data: tb.Digits, calibrat
     return best[1], best[2]
 
 
-def run_methods(pair: Pair, data: tb.Digits, calibration: Tensor, *, methods=METHODS, resets=(False, True),
-                beta_sweep: bool = False) -> dict[tuple[str, bool], dict[str, Any]]:
+def run_methods(
+    pair: Pair, data: tb.Digits, calibration: Tensor, *, methods=METHODS, resets=(False, True), beta_sweep: bool = False
+) -> dict[tuple[str, bool], dict[str, Any]]:
     """Every method x BN reset on one pair: {(label, reset): {joint, task0, task1, report[, beta]}}."""
     rows: dict[tuple[str, bool], dict[str, Any]] = {}
     for label, method, extra in methods:
@@ -144,7 +149,10 @@ def run_methods(pair: Pair, data: tb.Digits, calibration: Tensor, *, methods=MET
             for reset in resets:
                 beta, result = choose_beta(pair, mode, reset, data, calibration)
                 rows[(f"mudsc {mode} (beta*)", reset)] = {
-                    **score(pair, result.state_dict, data.x_test, data.y_test), "report": result.report, "beta": beta}
+                    **score(pair, result.state_dict, data.x_test, data.y_test),
+                    "report": result.report,
+                    "beta": beta,
+                }
     return rows
 
 
@@ -162,8 +170,10 @@ def _fmt(values: Sequence[float], pct: bool = True) -> str:
 
 def table(results: dict[str, list[tuple[Pair, dict]]], labels: Sequence[str]) -> str:
     """results[setting] = [(pair, rows) per seed pair] -> markdown."""
-    head = ("| method | BN reset | same: joint | same: 0-4 | same: 5-9 | same: gap closed "
-            "| disjoint: joint | disjoint: task 0-4 | disjoint: task 5-9 | disjoint: gap closed |")
+    head = (
+        "| method | BN reset | same: joint | same: 0-4 | same: 5-9 | same: gap closed "
+        "| disjoint: joint | disjoint: task 0-4 | disjoint: task 5-9 | disjoint: gap closed |"
+    )
     lines = [head, "|" + "---|" * 10]
     settings = ("same", "disjoint")
 
@@ -181,8 +191,12 @@ def table(results: dict[str, list[tuple[Pair, dict]]], labels: Sequence[str]) ->
 
     def endpoint_getter(pair, rows, key):
         return pair.endpoint[key]
-    lines.append("| endpoints (same: mean of models; disjoint: own task, joint = ensemble) | - | "
-                 + " | ".join(cells(endpoint_getter)) + " |")
+
+    lines.append(
+        "| endpoints (same: mean of models; disjoint: own task, joint = ensemble) | - | "
+        + " | ".join(cells(endpoint_getter))
+        + " |"
+    )
     for label in labels:
         for reset in (False, True):
             if not all((label, reset) in rows for runs in results.values() for _, rows in runs):
@@ -192,8 +206,18 @@ def table(results: dict[str, list[tuple[Pair, dict]]], labels: Sequence[str]) ->
                 return rows[(label, reset)][key]
 
             def gap(runs, label=label, reset=reset):
-                return _fmt([gap_closed(rows[(label, reset)]["joint"], rows[("weight_average", reset)]["joint"],
-                                        pair.endpoint["joint"]) for pair, rows in runs], pct=False)
+                return _fmt(
+                    [
+                        gap_closed(
+                            rows[(label, reset)]["joint"],
+                            rows[("weight_average", reset)]["joint"],
+                            pair.endpoint["joint"],
+                        )
+                        for pair, rows in runs
+                    ],
+                    pct=False,
+                )
+
             getter.gap = gap  # type: ignore[attr-defined]
             name = label
             if "beta*" in label:
@@ -231,39 +255,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pair = train_pair(architecture, data, setting, pair_seeds, args.epochs)
                 rows = run_methods(pair, data, calibration, beta_sweep=not args.no_beta_sweep)
                 results[setting].append((pair, rows))
-                print(f"[{arch_key} {setting} seeds {pair_seeds}] {time.perf_counter() - t0:.0f}s "
-                      f"endpoint joint {pair.endpoint['joint']:.3f}", file=sys.stderr, flush=True)
+                print(
+                    f"[{arch_key} {setting} seeds {pair_seeds}] {time.perf_counter() - t0:.0f}s "
+                    f"endpoint joint {pair.endpoint['joint']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         body = table(results, labels)
         sections.append(f"### {arch_key}: `{architecture}`\n\n{body}\n")
         print(f"### {arch_key}\n\n{body}\n", flush=True)
     elapsed = time.perf_counter() - started
     command = "python -m bench.mudsc_digits" + ("" if argv is None else " " + " ".join(argv))
-    doc = "\n".join([
-        "# MuDSC digits test bed: full table",
-        "",
-        f"Generated {_dt.date.today().isoformat()} by `{command}` in {elapsed:.0f} s "
-        f"({args.threads} CPU thread(s), torch {torch.__version__}).",
-        "",
-        "Config: scikit-learn digits (8x8, 1257 train / 540 test, `testbed.load_digits_data()`), "
-        f"Adam lr 3e-3 cosine, {args.epochs} epochs, batch 64 (`testbed.train`); seed pairs {seeds} "
-        "(model A seed, model B seed); calibration = first "
-        f"{CALIBRATION} train images (both halves); zip keeps the width (r = 1/2), a = 0.5, b = 1; "
-        "mudsc rows use beta = 0.5" + ("" if args.no_beta_sweep else
-                                       f"; `beta*` rows pick beta in {list(BETAS)} by joint accuracy on TRAIN data "
-                                       "per seed pair (chosen values listed, in order same..., disjoint...)") + ".",
-        "",
-        "Test accuracy in %, mean ± std over seed pairs. same = both models on all 10 classes, shared head "
-        "(per-task columns: 10-way accuracy on test digits 0-4 / 5-9). disjoint = A on 0-4, B on 5-9, "
-        "merged with `heads='separate'` (10 logits): joint = 10-way argmax, task = argmax inside the task's "
-        "own 5 logits. Endpoints: same = mean of the two models; disjoint = each model on its own task, "
-        "joint = ensemble of the two originals (concatenated logits). gap closed = (merged - weight_average) / "
-        "(endpoint - weight_average) on joint accuracy, weight_average taken with the same BN-reset setting "
-        "(mean ± std, a fraction).",
-        "",
-        *sections,
-        f"Reproduce: `{command}` (took {elapsed / 60:.0f} min here on one CPU thread of a shared 2-core machine).",
-        "",
-    ])
+    doc = "\n".join(
+        [
+            "# MuDSC digits test bed: full table",
+            "",
+            f"Generated {_dt.date.today().isoformat()} by `{command}` in {elapsed:.0f} s "
+            f"({args.threads} CPU thread(s), torch {torch.__version__}).",
+            "",
+            "Config: scikit-learn digits (8x8, 1257 train / 540 test, `testbed.load_digits_data()`), "
+            f"Adam lr 3e-3 cosine, {args.epochs} epochs, batch 64 (`testbed.train`); seed pairs {seeds} "
+            "(model A seed, model B seed); calibration = first "
+            f"{CALIBRATION} train images (both halves); zip keeps the width (r = 1/2), a = 0.5, b = 1; "
+            "mudsc rows use beta = 0.5"
+            + (
+                ""
+                if args.no_beta_sweep
+                else f"; `beta*` rows pick beta in {list(BETAS)} by joint accuracy on TRAIN data "
+                "per seed pair (chosen values listed, in order same..., disjoint...)"
+            )
+            + ".",
+            "",
+            "Test accuracy in %, mean ± std over seed pairs. same = both models on all 10 classes, shared head "
+            "(per-task columns: 10-way accuracy on test digits 0-4 / 5-9). disjoint = A on 0-4, B on 5-9, "
+            "merged with `heads='separate'` (10 logits): joint = 10-way argmax, task = argmax inside the task's "
+            "own 5 logits. Endpoints: same = mean of the two models; disjoint = each model on its own task, "
+            "joint = ensemble of the two originals (concatenated logits). gap closed = (merged - weight_average) / "
+            "(endpoint - weight_average) on joint accuracy, weight_average taken with the same BN-reset setting "
+            "(mean ± std, a fraction).",
+            "",
+            *sections,
+            f"Reproduce: `{command}` (took {elapsed / 60:.0f} min here on one CPU thread of a shared 2-core machine).",
+            "",
+        ]
+    )
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(doc)

@@ -41,9 +41,13 @@ def llama_layout(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         names += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-        names += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                  (p + "mlp.down_proj.weight", (h, i)),
-                  (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        names += [
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
     return names + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
@@ -54,8 +58,9 @@ def generate() -> list[Path]:
 
     layout = llama_layout(LLAMA)
     folders = [WORK / name for name in ("base", "ft_a", "ft_b")]
-    writers = [ShardWriter(f, "float32", 400 * 1024**2, layout=[(n, torch.float32, s) for n, s in layout])
-               for f in folders]
+    writers = [
+        ShardWriter(f, "float32", 400 * 1024**2, layout=[(n, torch.float32, s) for n, s in layout]) for f in folders
+    ]
     g = torch.Generator().manual_seed(0)
     for name, shape in layout:
         base = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g).mul_(0.02)
@@ -74,8 +79,16 @@ def run_streaming(method: str, out: Path) -> dict:
     from mudsc_core.same_base.stream import merge_checkpoints
 
     started = time.perf_counter()
-    report = merge_checkpoints(method, METHODS[method], [WORK / "ft_a", WORK / "ft_b"], WORK / "base", [1.0, 1.0],
-                               out, dtype="float32", shard_size_bytes=2 * 1024**3)
+    report = merge_checkpoints(
+        method,
+        METHODS[method],
+        [WORK / "ft_a", WORK / "ft_b"],
+        WORK / "base",
+        [1.0, 1.0],
+        out,
+        dtype="float32",
+        shard_size_bytes=2 * 1024**3,
+    )
     return {"wall_s": time.perf_counter() - started, "metrics": report["metrics"]}
 
 
@@ -95,8 +108,9 @@ def run_naive(method: str, out: Path) -> dict:
             state.update(load_file(shard))
         states.append(state)
     base, models = states[0], states[1:]
-    merged = {name: task_arithmetic(base[name], [m[name] for m in models], [1.0, 1.0], params, name=name)
-              for name in base}
+    merged = {
+        name: task_arithmetic(base[name], [m[name] for m in models], [1.0, 1.0], params, name=name) for name in base
+    }
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
     return {"wall_s": time.perf_counter() - started}
@@ -137,8 +151,13 @@ def main() -> None:
         results: dict[tuple[str, str], dict] = {}
         for method in METHODS:
             for kind in ("naive", "streaming"):
-                proc = subprocess.run([sys.executable, __file__, "--child", kind, method], cwd=ROOT,
-                                      capture_output=True, text=True, check=True)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", kind, method],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 results[(method, kind)] = json.loads(proc.stdout.strip().splitlines()[-1])
                 r = results[(method, kind)]
                 lines.append(f"{method:<16}{kind:<11}{r['wall_s']:>9.1f}{r['peak_rss_mb']:>13.0f}")
@@ -148,9 +167,11 @@ def main() -> None:
             rss_ratio = stream["peak_rss_mb"] / naive["peak_rss_mb"]
             time_ratio = stream["wall_s"] / naive["wall_s"]
             metrics = ", ".join(f"{k}={v:.1f}" for k, v in stream["metrics"].items())
-            lines.append(f"{method}: peak RSS ratio {rss_ratio:.3f} (target < 0.333: "
-                         f"{'PASS' if rss_ratio < 1 / 3 else 'FAIL'}), wall time ratio {time_ratio:.2f} "
-                         f"(target <= 1: {'PASS' if time_ratio <= 1.0 else 'FAIL'}); streaming split: {metrics}")
+            lines.append(
+                f"{method}: peak RSS ratio {rss_ratio:.3f} (target < 0.333: "
+                f"{'PASS' if rss_ratio < 1 / 3 else 'FAIL'}), wall time ratio {time_ratio:.2f} "
+                f"(target <= 1: {'PASS' if time_ratio <= 1.0 else 'FAIL'}); streaming split: {metrics}"
+            )
         print("\n".join(lines))
     finally:
         if not args.keep:

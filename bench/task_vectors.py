@@ -36,10 +36,30 @@ TASKS = ("rotate", "permute", "flip", "shift")
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 PROBE_EPOCHS = 5  # a short linear probe: the head is fixed, the body learns the task
 FINETUNE_EPOCHS = 10
-ALL_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-               "della_linear", "linear", "slerp", "multislerp", "model_stock", "tsv_merge", "iso_c", "iso_cts")
-PARAMS = {"ties": {"density": 0.2}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
-          "della": {"density": 0.5}, "della_linear": {"density": 0.5}}
+ALL_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "linear",
+    "slerp",
+    "multislerp",
+    "model_stock",
+    "tsv_merge",
+    "iso_c",
+    "iso_cts",
+)
+PARAMS = {
+    "ties": {"density": 0.2},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "della": {"density": 0.5},
+    "della_linear": {"density": 0.5},
+}
 
 
 def transform(images: np.ndarray, task: str) -> np.ndarray:
@@ -82,7 +102,7 @@ def _train(params, forward, split: Split, epochs: int, lr: float, seed: int) -> 
     for _ in range(epochs):
         order = torch.randperm(len(split.y), generator=g)
         for start in range(0, len(order), 128):
-            idx = order[start:start + 128]
+            idx = order[start : start + 128]
             loss = nn.functional.cross_entropy(forward(split.x[idx]), split.y[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -112,8 +132,14 @@ def _build(seed: int, digits) -> TestBed:  # type: ignore[no-untyped-def]
         return Split(torch.from_numpy(data), torch.from_numpy(y[idx]))
 
     base_body, base_head = body(), nn.Linear(128, 10)
-    _train(list(base_body.parameters()) + list(base_head.parameters()), lambda v: base_head(base_body(v)),
-           split(None, "train"), epochs=30, lr=3e-3, seed=seed)
+    _train(
+        list(base_body.parameters()) + list(base_head.parameters()),
+        lambda v: base_head(base_body(v)),
+        split(None, "train"),
+        epochs=30,
+        lr=3e-3,
+        seed=seed,
+    )
     base = {k: v.detach().clone() for k, v in base_body.state_dict().items()}
 
     finetuned, heads = {}, {}
@@ -126,7 +152,14 @@ def _build(seed: int, digits) -> TestBed:  # type: ignore[no-untyped-def]
         head.requires_grad_(False)
         model = body()
         model.load_state_dict(base)
-        _train(model.parameters(), lambda v, m=model, h=head: h(m(v)), train, epochs=FINETUNE_EPOCHS, lr=1e-3, seed=seed + t)
+        _train(
+            model.parameters(),
+            lambda v, m=model, h=head: h(m(v)),
+            train,
+            epochs=FINETUNE_EPOCHS,
+            lr=1e-3,
+            seed=seed + t,
+        )
         finetuned[task] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         heads[task] = head
     return TestBed(base, finetuned, heads, {t: split(t, "val") for t in TASKS}, {t: split(t, "test") for t in TASKS})
@@ -163,8 +196,9 @@ def merge(bed: TestBed, method: str, work: Path) -> tuple[dict[str, torch.Tensor
         if lam is not None:
             params["scaling_factor"] = lam
         out = work / f"out_{method}"
-        merge_checkpoints(method, params, models, base, [1.0] * len(models), out, dtype="float32",
-                          shard_size_bytes=2**30)
+        merge_checkpoints(
+            method, params, models, base, [1.0] * len(models), out, dtype="float32", shard_size_bytes=2**30
+        )
         state = load_state_dict(out)
         score = float(np.mean(list(accuracies(bed, state, "val").values())))
         if best is None or score > best[0]:
@@ -189,7 +223,9 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     header = f"{'model':<34}" + "".join(f"{t:>9}" for t in TASKS) + f"{'mean':>9}"
     lines = [header, "-" * len(header)]
     for label, acc in rows.items():
-        lines.append(f"{label:<34}" + "".join(f"{acc[t]:>9.3f}" for t in TASKS) + f"{np.mean(list(acc.values())):>9.3f}")
+        lines.append(
+            f"{label:<34}" + "".join(f"{acc[t]:>9.3f}" for t in TASKS) + f"{np.mean(list(acc.values())):>9.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -49,8 +49,16 @@ def inputs_for(architecture: Mapping[str, Any], x: Tensor) -> Tensor:
     return x.flatten(1) if architecture["name"] == "mlp" else x
 
 
-def train(architecture: Mapping[str, Any], x: Tensor, y: Tensor, *, seed: int, epochs: int = 30,
-          lr: float = 3e-3, batch_size: int = 64) -> dict[str, Tensor]:
+def train(
+    architecture: Mapping[str, Any],
+    x: Tensor,
+    y: Tensor,
+    *,
+    seed: int,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+) -> dict[str, Tensor]:
     """Adam + cross-entropy from a seeded initialisation; returns the state dict."""
     torch.manual_seed(seed)
     model = build_model(architecture)
@@ -62,7 +70,7 @@ def train(architecture: Mapping[str, Any], x: Tensor, y: Tensor, *, seed: int, e
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator)
         for start in range(0, len(y), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             if len(batch) < 2:
                 continue
             optimiser.zero_grad()
@@ -92,7 +100,9 @@ def with_classes(architecture: Mapping[str, Any], num_classes: int) -> dict[str,
 SPLITS = (range(0, 5), range(5, 10))
 
 
-def disjoint_scores(architecture: Mapping[str, Any], merged_state: Mapping[str, Tensor], data: Digits) -> dict[str, float]:
+def disjoint_scores(
+    architecture: Mapping[str, Any], merged_state: Mapping[str, Tensor], data: Digits
+) -> dict[str, float]:
     """A merged model whose heads were kept separate (5 logits per task, concatenated).
 
     joint: argmax over all 10 logits on the whole test set; task_k: argmax inside task k's
@@ -102,6 +112,6 @@ def disjoint_scores(architecture: Mapping[str, Any], merged_state: Mapping[str, 
     scores = {"joint": float((out.argmax(1) == data.y_test).float().mean())}
     for k, labels in enumerate(SPLITS):
         keep = (data.y_test >= labels.start) & (data.y_test < labels.stop)
-        task_logits = out[keep][:, labels.start:labels.stop]
+        task_logits = out[keep][:, labels.start : labels.stop]
         scores[f"task{k}"] = float((task_logits.argmax(1) == data.y_test[keep] - labels.start).float().mean())
     return scores

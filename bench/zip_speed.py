@@ -1,4 +1,4 @@
-"""Speed of the incremental greedy zip against the full-rescan reference (design §3).
+"""Speed of the incremental greedy zip against the full-rescan reference (docs/design/MUDSC.md §3).
 
 Two models whose units are a noisy permutation of each other, activations ReLU of a
 low-rank + noise mixture with some dead units (exact-zero similarity rows), one CPU thread.
@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     all_identical = True
     for n in args.sizes:
         sim = activation_similarity(n)
-        fast, fast_s = min((timed(lambda: zip_match(sim, NUM_MODELS)) for _ in range(args.repeats)), key=lambda r: r[1])
+        fast, fast_s = min(
+            (timed(lambda sim=sim: zip_match(sim, NUM_MODELS)) for _ in range(args.repeats)), key=lambda r: r[1]
+        )
         fast_sizes.append(n)
         fast_times.append(fast_s)
         ref_col, speed_col, same_col = "-", "-", "-"
         if n <= args.max_reference_n:
-            reference, ref_s = timed(lambda: zip_match_reference(sim, NUM_MODELS))
+            reference, ref_s = timed(lambda sim=sim: zip_match_reference(sim, NUM_MODELS))
             ref_sizes.append(n)
             ref_times.append(ref_s)
             identical = same(fast, reference) and fast.score == reference.score

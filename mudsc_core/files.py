@@ -9,7 +9,6 @@ for same-base merges, the model config and card.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ import torch
 
 from mudsc_core.errors import InvalidCalibration
 from mudsc_core.output import write_sidecars
+from mudsc_core.progress import Progress
 from mudsc_core.schema import METHODS, JobSpec
-
-ProgressFn = Callable[[str, float, str], None]
 
 
 @dataclass(frozen=True)
@@ -35,8 +33,9 @@ def load_calibration(path: Path, tensor_name: str, max_samples: int) -> torch.Te
 
     checkpoint = open_checkpoint(path)
     if tensor_name not in checkpoint.keys():
-        raise InvalidCalibration(f"calibration file has no tensor {tensor_name!r} "
-                                 f"(it has: {', '.join(sorted(checkpoint.keys())[:10])})")
+        raise InvalidCalibration(
+            f"calibration file has no tensor {tensor_name!r} (it has: {', '.join(sorted(checkpoint.keys())[:10])})"
+        )
     shape = checkpoint.shape(tensor_name)
     if len(shape) < 2 or shape[0] == 0:
         raise InvalidCalibration(f"calibration tensor {tensor_name!r} must be (samples, ...), got shape {list(shape)}")
@@ -49,7 +48,7 @@ def merge_files(
     out_dir: Path,
     *,
     device: str,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Merge the checkpoints named by ``inputs`` as ``spec`` says; write into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,10 +59,16 @@ def merge_files(
         from mudsc_core.same_base.stream import merge_checkpoints
 
         report = merge_checkpoints(
-            spec.method.name, spec.method.typed_params(), inputs.models, inputs.base_model,
-            [m.weight for m in spec.models], out_dir,
-            dtype=spec.output.dtype, shard_size_bytes=spec.output.shard_size_bytes,
-            spec_json=spec_json, progress=progress,
+            spec.method.name,
+            spec.method.typed_params(),
+            inputs.models,
+            inputs.base_model,
+            [m.weight for m in spec.models],
+            out_dir,
+            dtype=spec.output.dtype,
+            shard_size_bytes=spec.output.shard_size_bytes,
+            spec_json=spec_json,
+            progress=progress,
         )
     else:
         from mudsc_core.io import load_state_dict, save_state_dict
@@ -74,8 +79,15 @@ def merge_files(
         if spec.calibration is not None and inputs.calibration is not None:
             calibration = load_calibration(inputs.calibration, spec.calibration.tensor, spec.calibration.max_samples)
         states = [load_state_dict(path) for path in inputs.models]
-        result = merge(states, spec.architecture, spec.method, calibration, device=device, progress=progress,
-                       calibration_batch_size=spec.calibration.batch_size if spec.calibration else 128)
+        result = merge(
+            states,
+            spec.architecture,
+            spec.method,
+            calibration,
+            device=device,
+            progress=progress,
+            calibration_batch_size=spec.calibration.batch_size if spec.calibration else 128,
+        )
         report = result.report
         save_state_dict(result.state_dict, out_dir, spec.output.dtype, spec.output.shard_size_bytes)
         sidecars["spec"] = spec_json  # (the same-base stream writes its spec, config and card itself)

@@ -22,9 +22,10 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import torch
 
@@ -38,10 +39,21 @@ logger = logging.getLogger(__name__)
 HEADER_CAP_BYTES = 100 * 1024 * 1024  # same cap as the safetensors library
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 OUTPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -202,8 +214,9 @@ def _read_sharded(folder: Path, weight_map: Mapping[str, str]) -> dict[str, Tens
                 entries[name] = entry
     missing = [n for n in weight_map if n not in entries]
     if missing:
-        raise InvalidCheckpoint(f"{hf_folder.INDEX_NAME}: tensor {missing[0]!r} is not in its shard "
-                                f"{weight_map[missing[0]]}")
+        raise InvalidCheckpoint(
+            f"{hf_folder.INDEX_NAME}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]}"
+        )
     return {name: entries[name] for name in weight_map}
 
 
@@ -220,7 +233,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- writing
-def _header_bytes(layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def _header_bytes(
+    layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """A safetensors header (padded to 8 bytes with spaces, as the library does) and each tensor's range."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     ranges: dict[str, tuple[int, int]] = {}
@@ -252,23 +267,10 @@ def plan_shards(sizes: Iterable[tuple[str, int]], shard_size_bytes: int) -> list
     return shards
 
 
-class ShardWriter:
-    """Write tensors into ``model.safetensors`` or HF shards + ``model.safetensors.index.json``.
+class _ShardWriterBase:
+    """What both writers share: the output dtype rule and the index over the shards they wrote."""
 
-    Floating-point tensors are written in ``dtype``; others keep their own dtype. With
-    ``layout`` (name, dtype-as-stored-in, shape for every tensor, in order: what a streaming
-    merge plans first) the shard headers are written up front and each tensor goes straight
-    to its place (any order); without it each shard's data is spooled to a temporary file and
-    the shard is assembled when it is full. Either way no more than one tensor is held here.
-    """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        dtype: str | torch.dtype = torch.float32,
-        shard_size_bytes: int = 2 * 1024**3,
-        layout: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
-    ) -> None:
+    def __init__(self, out_dir: Path, dtype: str | torch.dtype, shard_size_bytes: int) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dtype = OUTPUT_DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -278,27 +280,50 @@ class ShardWriter:
         self._closed = False
         self._weight_map: dict[str, str] = {}
         self._total = 0
-        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
-        if layout is not None:
-            self._open_planned(layout)
-        else:
-            self._spool: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-            self._spool_size = 0
-            self._spool_files: list[Path] = []
-            self._spool_handle = None
 
     def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Floating-point tensors are written in the output dtype; others keep their own."""
         return self.dtype if dtype.is_floating_point else dtype
 
-    # planned: headers first, tensors pwritten into place
-    def _open_planned(self, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    def _prepare(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The tensor as written (output dtype, contiguous, on CPU) and its bytes."""
+        if self._closed:
+            raise ValueError("shard writer is closed")
+        tensor = tensor.detach().to("cpu", self.out_dtype(tensor.dtype)).contiguous()
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B") if tensor.numel() else b""
+        return tensor, data
+
+    def _finish(self, files: list[str]) -> list[str]:
+        if len(files) > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            files.append(INDEX_NAME)
+        return files
+
+
+class PlannedShardWriter(_ShardWriterBase):
+    """Shards whose layout is known up front (what a streaming merge plans first).
+
+    ``layout`` lists (name, dtype as stored in the source, shape) for every tensor, in order. The
+    shard headers are written at once and each tensor is ``pwrite``-n straight to its place, in any
+    order, so nothing is held here and a write-behind thread may write while the next is computed.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        dtype: str | torch.dtype,
+        shard_size_bytes: int,
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    ) -> None:
+        super().__init__(out_dir, dtype, shard_size_bytes)
         self._layout = {name: (self.out_dtype(dt), tuple(shape)) for name, dt, shape in layout}
         sizes = [(n, math.prod(s) * dt.itemsize) for n, (dt, s) in self._layout.items()]
-        shards = plan_shards(sizes, self.shard_size_bytes)
         self._places: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, nbytes)
         self._fds: list[int] = []
         self._files: list[str] = []
         self._pending = set(self._layout)
+        shards = plan_shards(sizes, self.shard_size_bytes)
         for i, names in enumerate(shards):
             file_name = shard_file_name(i, len(shards))
             header, ranges = _header_bytes((n, *self._layout[n]) for n in names)
@@ -306,8 +331,7 @@ class ShardWriter:
             self._fds.append(fd)
             self._files.append(file_name)
             os.pwrite(fd, header, 0)
-            data_len = sum(nbytes for _, nbytes in ranges.values())
-            os.ftruncate(fd, len(header) + data_len)
+            os.ftruncate(fd, len(header) + sum(nbytes for _, nbytes in ranges.values()))
             for name in names:
                 offset, nbytes = ranges[name]
                 self._places[name] = (fd, len(header) + offset, nbytes)
@@ -315,22 +339,57 @@ class ShardWriter:
                 self._total += nbytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor, data = self._prepare(tensor)
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} is not in the planned layout or was already written")
+        dtype, shape = self._layout[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+        fd, offset, _ = self._places[name]
+        _pwrite_all(fd, data, offset)
+        self._pending.discard(name)
+
+    def close(self) -> list[str]:
+        """Finish every shard (and the index when there are several); return the file names written."""
         if self._closed:
-            raise ValueError("ShardWriter is closed")
-        tensor = tensor.detach().to("cpu", self.out_dtype(tensor.dtype)).contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        if self._layout is not None:
-            if name not in self._pending:
-                raise ValueError(f"tensor {name!r} is not in the planned layout or was already written")
-            dtype, shape = self._layout[name]
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ValueError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
-            fd, offset, nbytes = self._places[name]
-            _pwrite_all(fd, memoryview(data).cast("B") if nbytes else b"", offset)
-            self._pending.discard(name)
-            return
-        if name in self._weight_map or any(name == n for shard in self._spool for n, _, _ in shard):
+            raise ValueError("shard writer is closed")
+        self._closed = True
+        for fd in self._fds:
+            os.close(fd)
+        if self._pending:
+            raise ValueError(
+                f"{len(self._pending)} planned tensors were never written, e.g. {sorted(self._pending)[0]!r}"
+            )
+        return self._finish(list(self._files))
+
+    def abort(self) -> None:
+        """Close handles without finishing (the caller removes the folder)."""
+        if not self._closed:
+            self._closed = True
+            for fd in self._fds:
+                os.close(fd)
+
+
+class SpooledShardWriter(_ShardWriterBase):
+    """Shards of tensors added one by one with no layout known up front.
+
+    Each shard's data is spooled to a temporary file as tensors arrive; the shard is assembled
+    (header, then the spooled data) when it is full or on ``close``. No tensor is held here.
+    """
+
+    def __init__(self, out_dir: Path, dtype: str | torch.dtype, shard_size_bytes: int) -> None:
+        super().__init__(out_dir, dtype, shard_size_bytes)
+        self._spool: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        self._spool_size = 0
+        self._spool_files: list[Path] = []
+        self._spool_handle: BinaryIO | None = None
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor, data = self._prepare(tensor)
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self._spool[-1] and self._spool_size + nbytes > self.shard_size_bytes:
             self._roll_spool()
@@ -338,7 +397,7 @@ class ShardWriter:
             spool_path = self.out_dir / f".spool-{len(self._spool_files):05d}.tmp"
             self._spool_files.append(spool_path)
             self._spool_handle = open(spool_path, "wb")
-        self._spool_handle.write(memoryview(data).cast("B") if nbytes else b"")
+        self._spool_handle.write(data)
         self._spool[-1].append((name, tensor.dtype, tuple(tensor.shape)))
         self._spool_size += nbytes
 
@@ -350,51 +409,48 @@ class ShardWriter:
         self._spool_size = 0
 
     def close(self) -> list[str]:
-        """Finish every shard (and the index when there are several); return the file names written."""
+        """Assemble every shard (and the index when there are several); return the file names written."""
         if self._closed:
-            raise ValueError("ShardWriter is closed")
+            raise ValueError("shard writer is closed")
         self._closed = True
-        if self._layout is not None:
-            for fd in self._fds:
-                os.close(fd)
-            if self._pending:
-                raise ValueError(f"{len(self._pending)} planned tensors were never written, e.g. {sorted(self._pending)[0]!r}")
-            files = list(self._files)
-        else:
-            if self._spool_handle is not None:
-                self._spool_handle.close()
-                self._spool_handle = None
-            shards = [s for s in self._spool if s] or [[]]
-            files = []
-            for i, shard in enumerate(shards):
-                file_name = shard_file_name(i, len(shards))
-                header, ranges = _header_bytes(shard)
-                with open(self.out_dir / file_name, "wb") as out:
-                    out.write(header)
-                    if i < len(self._spool_files):
-                        with open(self._spool_files[i], "rb") as spool:
-                            _copy(spool, out)
-                        self._spool_files[i].unlink()
-                for name, _, _ in shard:
-                    self._weight_map[name] = file_name
-                    self._total += ranges[name][1]
-                files.append(file_name)
-        if len(files) > 1:
-            index = {"metadata": {"total_size": self._total}, "weight_map": self._weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            files.append(INDEX_NAME)
-        return files
+        if self._spool_handle is not None:
+            self._spool_handle.close()
+            self._spool_handle = None
+        shards = [s for s in self._spool if s] or [[]]
+        files = []
+        for i, shard in enumerate(shards):
+            file_name = shard_file_name(i, len(shards))
+            header, ranges = _header_bytes(shard)
+            with open(self.out_dir / file_name, "wb") as out:
+                out.write(header)
+                if i < len(self._spool_files):
+                    with open(self._spool_files[i], "rb") as spool:
+                        _copy(spool, out)
+                    self._spool_files[i].unlink()
+            for name, _, _ in shard:
+                self._weight_map[name] = file_name
+                self._total += ranges[name][1]
+            files.append(file_name)
+        return self._finish(files)
 
     def abort(self) -> None:
         """Close handles without finishing (the caller removes the folder)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._layout is not None:
-            for fd in self._fds:
-                os.close(fd)
-        elif self._spool_handle is not None:
-            self._spool_handle.close()
+        if not self._closed:
+            self._closed = True
+            if self._spool_handle is not None:
+                self._spool_handle.close()
+
+
+def ShardWriter(  # the one public constructor of both writers (a function: it picks the class)
+    out_dir: Path,
+    dtype: str | torch.dtype = torch.float32,
+    shard_size_bytes: int = 2 * 1024**3,
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
+) -> PlannedShardWriter | SpooledShardWriter:
+    """``model.safetensors`` or HF shards + ``model.safetensors.index.json``: planned with a ``layout``, else spooled."""
+    if layout is not None:
+        return PlannedShardWriter(out_dir, dtype, shard_size_bytes, layout)
+    return SpooledShardWriter(out_dir, dtype, shard_size_bytes)
 
 
 def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
@@ -405,7 +461,7 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += written
 
 
-def _copy(src, dst) -> None:  # type: ignore[no-untyped-def]
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
     try:
         size = os.fstat(src.fileno()).st_size
         dst.flush()
@@ -432,7 +488,7 @@ def save_state_dict(
 ) -> list[str]:
     """Write a whole state dict as ``model.safetensors`` or HF shards + index."""
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
-    writer = ShardWriter(out_dir, dtype, shard_size_bytes, layout=layout)
+    writer = PlannedShardWriter(out_dir, dtype, shard_size_bytes, layout)
     try:
         for name, tensor in state.items():
             writer.add(name, tensor)
@@ -448,6 +504,16 @@ def iter_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 __all__ = [
-    "Checkpoint", "ShardWriter", "TensorEntry", "open_checkpoint", "load_state_dict", "save_state_dict",
-    "read_header", "plan_shards", "DTYPES", "OUTPUT_DTYPES",
+    "Checkpoint",
+    "ShardWriter",
+    "PlannedShardWriter",
+    "SpooledShardWriter",
+    "TensorEntry",
+    "open_checkpoint",
+    "load_state_dict",
+    "save_state_dict",
+    "read_header",
+    "plan_shards",
+    "DTYPES",
+    "OUTPUT_DTYPES",
 ]

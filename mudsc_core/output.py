@@ -23,8 +23,14 @@ CARD_NAME = "README.md"
 REPORT_NAME = "report.json"
 
 
-def write_sidecars(folder: Path, *, config_source: Path | None = None, spec: dict[str, Any] | None = None,
-                   card: str | None = None, report: dict[str, Any] | None = None) -> list[str]:
+def write_sidecars(
+    folder: Path,
+    *,
+    config_source: Path | None = None,
+    spec: dict[str, Any] | None = None,
+    card: str | None = None,
+    report: dict[str, Any] | None = None,
+) -> list[str]:
     """Write the given sidecars into ``folder``; returns the names written."""
     written = []
     if config_source is not None:

@@ -39,6 +39,10 @@ def make_sender(settings: Settings) -> Celery:
 
 def send_merge(sender: Celery, settings: Settings, job_id: str) -> None:
     sender.send_task(
-        TASK_NAME, args=[job_id], queue=settings.celery.queue, task_id=job_id,
-        retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        TASK_NAME,
+        args=[job_id],
+        queue=settings.celery.queue,
+        task_id=job_id,
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
     )

@@ -30,7 +30,8 @@ class CelerySettings(BaseModel):
     )
     queue: str = Field("gpu", description="Queue the merge task is sent to (MUDSC_CELERY__QUEUE)")
     key_prefix: str = Field(
-        "", max_length=128,
+        "",
+        max_length=128,
         description="Redis broker global key prefix, to share one Redis between stacks (MUDSC_CELERY__KEY_PREFIX)",
     )
 
@@ -46,16 +47,21 @@ class S3Settings(BaseModel):
     secret_access_key: str | None = Field(None, description="S3 secret access key (MUDSC_S3__SECRET_ACCESS_KEY)")
     region: str = Field("us-east-1", description="S3 region (MUDSC_S3__REGION)")
     results_bucket: str = Field("results", description="Bucket of default job outputs (MUDSC_S3__RESULTS_BUCKET)")
-    presign_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime (MUDSC_S3__PRESIGN_TTL_S)")
+    presign_ttl_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime (MUDSC_S3__PRESIGN_TTL_S)"
+    )
     connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout (MUDSC_S3__CONNECT_TIMEOUT_S)")
     read_timeout_s: float = Field(60.0, gt=0, description="S3 read timeout (MUDSC_S3__READ_TIMEOUT_S)")
     max_attempts: int = Field(
-        5, ge=1, le=20,
+        5,
+        ge=1,
+        le=20,
         description="Attempts of one S3 request (boto3 'standard' retry mode: exponential backoff with jitter on "
         "connection errors, throttling and 5xx) before a transfer fails the job (MUDSC_S3__MAX_ATTEMPTS)",
     )
     multipart_threshold_bytes: int = Field(
-        64 * 1024**2, ge=5 * 1024**2,
+        64 * 1024**2,
+        ge=5 * 1024**2,
         description="Uploads/downloads above this size use multipart transfers (MUDSC_S3__MULTIPART_THRESHOLD_BYTES)",
     )
 
@@ -99,12 +105,16 @@ class AuthSettings(BaseModel):
 
 
 class WorkerSettings(BaseModel):
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N, resolved inside the task (MUDSC_WORKER__DEVICE)")
+    device: str = Field(
+        "auto", description="auto | cpu | cuda | cuda:N, resolved inside the task (MUDSC_WORKER__DEVICE)"
+    )
     scratch_dir: str | None = Field(
-        None, description="Scratch directory for inputs/outputs; default: the system temp dir (MUDSC_WORKER__SCRATCH_DIR)"
+        None,
+        description="Scratch directory for inputs/outputs; default: the system temp dir (MUDSC_WORKER__SCRATCH_DIR)",
     )
     soft_time_limit_s: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Soft time limit of a merge, after which the job fails with `timeout`; default: the hard limit "
         "minus max(30 s, 5%) (MUDSC_WORKER__SOFT_TIME_LIMIT_S)",
     )
@@ -113,11 +123,16 @@ class WorkerSettings(BaseModel):
         60, ge=2, description="Lease a running worker holds and renews on a job (MUDSC_WORKER__LEASE_TTL_S)"
     )
     max_attempts: int = Field(
-        3, ge=1, le=100, description="Deliveries of one job before it fails with `worker_lost` (MUDSC_WORKER__MAX_ATTEMPTS)"
+        3,
+        ge=1,
+        le=100,
+        description="Deliveries of one job before it fails with `worker_lost` (MUDSC_WORKER__MAX_ATTEMPTS)",
     )
 
     debug_stage_delay_s: float = Field(
-        0.0, ge=0, le=600,
+        0.0,
+        ge=0,
+        le=600,
         description="TESTING ONLY, default 0 (off): sleep this long at the start of each stage, while still renewing "
         "the lease and honouring cancellation, so fault-injection tests can act mid-stage "
         "(MUDSC_WORKER__DEBUG_STAGE_DELAY_S)",
@@ -131,7 +146,7 @@ class WorkerSettings(BaseModel):
         return device
 
     @model_validator(mode="after")
-    def _limits(self) -> "WorkerSettings":
+    def _limits(self) -> WorkerSettings:
         if self.soft_time_limit_s is not None and self.time_limit_s <= self.soft_time_limit_s:
             raise ValueError("time_limit_s must exceed soft_time_limit_s")
         return self
@@ -164,12 +179,14 @@ class LimitSettings(BaseModel):
 
 class ReconcileSettings(BaseModel):
     interval_s: float = Field(
-        15.0, ge=0,
+        15.0,
+        ge=0,
         description="How often the API process sweeps for running jobs whose lease expired with no live worker and "
         "re-queues them (or fails them `worker_lost` after max attempts); 0 disables (MUDSC_RECONCILE__INTERVAL_S)",
     )
     resend_queued_after_s: float = Field(
-        3600.0, ge=0,
+        3600.0,
+        ge=0,
         description="A job still queued this long after its task was last sent gets its task sent again (a broker "
         "that lost messages, e.g. a crashed Redis); a duplicate is harmless, the claim is fenced; 0 disables "
         "(MUDSC_RECONCILE__RESEND_QUEUED_AFTER_S)",

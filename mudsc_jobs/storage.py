@@ -11,7 +11,6 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mudsc_core.errors import MergeError, ObjectNotFound, ObjectNotReadable
@@ -42,8 +41,9 @@ def _boto_session() -> boto3.session.Session:
     return _session
 
 
-def make_client(settings: S3Settings, *, public: bool = False, max_attempts: int | None = None,
-                timeout_s: float | None = None) -> Any:
+def make_client(
+    settings: S3Settings, *, public: bool = False, max_attempts: int | None = None, timeout_s: float | None = None
+) -> Any:
     endpoint = (settings.public_endpoint_url or settings.endpoint_url) if public else settings.endpoint_url
     return _boto_session().client(
         "s3",
@@ -106,10 +106,8 @@ def read_failure(uri: str, exc: Exception, *, stage: str | None = None) -> Merge
 def write_failure(uri: str, exc: Exception, *, stage: str = "uploading") -> StorageError:
     """The error of a failed write under ``uri`` (an output)."""
     if isinstance(exc, BotoCoreError):
-        return StorageUnavailable(f"object storage unreachable while writing {uri}: {type(exc).__name__}",
-                                  stage=stage)
+        return StorageUnavailable(f"object storage unreachable while writing {uri}: {type(exc).__name__}", stage=stage)
     return StorageError(f"writing {uri} failed: {error_code(exc) or exc}", stage=stage)
 
 
 STORAGE_ERRORS = (ClientError, BotoCoreError)
-

@@ -21,9 +21,10 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 import redis.asyncio as aioredis
@@ -70,7 +71,7 @@ def _glob_escape(text: str) -> str:
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json(value: Any) -> str:
@@ -86,7 +87,7 @@ local function now_ms()
 end
 local function is_terminal(s) return s == 'succeeded' or s == 'failed' or s == 'canceled' end
 local function in_list(csv, s) return string.find(',' .. csv .. ',', ',' .. s .. ',', 1, true) ~= nil end
-local function add_event(key, event) return redis.call('XADD', key, 'MAXLEN', '~', %d, '*', 'e', event) end
+local function add_event(key, event) return redis.call('XADD', key, 'MAXLEN', '~', @EVENTS_MAXLEN@, '*', 'e', event) end
 local function finish(job, events, active, id, ttl)
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', events, ttl)
@@ -106,11 +107,13 @@ local function end_worker_lost(job, events, active, id, attempt, max_attempts, s
   add_event(events, cjson.encode({type='status', time=now_iso, data={status='failed', attempt=attempt, error=err}}))
   finish(job, events, active, id, ttl)
 end
-""" % EVENTS_MAXLEN
+""".replace("@EVENTS_MAXLEN@", str(EVENTS_MAXLEN))
 
 # KEYS: job, events, index, active, idem
 # ARGV: id, score, max_active, use_idem, body_hash, idem_ttl, event, job key prefix, field/value pairs...
-_LUA_CREATE = _LUA_COMMON + """
+_LUA_CREATE = (
+    _LUA_COMMON
+    + """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[5])
   if existing then
@@ -133,10 +136,13 @@ if ARGV[4] == '1' then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[5], 'EX
 add_event(KEYS[2], ARGV[7])
 return {'created', ARGV[1]}
 """
+)
 
 # KEYS: job, events, active
 # ARGV: allowed_from (csv), expected_attempt ('' = any), new_status ('' = keep), ttl, event ('' = none), pairs...
-_LUA_TRANSITION = _LUA_COMMON + """
+_LUA_TRANSITION = (
+    _LUA_COMMON
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', ''} end
 if not in_list(ARGV[1], cur) then return {'conflict', cur} end
@@ -152,10 +158,13 @@ if ARGV[5] ~= '' then add_event(KEYS[2], ARGV[5]) end
 if is_terminal(new) then finish(KEYS[1], KEYS[2], KEYS[3], redis.call('HGET', KEYS[1], 'id'), ARGV[4]) end
 return {'ok', new}
 """
+)
 
 # KEYS: job, events, active
 # ARGV: owner, lease_ttl_ms, max_attempts, now_iso, ttl
-_LUA_CLAIM = _LUA_COMMON + """
+_LUA_CLAIM = (
+    _LUA_COMMON
+    + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'lease_until_ms', 'id', 'progress')
 local status, attempt, lease_until, id = h[1], tonumber(h[2]), tonumber(h[3]) or 0, h[4]
 if not status then return {'missing', '0'} end
@@ -183,10 +192,13 @@ if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[
 add_event(KEYS[2], cjson.encode({type='status', time=ARGV[4], data={status='running', attempt=attempt}}))
 return {'claimed', tostring(attempt), 'running'}
 """
+)
 
 # KEYS: job, events
 # ARGV: attempt, lease_ttl_ms, progress ('' = lease renewal only), event, now_iso
-_LUA_HEARTBEAT = _LUA_COMMON + """
+_LUA_HEARTBEAT = (
+    _LUA_COMMON
+    + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if not h[1] then return {'missing', ''} end
 if h[2] ~= ARGV[1] then return {'stale', h[1]} end
@@ -198,13 +210,16 @@ if ARGV[3] ~= '' then
 end
 return {'ok', h[1]}
 """
+)
 
 # The reconciler's step for one job whose worker may be gone. KEYS: job, events, active
 # ARGV: max_attempts, now_iso, ttl
 # running|canceling with an expired lease: canceling (or cancel requested) -> canceled; attempts used up ->
 # failed `worker_lost`; else -> queued again (same attempt number: the next claim makes it attempt + 1; the
 # lost worker's heartbeat and completion are then refused, since status and attempt no longer match).
-_LUA_REAP = _LUA_COMMON + """
+_LUA_REAP = (
+    _LUA_COMMON
+    + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'lease_until_ms', 'id', 'progress', 'cancel')
 local status, attempt, lease_until, id = h[1], tonumber(h[2]), tonumber(h[3]) or 0, h[4]
 if not status then return {'missing', ''} end
@@ -225,6 +240,7 @@ add_event(KEYS[2], cjson.encode({type='status', time=ARGV[2],
   data={status='queued', attempt=attempt, reason='lease_expired'}}))
 return {'requeued', 'queued'}
 """
+)
 
 
 # ------------------------------------------------------------------------------------ API
@@ -273,7 +289,7 @@ _NULLABLE = ("started_at", "finished_at")
 
 
 def decode_job(raw: dict[str, str]) -> dict[str, Any]:
-    """The Redis hash -> the public job dict (API.md's job object)."""
+    """The Redis hash -> the public job dict (docs/design/API.md, the job object)."""
     job: dict[str, Any] = {
         "id": raw["id"],
         "status": raw["status"],
@@ -350,10 +366,13 @@ class JobStore:
         self._reap = client.register_script(_LUA_REAP)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> "JobStore":
+    def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> JobStore:
         # Reconnect with backoff across a Redis restart (about 10 s in all) before an error reaches the caller.
         client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
@@ -361,9 +380,10 @@ class JobStore:
         return cls(client, prefix=prefix, job_ttl_s=job_ttl_s)
 
     @classmethod
-    def from_settings(cls, settings: "Settings", *, timeout_s: float = 5.0) -> "JobStore":
-        return cls.from_url(settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s,
-                            timeout_s=timeout_s)
+    def from_settings(cls, settings: Settings, *, timeout_s: float = 5.0) -> JobStore:
+        return cls.from_url(
+            settings.redis.url, prefix=settings.redis.key_prefix, job_ttl_s=settings.job_ttl_s, timeout_s=timeout_s
+        )
 
     def close(self) -> None:
         self.redis.close()
@@ -388,8 +408,12 @@ class JobStore:
     def ping(self, timeout_s: float = 2.0) -> bool:
         """One quick PING on a fresh connection, without the reconnect retries (readiness must answer fast)."""
         pool = self.redis.connection_pool
-        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "socket_timeout": timeout_s,
-                  "socket_connect_timeout": timeout_s}
+        kwargs = {
+            **pool.connection_kwargs,
+            "retry": Retry(NoBackoff(), 0),
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        }
         connection = pool.connection_class(**kwargs)
         try:
             connection.send_command("PING")
@@ -405,7 +429,12 @@ class JobStore:
         return decode_job(raw)
 
     def list(
-        self, tenant: str, *, limit: int, after: str | None = None, status: str | None = None,
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        after: str | None = None,
+        status: str | None = None,
         labels: dict[str, str] | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
         index = self.index_key(tenant)
@@ -464,25 +493,58 @@ class JobStore:
 
     # writes (API)
     def create(
-        self, *, tenant: str, spec: dict[str, Any], labels: dict[str, str], max_active: int,
-        idempotency_key: str | None = None, body_hash: str = "", job_id: str | None = None,
+        self,
+        *,
+        tenant: str,
+        spec: dict[str, Any],
+        labels: dict[str, str],
+        max_active: int,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+        job_id: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Create a queued job. Returns (job, created); created=False for an idempotent replay."""
         job_id = job_id or new_job_id()
         now = utcnow()
         fields = {
-            "id": job_id, "tenant": tenant, "status": "queued", "attempt": "0", "created_at": now,
-            "started_at": "", "finished_at": "", "updated_at": now, "spec": _json(spec), "labels": _json(labels),
-            "progress": "", "error": "", "result": "", "cancel": "0", "lease_owner": "", "lease_until_ms": "0",
+            "id": job_id,
+            "tenant": tenant,
+            "status": "queued",
+            "attempt": "0",
+            "created_at": now,
+            "started_at": "",
+            "finished_at": "",
+            "updated_at": now,
+            "spec": _json(spec),
+            "labels": _json(labels),
+            "progress": "",
+            "error": "",
+            "result": "",
+            "cancel": "0",
+            "lease_owner": "",
+            "lease_until_ms": "0",
         }
         pairs = [item for kv in fields.items() for item in kv]
         idem_key = self.idem_key(tenant, idempotency_key) if idempotency_key else f"{self.prefix}idem:-"
         outcome, other = self._create(
-            keys=[self.job_key(job_id), self.events_key(job_id), self.index_key(tenant), self.active_key(tenant),
-                  idem_key],
-            args=[job_id, int(time.time() * 1000), max_active, "1" if idempotency_key else "0", body_hash,
-                  self.job_ttl_s, event_payload("status", {"status": "queued", "attempt": 0}, now), f"{self.prefix}job:",
-                  *pairs],
+            keys=[
+                self.job_key(job_id),
+                self.events_key(job_id),
+                self.index_key(tenant),
+                self.active_key(tenant),
+                idem_key,
+            ],
+            args=[
+                job_id,
+                int(time.time() * 1000),
+                max_active,
+                "1" if idempotency_key else "0",
+                body_hash,
+                self.job_ttl_s,
+                event_payload("status", {"status": "queued", "attempt": 0}, now),
+                f"{self.prefix}job:",
+                *pairs,
+            ],
         )
         if outcome == "existing":
             return self.get(other, tenant), False
@@ -493,13 +555,27 @@ class JobStore:
         return self.get(job_id), True
 
     def _run_transition(
-        self, job_id: str, tenant: str, *, allowed: Iterable[str], new_status: str = "", attempt: int | None = None,
-        event: str = "", fields: dict[str, str] | None = None,
+        self,
+        job_id: str,
+        tenant: str,
+        *,
+        allowed: Iterable[str],
+        new_status: str = "",
+        attempt: int | None = None,
+        event: str = "",
+        fields: dict[str, str] | None = None,
     ) -> str:
         pairs = [item for kv in (fields or {}).items() for item in kv]
         outcome, status = self._transition(
             keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
-            args=[",".join(allowed), "" if attempt is None else str(attempt), new_status, self.job_ttl_s, event, *pairs],
+            args=[
+                ",".join(allowed),
+                "" if attempt is None else str(attempt),
+                new_status,
+                self.job_ttl_s,
+                event,
+                *pairs,
+            ],
         )
         _raise_for(outcome, status, job_id)
         return status
@@ -510,7 +586,10 @@ class JobStore:
         now = utcnow()
         try:
             self._run_transition(
-                job_id, tenant, allowed=["queued"], new_status="canceled",
+                job_id,
+                tenant,
+                allowed=["queued"],
+                new_status="canceled",
                 event=event_payload("status", {"status": "canceled", "attempt": 0}, now),
                 fields={"cancel": "1", "finished_at": now, "updated_at": now},
             )
@@ -519,7 +598,10 @@ class JobStore:
                 raise
             try:
                 self._run_transition(
-                    job_id, tenant, allowed=["running"], new_status="canceling",
+                    job_id,
+                    tenant,
+                    allowed=["running"],
+                    new_status="canceling",
                     event=event_payload("status", {"status": "canceling"}, now),
                     fields={"cancel": "1", "updated_at": now},
                 )
@@ -533,7 +615,10 @@ class JobStore:
         now = utcnow()
         error = {"code": "broker_unavailable", "message": message, "stage": None, "retryable": True}
         self._run_transition(
-            job_id, tenant, allowed=["queued"], new_status="failed",
+            job_id,
+            tenant,
+            allowed=["queued"],
+            new_status="failed",
             event=event_payload("status", {"status": "failed", "attempt": 0, "error": error}, now),
             fields={"error": _json(error), "finished_at": now, "updated_at": now},
         )
@@ -551,14 +636,24 @@ class JobStore:
         return Claim(outcome, int(attempt), rest[0] if rest else None, remaining)
 
     def heartbeat(
-        self, job_id: str, attempt: int, *, lease_ttl_s: float, progress: dict[str, Any] | None = None,
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        lease_ttl_s: float,
+        progress: dict[str, Any] | None = None,
     ) -> str:
         """Renew the lease (and record progress). Returns the status: ``canceling`` means stop."""
         now = utcnow()
         outcome, status = self._heartbeat(
             keys=[self.job_key(job_id), self.events_key(job_id)],
-            args=[str(attempt), int(lease_ttl_s * 1000), _json(progress) if progress else "",
-                  event_payload("progress", progress, now) if progress else "", now],
+            args=[
+                str(attempt),
+                int(lease_ttl_s * 1000),
+                _json(progress) if progress else "",
+                event_payload("progress", progress, now) if progress else "",
+                now,
+            ],
         )
         _raise_for(outcome, status, job_id)
         return status
@@ -569,7 +664,7 @@ class JobStore:
         for active_key in self.redis.scan_iter(match=_glob_escape(self.prefix) + "tenant:*:active", count=batch):
             ids = sorted(self.redis.smembers(active_key))
             for start in range(0, len(ids), batch):
-                chunk = ids[start:start + batch]
+                chunk = ids[start : start + batch]
                 pipe = self.redis.pipeline(transaction=False)
                 for job_id in chunk:
                     pipe.hmget(self.job_key(job_id), *fields)
@@ -582,8 +677,11 @@ class JobStore:
     def expired_leases(self) -> list[str]:
         """Ids of running/canceling jobs whose lease has expired (by the Redis clock), over every tenant."""
         now_ms = self._now_ms()
-        return [job_id for job_id, (status, lease_until) in self._active_jobs(("status", "lease_until_ms"))
-                if status in ("running", "canceling") and int(lease_until or 0) <= now_ms]
+        return [
+            job_id
+            for job_id, (status, lease_until) in self._active_jobs(("status", "lease_until_ms"))
+            if status in ("running", "canceling") and int(lease_until or 0) <= now_ms
+        ]
 
     def stale_queued(self, older_than_s: float) -> list[str]:
         """Ids of queued jobs whose task was last sent (or that were last queued) more than ``older_than_s`` ago."""
@@ -604,16 +702,28 @@ class JobStore:
         tenant = self.tenant_of(job_id)
         if tenant is None:
             return "missing"
-        outcome, _ = self._reap(keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
-                                args=[max_attempts, utcnow(), self.job_ttl_s])
+        outcome, _ = self._reap(
+            keys=[self.job_key(job_id), self.events_key(job_id), self.active_key(tenant)],
+            args=[max_attempts, utcnow(), self.job_ttl_s],
+        )
         return str(outcome)
 
     def log(self, job_id: str, message: str, **data: Any) -> None:
-        self.redis.xadd(self.events_key(job_id), {"e": event_payload("log", {"message": message, **data})},
-                        maxlen=EVENTS_MAXLEN, approximate=True)
+        self.redis.xadd(
+            self.events_key(job_id),
+            {"e": event_payload("log", {"message": message, **data})},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
 
     def complete(
-        self, job_id: str, tenant: str, attempt: int, *, status: str, result: dict[str, Any] | None = None,
+        self,
+        job_id: str,
+        tenant: str,
+        attempt: int,
+        *,
+        status: str,
+        result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
         """running|canceling -> succeeded|failed|canceled, only for the current attempt."""
@@ -628,8 +738,13 @@ class JobStore:
         if result is not None:
             fields["result"] = _json(result)
         self._run_transition(
-            job_id, tenant, allowed=["running", "canceling"], new_status=status, attempt=attempt,
-            event=event_payload("status", data, now), fields=fields,
+            job_id,
+            tenant,
+            allowed=["running", "canceling"],
+            new_status=status,
+            attempt=attempt,
+            event=event_payload("status", data, now),
+            fields=fields,
         )
 
 
@@ -640,8 +755,9 @@ class EventTail:
         self.client = client
         self.keys = Keys(prefix)
 
-    async def read(self, job_id: str, cursor: str, *, count: int = 100,
-                   block_ms: int | None = None) -> list[dict[str, Any]]:
+    async def read(
+        self, job_id: str, cursor: str, *, count: int = 100, block_ms: int | None = None
+    ) -> list[dict[str, Any]]:
         """Events after ``cursor`` (a stream id), waiting up to ``block_ms`` for the first when given."""
         batches = await self.client.xread({self.keys.events(job_id): cursor}, count=count, block=block_ms)
         return [decode_event(event_id, fields) for _, entries in batches or [] for event_id, fields in entries]
@@ -649,4 +765,3 @@ class EventTail:
     async def status(self, job_id: str) -> str | None:
         status = await self.client.hget(self.keys.job(job_id), "status")
         return str(status) if status is not None else None
-

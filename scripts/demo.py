@@ -29,9 +29,9 @@ import torch  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from safetensors.torch import load_file, save  # noqa: E402
 
+from bench.testbed import accuracy, inputs_for, load_digits_data, train  # noqa: E402
 from mudsc_client.cli import watch  # noqa: E402
 from mudsc_client.client import MudscClient, read_env_file  # noqa: E402
-from bench.testbed import accuracy, inputs_for, load_digits_data, train  # noqa: E402
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mlp": {"name": "mlp", "config": {"input_dim": 64, "hidden": [128, 128], "num_classes": 10}},
@@ -41,10 +41,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 def s3_client(env: dict[str, str]) -> Any:
     return boto3.client(
-        "s3", endpoint_url=env["MUDSC_S3_ENDPOINT"], region_name=env.get("MUDSC_S3_REGION", "us-east-1"),
-        aws_access_key_id=env["MUDSC_S3_ACCESS_KEY"], aws_secret_access_key=env["MUDSC_S3_SECRET_KEY"],
-        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
-                      request_checksum_calculation="when_required", response_checksum_validation="when_required"),
+        "s3",
+        endpoint_url=env["MUDSC_S3_ENDPOINT"],
+        region_name=env.get("MUDSC_S3_REGION", "us-east-1"),
+        aws_access_key_id=env["MUDSC_S3_ACCESS_KEY"],
+        aws_secret_access_key=env["MUDSC_S3_SECRET_KEY"],
+        config=Config(
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
     )
 
 
@@ -101,23 +108,28 @@ def main(argv: list[str] | None = None) -> int:
     calibration = inputs_for(architecture, data.x_train[: args.calibration_samples]).contiguous()
     calib_key = f"{run}/calibration.safetensors"
     s3.put_object(Bucket=data_bucket, Key=calib_key, Body=save({"inputs": calibration}))
-    print(f"uploaded {', '.join(model_uris)} and s3://{data_bucket}/{calib_key} "
-          f"(inputs {tuple(calibration.shape)})")
+    print(f"uploaded {', '.join(model_uris)} and s3://{data_bucket}/{calib_key} (inputs {tuple(calibration.shape)})")
 
     # 3. Submit the merges.
     common = {
         "models": [{"uri": uri} for uri in model_uris],
         "architecture": architecture,
-        "calibration": {"uri": f"s3://{data_bucket}/{calib_key}", "tensor": "inputs",
-                        "max_samples": args.calibration_samples, "batch_size": 128},
+        "calibration": {
+            "uri": f"s3://{data_bucket}/{calib_key}",
+            "tensor": "inputs",
+            "max_samples": args.calibration_samples,
+            "batch_size": 128,
+        },
         "labels": {"demo": run},
     }
     with MudscClient(env["MUDSC_API_URL"], env["MUDSC_API_KEY"]) as client:
         jobs = {
-            "MuDSC (zip)": client.submit({"method": {"name": "mudsc", "params": {"mode": "zip"}}, **common},
-                                         idempotency_key=f"{run}-mudsc"),
-            "weight average": client.submit({"method": {"name": "weight_average", "params": {}}, **common},
-                                            idempotency_key=f"{run}-avg"),
+            "MuDSC (zip)": client.submit(
+                {"method": {"name": "mudsc", "params": {"mode": "zip"}}, **common}, idempotency_key=f"{run}-mudsc"
+            ),
+            "weight average": client.submit(
+                {"method": {"name": "weight_average", "params": {}}, **common}, idempotency_key=f"{run}-avg"
+            ),
         }
         for name, job in jobs.items():
             print(f"submitted {name}: {job['id']} ({job['status']})")
@@ -135,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         # 5. Download through presigned URLs and evaluate.
-        scores = {f"model {label}": accuracy(architecture, state, data.x_test, data.y_test)
-                  for label, state in zip("AB", states)}
+        scores = {
+            f"model {label}": accuracy(architecture, state, data.x_test, data.y_test)
+            for label, state in zip("AB", states)
+        }
         for name in ("weight average", "MuDSC (zip)"):
             job = finished[name]
             folder = Path(args.out) / job["id"]

@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,9 @@ def ensure_redis_server_binary() -> str:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise StackError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
     if not found:
         raise StackError("apt-get installed redis-server but the binary is not on PATH")
     return found
@@ -190,14 +192,14 @@ class LocalStack:
         self._popen: dict[str, subprocess.Popen[bytes]] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, worker: bool = True, api: bool = True) -> "LocalStack":
+    def start(self, worker: bool = True, api: bool = True) -> LocalStack:
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
@@ -228,8 +230,9 @@ class LocalStack:
         """Stop every process this stack started (reverse order); flush its Redis database."""
         for name in reversed(list(self._procs)):
             info = self._procs[name]
-            _stop_process(int(info["pid"]), info.get("start_time"), self._popen.get(name),
-                          grace_s=_GRACE_S.get(name, 15.0))
+            _stop_process(
+                int(info["pid"]), info.get("start_time"), self._popen.get(name), grace_s=_GRACE_S.get(name, 15.0)
+            )
         self._procs.clear()
         self._popen.clear()
         if self.redis_claimed_db is not None and self.redis_url:
@@ -257,8 +260,23 @@ class LocalStack:
         port = free_port()
         data = self.root / "redis"
         data.mkdir(exist_ok=True)
-        cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", "",
-               "--appendonly", "no", "--protected-mode", "yes", "--daemonize", "no"]
+        cmd = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+        ]
         self._spawn("redis", cmd, cwd=data)
         self.redis_owned = True
         self.redis_url = f"redis://127.0.0.1:{port}/0"
@@ -268,8 +286,9 @@ class LocalStack:
         """Claim a numbered database on a shared Redis server (SET NX), skipping ones in use."""
         import redis
 
-        claim = json.dumps({"root": str(self.root), "pid": os.getpid(), "host": socket.gethostname(),
-                            "at": time.time()})
+        claim = json.dumps(
+            {"root": str(self.root), "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}
+        )
         # Databases 8.. first: hand-written configurations tend to use 0, 1 and 15.
         for db in [*range(8, 15), *range(1, 8), *range(16, 64)]:
             client = redis.Redis.from_url(f"{base_url}/{db}", socket_connect_timeout=2)
@@ -311,20 +330,41 @@ class LocalStack:
         data = self.root / "seaweedfs"
         data.mkdir(exist_ok=True)
         config = self.root / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "mudsc",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "mudsc",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         config.chmod(0o600)
         (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc) = _free_ports(8)
         cmd = [
-            weed_binary(), "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-            f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={config}", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            weed_binary(),
+            "server",
+            "-s3",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={data}",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={config}",
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
             "-master.telemetry=false",
         ]
         self._spawn("seaweedfs", cmd, cwd=data)
@@ -344,12 +384,18 @@ class LocalStack:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.s3_endpoint, region_name=S3_REGION,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name=S3_REGION,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
             config=Config(
-                signature_version="s3v4", s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required", response_checksum_validation="when_required",
-                connect_timeout=connect_timeout, read_timeout=read_timeout,
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
                 retries={"max_attempts": attempts, "mode": "standard"},
             ),
         )
@@ -366,8 +412,9 @@ class LocalStack:
                     break  # a data folder kept from an earlier run
                 except Exception as exc:  # noqa: BLE001 - SeaweedFS may still be assigning volumes
                     if time.monotonic() > deadline:
-                        raise StackError(f"creating bucket {bucket!r} failed: {exc}\n"
-                                         f"{log_tail(self.logs / 'seaweedfs.log')}") from exc
+                        raise StackError(
+                            f"creating bucket {bucket!r} failed: {exc}\n{log_tail(self.logs / 'seaweedfs.log')}"
+                        ) from exc
                     time.sleep(0.5)
         # A write and read round trip proves volumes are assigned, not only the filer metadata.
         self._wait(self._s3_round_trip, "seaweedfs", "an S3 put/get round trip", 60)
@@ -438,13 +485,36 @@ class LocalStack:
             path.chmod(0o600)
 
     # ------------------------------------------------------------------ worker and API processes
-    def start_worker(self, name: str = "w1", *, env_overrides: Mapping[str, str] | None = None,
-                     wait: bool = True, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self,
+        name: str = "w1",
+        *,
+        env_overrides: Mapping[str, str] | None = None,
+        wait: bool = True,
+        concurrency: int = 1,
+    ) -> subprocess.Popen[bytes]:
         """Start a Celery worker ``name@host`` on the ``gpu`` queue; by default wait until it says ready."""
         (self.root / "scratch").mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", "gpu",
-               "-c", str(concurrency), "--pool", "prefork", "-n", f"{name}@%h", "-l", "INFO",
-               "--without-gossip", "--without-mingle"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app:app",
+            "worker",
+            "-Q",
+            "gpu",
+            "-c",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "-n",
+            f"{name}@%h",
+            "-l",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
         proc_name = f"worker-{name}"
         proc = self._spawn(proc_name, cmd, env={**self.settings_env(), **(env_overrides or {})})
         self._save()
@@ -459,18 +529,30 @@ class LocalStack:
             self._wait(reported_ready, proc_name, f"Celery worker {name} to report ready", self.startup_timeout_s)
         return proc
 
-    def start_api(self, env_overrides: Mapping[str, str] | None = None, *, name: str | None = None,
-                  wait_path: str = "/livez") -> tuple[str, subprocess.Popen[bytes]]:
+    def start_api(
+        self, env_overrides: Mapping[str, str] | None = None, *, name: str | None = None, wait_path: str = "/livez"
+    ) -> tuple[str, subprocess.Popen[bytes]]:
         """Start an API process on a free port; wait until ``wait_path`` answers 200. Returns (url, process)."""
         port = free_port()
         name = name or f"api-{port}"
-        cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--no-access-log"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
         proc = self._spawn(name, cmd, env={**self.settings_env(), **(env_overrides or {})})
         self._save()
         url = f"http://127.0.0.1:{port}"
-        self._wait(lambda: _http_ok(url + wait_path), name, f"the API to answer {wait_path} with 200",
-                   self.startup_timeout_s)
+        self._wait(
+            lambda: _http_ok(url + wait_path), name, f"the API to answer {wait_path} with 200", self.startup_timeout_s
+        )
         return url, proc
 
     def stop_process(self, name: str, *, sig: int = signal.SIGTERM) -> None:
@@ -479,8 +561,9 @@ class LocalStack:
         _stop_process(int(info["pid"]), info.get("start_time"), self._popen.pop(name, None), first_signal=sig)
         self._save()
 
-    def _spawn(self, name: str, cmd: list[str], *, cwd: Path | None = None,
-               env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, cmd: list[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         if name in self._procs and _alive(self._procs[name]["pid"], self._procs[name].get("start_time")):
             raise StackError(f"a process named {name!r} already runs in this stack")
         logfile = self.logs / f"{name}.log"
@@ -489,11 +572,23 @@ class LocalStack:
         with open(logfile, "ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
             out.flush()
-            proc = subprocess.Popen(cmd, cwd=str(cwd or REPO_ROOT), env=full_env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=str(cwd or REPO_ROOT),
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._popen[name] = proc
-        self._procs[name] = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "cmd": cmd,
-                             "log": str(logfile), "log_offset": offset}
+        self._procs[name] = {
+            "pid": proc.pid,
+            "start_time": _proc_start_time(proc.pid),
+            "cmd": cmd,
+            "log": str(logfile),
+            "log_offset": offset,
+        }
         return proc
 
     def _wait(self, ready: Any, name: str, what: str, timeout: float) -> None:
@@ -503,16 +598,23 @@ class LocalStack:
             if ready():
                 return
             if proc is not None and proc.poll() is not None:
-                raise StackError(f"{name} exited with status {proc.returncode} while waiting for {what}\n"
-                                 f"{log_tail(self.logs / f'{name}.log')}")
+                raise StackError(
+                    f"{name} exited with status {proc.returncode} while waiting for {what}\n"
+                    f"{log_tail(self.logs / f'{name}.log')}"
+                )
             time.sleep(0.2)
         raise StackError(f"timed out after {timeout:.0f}s waiting for {what}\n{log_tail(self.logs / f'{name}.log')}")
 
     # ------------------------------------------------------------------ persisted state
     def _save(self) -> None:
         state = {
-            "root": str(self.root), "stack_id": self.stack_id, "redis_url": self.redis_url, "redis_owned": self.redis_owned,
-            "redis_claimed_db": self.redis_claimed_db, "api_url": self.api_url, "s3_endpoint": self.s3_endpoint,
+            "root": str(self.root),
+            "stack_id": self.stack_id,
+            "redis_url": self.redis_url,
+            "redis_owned": self.redis_owned,
+            "redis_claimed_db": self.redis_claimed_db,
+            "api_url": self.api_url,
+            "s3_endpoint": self.s3_endpoint,
             "processes": self._procs,
         }
         tmp = self.root / "stack.json.tmp"
@@ -520,7 +622,7 @@ class LocalStack:
         tmp.replace(self.root / "stack.json")
 
     @classmethod
-    def attach(cls, root: Path | str) -> "LocalStack":
+    def attach(cls, root: Path | str) -> LocalStack:
         """A handle on a stack that ``up`` started earlier (reads ``stack.json`` and ``env``)."""
         stack = cls(root)
         state_file = stack.root / "stack.json"
@@ -544,15 +646,24 @@ class LocalStack:
     def status(self) -> dict[str, Any]:
         procs = {name: _alive(int(p["pid"]), p.get("start_time")) for name, p in self._procs.items()}
         return {
-            "root": str(self.root), "api_url": self.api_url, "s3_endpoint": self.s3_endpoint,
-            "redis_url": self.redis_url, "processes": procs,
+            "root": str(self.root),
+            "api_url": self.api_url,
+            "s3_endpoint": self.s3_endpoint,
+            "redis_url": self.redis_url,
+            "processes": procs,
             "api_ready": bool(self.api_url) and _http_ok(self.api_url + "/readyz"),
         }
 
 
 # --------------------------------------------------------------------------- process control
-def _stop_process(pid: int, start_time: int | None, popen: subprocess.Popen[bytes] | None,
-                  *, first_signal: int = signal.SIGTERM, grace_s: float = 15.0) -> None:
+def _stop_process(
+    pid: int,
+    start_time: int | None,
+    popen: subprocess.Popen[bytes] | None,
+    *,
+    first_signal: int = signal.SIGTERM,
+    grace_s: float = 15.0,
+) -> None:
     """Signal the process group that ``pid`` leads (it was started in its own session), then reap it."""
     if not _alive(pid, start_time):
         if popen is not None:

@@ -16,8 +16,12 @@ import secrets
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("tenant")
-    parser.add_argument("--prefix", action="append", default=None,
-                        help="s3:// prefix the tenant may read and write (repeatable; default models/ and data/)")
+    parser.add_argument(
+        "--prefix",
+        action="append",
+        default=None,
+        help="s3:// prefix the tenant may read and write (repeatable; default models/ and data/)",
+    )
     args = parser.parse_args()
     key = f"mudsc_{args.tenant}_{secrets.token_urlsafe(24)}"
     entry = {

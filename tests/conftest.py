@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalStack"]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     from scripts.localstack import LocalStack, StackError
 
     existing = os.environ.get("MUDSC_TEST_STACK")
@@ -56,7 +56,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalStack"]:
 
 
 @pytest.fixture(scope="session")
-def stack_client(stack: "LocalStack") -> Iterator["MudscClient"]:
+def stack_client(stack: LocalStack) -> Iterator[MudscClient]:
     """API client of tenant ``demo`` (allowed: every bucket)."""
     from mudsc_client.client import MudscClient
 
@@ -65,7 +65,7 @@ def stack_client(stack: "LocalStack") -> Iterator["MudscClient"]:
 
 
 @pytest.fixture(scope="session")
-def other_client(stack: "LocalStack") -> Iterator["MudscClient"]:
+def other_client(stack: LocalStack) -> Iterator[MudscClient]:
     """API client of tenant ``other`` (allowed: only ``s3://<bucket>/other/`` prefixes)."""
     from mudsc_client.client import MudscClient
 
@@ -74,6 +74,6 @@ def other_client(stack: "LocalStack") -> Iterator["MudscClient"]:
 
 
 @pytest.fixture(scope="session")
-def s3(stack: "LocalStack") -> Any:
+def s3(stack: LocalStack) -> Any:
     """A boto3 S3 client of the stack's SeaweedFS (path-style addressing)."""
     return stack.s3_client()

@@ -24,9 +24,19 @@ DOCKERFILES = sorted(p for p in (REPO / "docker").glob("Dockerfile.*") if p.suff
 MUDSC_VAR = re.compile(r"\bMUDSC_[A-Z0-9_]+")
 # Client-side variables (read by client/mudsc_client/cli.py, scripts/demo.py and written to .stack/env), not server settings.
 CLIENT_VARS = {
-    "MUDSC_API_URL", "MUDSC_API_KEY", "MUDSC_TENANT", "MUDSC_OTHER_API_KEY", "MUDSC_OTHER_TENANT",
-    "MUDSC_S3_ENDPOINT", "MUDSC_S3_ACCESS_KEY", "MUDSC_S3_SECRET_KEY", "MUDSC_S3_REGION",
-    "MUDSC_MODELS_BUCKET", "MUDSC_DATA_BUCKET", "MUDSC_RESULTS_BUCKET", "MUDSC_REDIS_URL",
+    "MUDSC_API_URL",
+    "MUDSC_API_KEY",
+    "MUDSC_TENANT",
+    "MUDSC_OTHER_API_KEY",
+    "MUDSC_OTHER_TENANT",
+    "MUDSC_S3_ENDPOINT",
+    "MUDSC_S3_ACCESS_KEY",
+    "MUDSC_S3_SECRET_KEY",
+    "MUDSC_S3_REGION",
+    "MUDSC_MODELS_BUCKET",
+    "MUDSC_DATA_BUCKET",
+    "MUDSC_RESULTS_BUCKET",
+    "MUDSC_REDIS_URL",
     "MUDSC_PUBLIC_S3_URL",  # compose interpolation input, mapped onto MUDSC_S3__PUBLIC_ENDPOINT_URL
 }
 
@@ -161,8 +171,9 @@ def _compose_env_names(compose: dict[str, Any]) -> set[str]:
     names = set(MUDSC_VAR.findall(COMPOSE.read_text()))
     for service in compose["services"].values():
         env = service.get("environment") or {}
-        names.update(k for k in (env if isinstance(env, dict) else [e.split("=")[0] for e in env])
-                     if k.startswith("MUDSC_"))
+        names.update(
+            k for k in (env if isinstance(env, dict) else [e.split("=")[0] for e in env]) if k.startswith("MUDSC_")
+        )
     return names
 
 
@@ -196,8 +207,11 @@ def test_compose_env_is_valid_settings(compose: dict[str, Any], monkeypatch: pyt
 
     def interpolate(value: str) -> str:
         # ${NAME:-default} / ${NAME:?message} as compose does, with the values above.
-        return re.sub(r"\$\{(\w+)(?::([-?])([^}]*))?\}",
-                      lambda m: interpolated.get(m.group(1), m.group(3) if m.group(2) == "-" else ""), value)
+        return re.sub(
+            r"\$\{(\w+)(?::([-?])([^}]*))?\}",
+            lambda m: interpolated.get(m.group(1), m.group(3) if m.group(2) == "-" else ""),
+            value,
+        )
 
     for service in ("api", "worker"):
         for name, value in compose["services"][service]["environment"].items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mudsc_jobs.storage import make_client
 from mudsc_jobs.settings import Settings
+from mudsc_jobs.storage import make_client
 from mudsc_jobs.store import JobStore
 
 

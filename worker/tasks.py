@@ -22,10 +22,10 @@ from celery import Task
 from pydantic import ValidationError
 from redis import RedisError
 
-from mudsc_jobs.dispatch import TASK_NAME
-from mudsc_jobs.store import TERMINAL, Claim, JobNotFound, StaleAttempt, TransitionConflict
 from mudsc_core.errors import MergeCanceled, MergeError
 from mudsc_core.schema import JobSpec
+from mudsc_jobs.dispatch import TASK_NAME
+from mudsc_jobs.store import TERMINAL, Claim, JobNotFound, StaleAttempt, TransitionConflict
 from worker import context
 from worker.celery_app import app
 from worker.transfer import Transfers
@@ -52,7 +52,7 @@ def _release_memory() -> None:
 class LeaseKeeper(threading.Thread):
     """Renews the job's lease every ttl/3 while the merge runs; notices cancellation and lost leases."""
 
-    def __init__(self, runner: "JobRunner") -> None:
+    def __init__(self, runner: JobRunner) -> None:
         super().__init__(name=f"lease-{runner.job_id}", daemon=True)
         self.runner = runner
         self.stopped = threading.Event()
@@ -61,8 +61,11 @@ class LeaseKeeper(threading.Thread):
         interval = max(self.runner.lease_ttl_s / 3, 0.2)
         while not self.stopped.wait(interval):
             try:
-                self.runner.observe(self.runner.ctx.store.heartbeat(
-                    self.runner.job_id, self.runner.attempt, lease_ttl_s=self.runner.lease_ttl_s))
+                self.runner.observe(
+                    self.runner.ctx.store.heartbeat(
+                        self.runner.job_id, self.runner.attempt, lease_ttl_s=self.runner.lease_ttl_s
+                    )
+                )
             except (StaleAttempt, JobNotFound, TransitionConflict):
                 self.runner.lease_lost.set()
                 return
@@ -95,7 +98,7 @@ class JobRunner:
         if status == "canceling":
             self.cancel_requested.set()
 
-    def checkpoint(self) -> None:
+    def cancellation_point(self) -> None:
         """Between units of work: stop on cancel or on a lost lease."""
         if self.lease_lost.is_set():
             raise LeaseLost(self.job_id)
@@ -115,7 +118,9 @@ class JobRunner:
             self._last_stage, self._last_publish = stage, now
             try:
                 status = self.ctx.store.heartbeat(
-                    self.job_id, self.attempt, lease_ttl_s=self.lease_ttl_s,
+                    self.job_id,
+                    self.attempt,
+                    lease_ttl_s=self.lease_ttl_s,
                     progress={"stage": stage, "percent": round(fraction * 100, 2), "message": message[:500]},
                 )
             except (StaleAttempt, JobNotFound, TransitionConflict):
@@ -125,9 +130,12 @@ class JobRunner:
                 logger.warning("progress of %s not recorded: %s", self.job_id, exc)
             else:
                 self.observe(status)
-        self.checkpoint()
-        if self.ctx.settings.worker.debug_stage_delay_s > 0 and stage not in self._delayed_stages \
-                and threading.get_ident() == self._task_thread:
+        self.cancellation_point()
+        if (
+            self.ctx.settings.worker.debug_stage_delay_s > 0
+            and stage not in self._delayed_stages
+            and threading.get_ident() == self._task_thread
+        ):
             self._delayed_stages.add(stage)
             self._debug_delay(self.ctx.settings.worker.debug_stage_delay_s)
 
@@ -144,7 +152,7 @@ class JobRunner:
             if strict:
                 raise
             logger.warning("fence of %s skipped (Redis unavailable): %s", self.job_id, exc)
-        self.checkpoint()
+        self.cancellation_point()
 
     def _debug_delay(self, seconds: float) -> None:
         """MUDSC_WORKER__DEBUG_STAGE_DELAY_S (tests only): wait at a stage start, still cancelable and fenced."""
@@ -170,23 +178,27 @@ class JobRunner:
 
         return on_bytes
 
-    def finish(self, status: str, *, result: dict[str, Any] | None = None,
-               error: dict[str, Any] | None = None) -> None:
+    def finish(self, status: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
         job = self.ctx.store.get(self.job_id)
         try:
-            self.ctx.store.complete(self.job_id, job["tenant"], self.attempt, status=status, result=result,
-                                    error=error)
+            self.ctx.store.complete(self.job_id, job["tenant"], self.attempt, status=status, result=result, error=error)
         except (StaleAttempt, TransitionConflict) as exc:
             logger.warning("job %s attempt %d: outcome %s not recorded (%s)", self.job_id, self.attempt, status, exc)
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> "Claim":
+    def run(self) -> Claim:
         settings = self.ctx.settings
-        claim = self.ctx.store.claim(self.job_id, owner=self.owner, lease_ttl_s=self.lease_ttl_s,
-                                     max_attempts=settings.worker.max_attempts)
+        claim = self.ctx.store.claim(
+            self.job_id, owner=self.owner, lease_ttl_s=self.lease_ttl_s, max_attempts=settings.worker.max_attempts
+        )
         if claim.outcome != "claimed":
-            logger.info("job %s: %s (attempt %d, status %s): nothing to do", self.job_id, claim.outcome,
-                        claim.attempt, claim.status)
+            logger.info(
+                "job %s: %s (attempt %d, status %s): nothing to do",
+                self.job_id,
+                claim.outcome,
+                claim.attempt,
+                claim.status,
+            )
             return claim
         self.attempt = claim.attempt
         job = self.ctx.store.get(self.job_id)
@@ -205,19 +217,31 @@ class JobRunner:
             self.finish("canceled")
         except SoftTimeLimitExceeded:
             limit = settings.worker.effective_soft_time_limit_s
-            error = {"code": "timeout", "message": f"the merge exceeded the time limit of {limit} s",
-                     "stage": self.stage, "retryable": False}
+            error = {
+                "code": "timeout",
+                "message": f"the merge exceeded the time limit of {limit} s",
+                "stage": self.stage,
+                "retryable": False,
+            }
             self._write_manifest_quietly(job, "failed", None, error)
             self.finish("failed", error=error)
         except MergeError as exc:
-            error = {"code": exc.code, "message": exc.message, "stage": exc.stage or self.stage,
-                     "retryable": exc.retryable}
+            error = {
+                "code": exc.code,
+                "message": exc.message,
+                "stage": exc.stage or self.stage,
+                "retryable": exc.retryable,
+            }
             self._write_manifest_quietly(job, "failed", None, error)
             self.finish("failed", error=error)
         except Exception as exc:  # the job must end failed, not stay running, whatever went wrong
             logger.exception("job %s attempt %d failed unexpectedly", self.job_id, self.attempt)
-            error = {"code": "internal", "message": f"internal error ({type(exc).__name__})", "stage": self.stage,
-                     "retryable": False}
+            error = {
+                "code": "internal",
+                "message": f"internal error ({type(exc).__name__})",
+                "stage": self.stage,
+                "retryable": False,
+            }
             self._write_manifest_quietly(job, "failed", None, error)
             self.finish("failed", error=error)
         finally:
@@ -268,7 +292,7 @@ class JobRunner:
         self.ctx.store.log(self.job_id, f"merging on {device}", device=device, attempt=self.attempt)
         out_dir = scratch / "out"
         report = merge_files(spec, inputs, out_dir, device=device, progress=self.progress)
-        self.checkpoint()
+        self.cancellation_point()
 
         # ---- outputs
         self.progress("uploading", 0.0, "uploading results")
@@ -276,10 +300,14 @@ class JobRunner:
         out_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
         # Staged under a per-attempt prefix; promoted only if this attempt still owns the job and was not
         # canceled (a stale worker that wakes up late never overwrites a newer attempt's outputs).
-        artifacts = transfers.upload_staged(out_dir, output_uri, f".staging-{self.job_id}-a{self.attempt}",
-                                            self.byte_progress("uploading", out_bytes, "uploaded"),
-                                            before_promote=self.fence)
-        self.checkpoint()
+        artifacts = transfers.upload_staged(
+            out_dir,
+            output_uri,
+            f".staging-{self.job_id}-a{self.attempt}",
+            self.byte_progress("uploading", out_bytes, "uploaded"),
+            before_promote=self.fence,
+        )
+        self.cancellation_point()
         self.progress("uploading", 1.0, f"{len(artifacts)} files")
         self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self._stage_started
         metrics = dict(report.get("metrics") or {})
@@ -290,12 +318,21 @@ class JobRunner:
         manifest = transfers.put_json(output_uri + "manifest.json", self._manifest(job, "succeeded", artifacts, None))
         self.finish("succeeded", result={"artifacts": [*artifacts, manifest], "metrics": metrics})
 
-    def _manifest(self, job: dict[str, Any], status: str, artifacts: list[dict[str, Any]] | None,
-                  error: dict[str, Any] | None) -> bytes:
-        return json.dumps({
-            "job_id": self.job_id, "status": status, "attempt": self.attempt, "created_at": job["created_at"],
-            "artifacts": artifacts or [], "error": error, "spec_uri": job["spec"]["output"]["uri"] + "spec.json",
-        }, indent=2).encode()
+    def _manifest(
+        self, job: dict[str, Any], status: str, artifacts: list[dict[str, Any]] | None, error: dict[str, Any] | None
+    ) -> bytes:
+        return json.dumps(
+            {
+                "job_id": self.job_id,
+                "status": status,
+                "attempt": self.attempt,
+                "created_at": job["created_at"],
+                "artifacts": artifacts or [],
+                "error": error,
+                "spec_uri": job["spec"]["output"]["uri"] + "spec.json",
+            },
+            indent=2,
+        ).encode()
 
     def _write_manifest_quietly(self, job: dict[str, Any], status: str, artifacts: Any, error: Any) -> None:
         """Best effort: a failed or canceled job also leaves a manifest saying so beside its (absent) results."""
@@ -303,7 +340,8 @@ class JobRunner:
             return
         try:
             Transfers(self.ctx.s3, self.ctx.settings).put_json(
-                job["spec"]["output"]["uri"] + "manifest.json", self._manifest(job, status, artifacts, error))
+                job["spec"]["output"]["uri"] + "manifest.json", self._manifest(job, status, artifacts, error)
+            )
         except Exception as exc:  # noqa: BLE001 - best effort: never mask the real outcome
             logger.warning("job %s: could not write the %s manifest: %s", self.job_id, status, exc)
 
@@ -323,9 +361,13 @@ class MergeTask(Task):
             job = store.get(job_id)
             if job["status"] in TERMINAL:
                 return
-            error = {"code": "timeout", "message": f"the merge was killed at the hard time limit "
-                     f"({context.get().settings.worker.time_limit_s} s)",
-                     "stage": (job.get("progress") or {}).get("stage"), "retryable": False}
+            error = {
+                "code": "timeout",
+                "message": f"the merge was killed at the hard time limit "
+                f"({context.get().settings.worker.time_limit_s} s)",
+                "stage": (job.get("progress") or {}).get("stage"),
+                "retryable": False,
+            }
             store.complete(job_id, job["tenant"], job["attempt"], status="failed", error=error)
         except (JobNotFound, StaleAttempt, TransitionConflict, RedisError) as failure:
             logger.warning("job %s: could not record the hard timeout: %s", job_id, failure)

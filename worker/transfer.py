@@ -64,15 +64,17 @@ class Transfers:
         bucket, prefix = split_uri(uri)
         sizes: dict[str, int] = {}
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
-                                                                              Delimiter="/"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"
+            ):
                 for obj in page.get("Contents", []):
-                    sizes[obj["Key"][len(prefix):]] = int(obj["Size"])
+                    sizes[obj["Key"][len(prefix) :]] = int(obj["Size"])
             weight_map = None
             if hf_folder.INDEX_NAME in sizes:
                 if sizes[hf_folder.INDEX_NAME] > hf_folder.MAX_INDEX_BYTES:
-                    raise InvalidCheckpoint(f"{uri}{hf_folder.INDEX_NAME}: index file is too large",
-                                            stage="downloading")
+                    raise InvalidCheckpoint(
+                        f"{uri}{hf_folder.INDEX_NAME}: index file is too large", stage="downloading"
+                    )
                 body = self.client.get_object(Bucket=bucket, Key=prefix + hf_folder.INDEX_NAME)["Body"].read()
                 weight_map = hf_folder.parse_index(body)
             names = hf_folder.files_to_fetch(sizes, weight_map)
@@ -85,8 +87,10 @@ class Transfers:
     def check_size(self, uri: str, objects: list[RemoteObject]) -> None:
         total = sum(o.size for o in objects if o.key.endswith(".safetensors"))
         if total > self.settings.limits.max_checkpoint_bytes:
-            raise InvalidCheckpoint(f"{uri}: {total} bytes exceed the checkpoint limit of "
-                                    f"{self.settings.limits.max_checkpoint_bytes}", stage="downloading")
+            raise InvalidCheckpoint(
+                f"{uri}: {total} bytes exceed the checkpoint limit of {self.settings.limits.max_checkpoint_bytes}",
+                stage="downloading",
+            )
 
     def download(self, objects: list[RemoteObject], on_bytes: ProgressBytes) -> None:
         lock = threading.Lock()
@@ -104,7 +108,11 @@ class Transfers:
 
     # ------------------------------------------------------------------ outputs
     def upload_staged(
-        self, out_dir: Path, output_uri: str, staging: str, on_bytes: ProgressBytes,
+        self,
+        out_dir: Path,
+        output_uri: str,
+        staging: str,
+        on_bytes: ProgressBytes,
         before_promote: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Upload every file of ``out_dir`` under ``staging`` (a sub-prefix), then promote to ``output_uri``.
@@ -131,8 +139,14 @@ class Transfers:
                 final_key = prefix + name
                 promoted.append(final_key)
                 self.client.copy({"Bucket": bucket, "Key": temp_key}, bucket, final_key, Config=self.config)
-                artifacts.append({"name": name, "uri": f"s3://{bucket}/{final_key}", "size": path.stat().st_size,
-                                  "sha256": sha256_file(path)})
+                artifacts.append(
+                    {
+                        "name": name,
+                        "uri": f"s3://{bucket}/{final_key}",
+                        "size": path.stat().st_size,
+                        "sha256": sha256_file(path),
+                    }
+                )
             done = True
             return artifacts
         except STORAGE_ERRORS as exc:
@@ -146,15 +160,20 @@ class Transfers:
             self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
         except STORAGE_ERRORS as exc:
             raise write_failure(uri, exc) from None
-        return {"name": key.rsplit("/", 1)[-1], "uri": uri, "size": len(body),
-                "sha256": hashlib.sha256(body).hexdigest()}
+        return {
+            "name": key.rsplit("/", 1)[-1],
+            "uri": uri,
+            "size": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
 
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
-            chunk = keys[start:start + 1000]
+            chunk = keys[start : start + 1000]
             try:
-                self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
-                                                                  "Quiet": True})
+                self.client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                )
             except STORAGE_ERRORS as exc:  # leftovers under the staging prefix are harmless; say so
                 logger.warning("could not delete %d staged objects in %s: %s", len(chunk), bucket, exc)
 

@@ -130,8 +130,10 @@ def _cmd_list(client: MudscClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     for job in page["data"]:
         progress = job.get("progress") or {}
-        print(f"{job['id']}  {job['status']:<10} {job['created_at']}  {job['spec']['method']['name']:<16} "
-              f"{progress.get('stage') or ''} {progress.get('percent') or ''}".rstrip())
+        print(
+            f"{job['id']}  {job['status']:<10} {job['created_at']}  {job['spec']['method']['name']:<16} "
+            f"{progress.get('stage') or ''} {progress.get('percent') or ''}".rstrip()
+        )
     if page.get("has_more") and page["data"]:
         print(f"... more: mudsc list --after {page['data'][-1]['id']}", file=sys.stderr)
     return EXIT_OK
@@ -148,8 +150,14 @@ def _cmd_methods(client: MudscClient, args: argparse.Namespace) -> int:
         _print_json(methods)
         return EXIT_OK
     for method in methods:
-        needs = [name for name, flag in (("base model", method.get("requires_base_model")),
-                                         ("architecture", method.get("requires_architecture"))) if flag]
+        needs = [
+            name
+            for name, flag in (
+                ("base model", method.get("requires_base_model")),
+                ("architecture", method.get("requires_architecture")),
+            )
+            if flag
+        ]
         needs.append(f"calibration {method.get('calibration', '?')}")
         print(f"{method['name']:<18} {method.get('family', ''):<12} {', '.join(needs)}")
         print(f"{'':<18} {method.get('description', '')}")
@@ -160,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mudsc", description="Client of the model-merging service.")
     parser.add_argument("--api-url", help="default: $MUDSC_API_URL, else the env file")
     parser.add_argument("--api-key", help="default: $MUDSC_API_KEY, else the env file")
-    parser.add_argument("--env-file", help="KEY=value file with MUDSC_API_URL/MUDSC_API_KEY, e.g. .stack/env "
-                        "(default: $MUDSC_ENV_FILE)")
+    parser.add_argument(
+        "--env-file", help="KEY=value file with MUDSC_API_URL/MUDSC_API_KEY, e.g. .stack/env (default: $MUDSC_ENV_FILE)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     submit = sub.add_parser("submit", help="submit a job spec (YAML or JSON file, '-' for stdin)")

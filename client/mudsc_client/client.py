@@ -1,10 +1,10 @@
 """A small synchronous client of the merge service's REST API (httpx; torch-free).
 
-    client = MudscClient.from_env()            # MUDSC_API_URL / MUDSC_API_KEY (or an env file you name)
-    job = client.submit(spec)                  # spec: dict (or a JobSpec)
-    for event in client.stream(job["id"]):     # Server-Sent Events until the terminal event
-        ...
-    paths = client.download(job["id"], "out/") # presigned URLs, sha256-checked
+client = MudscClient.from_env()            # MUDSC_API_URL / MUDSC_API_KEY (or an env file you name)
+job = client.submit(spec)                  # spec: dict (or a JobSpec)
+for event in client.stream(job["id"]):     # Server-Sent Events until the terminal event
+    ...
+paths = client.download(job["id"], "out/") # presigned URLs, sha256-checked
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     for line in path.read_text().splitlines():
         line = line.strip()
         if line.startswith("export "):
-            line = line[len("export "):]
+            line = line[len("export ") :]
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, raw = line.partition("=")
@@ -60,18 +60,27 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 class MudscClient:
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=transport,
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
         )
         self._downloads = httpx.Client(timeout=httpx.Timeout(timeout, read=300.0), follow_redirects=True)
 
     @classmethod
-    def from_env(cls, env_file: Path | str | None = None, *, api_url: str | None = None,
-                 api_key: str | None = None, **kwargs: Any) -> "MudscClient":
+    def from_env(
+        cls,
+        env_file: Path | str | None = None,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        **kwargs: Any,
+    ) -> MudscClient:
         """Explicit arguments, else ``MUDSC_API_URL``/``MUDSC_API_KEY``, else ``env_file`` when one is named.
 
         ``env_file`` (or ``MUDSC_ENV_FILE``) is a ``KEY=value`` file such as the local stack's ``.stack/env``.
@@ -93,7 +102,7 @@ class MudscClient:
         self._http.close()
         self._downloads.close()
 
-    def __enter__(self) -> "MudscClient":
+    def __enter__(self) -> MudscClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,8 +129,9 @@ class MudscClient:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/merges/{job_id}").json()
 
-    def list(self, *, status: str | None = None, label: str | None = None, limit: int = 20,
-             after: str | None = None) -> dict[str, Any]:
+    def list(
+        self, *, status: str | None = None, label: str | None = None, limit: int = 20, after: str | None = None
+    ) -> dict[str, Any]:
         """One page: ``{"data": [...], "has_more": bool}``, newest first."""
         params: dict[str, Any] = {"limit": limit}
         for name, value in (("status", status), ("label", label), ("after", after)):
@@ -154,8 +164,9 @@ class MudscClient:
         return body["data"] if isinstance(body, dict) else body
 
     # ------------------------------------------------------------------ streaming and waiting
-    def stream(self, job_id: str, *, last_event_id: str | None = None, reconnect: bool = True,
-               read_timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+    def stream(
+        self, job_id: str, *, last_event_id: str | None = None, reconnect: bool = True, read_timeout: float = 60.0
+    ) -> Iterator[dict[str, Any]]:
         """Events of ``GET /v1/merges/{id}/events/stream`` until the job is terminal.
 
         Each item is an event ``{"id", "time", "type", "data"}``. A dropped connection is resumed
@@ -167,16 +178,21 @@ class MudscClient:
                 headers["Last-Event-ID"] = last_event_id
             terminal = False
             try:
-                with self._http.stream("GET", f"/v1/merges/{job_id}/events/stream", headers=headers,
-                                       timeout=httpx.Timeout(10.0, read=read_timeout)) as response:
+                with self._http.stream(
+                    "GET",
+                    f"/v1/merges/{job_id}/events/stream",
+                    headers=headers,
+                    timeout=httpx.Timeout(10.0, read=read_timeout),
+                ) as response:
                     if response.status_code >= 400:
                         response.read()
                         try:
                             problem = response.json()
                         except ValueError:
                             problem = None
-                        raise ApiError(response.status_code, problem if isinstance(problem, dict) else None,
-                                       response.text)
+                        raise ApiError(
+                            response.status_code, problem if isinstance(problem, dict) else None, response.text
+                        )
                     for event in _parse_sse(response.iter_lines()):
                         if event.get("id"):
                             last_event_id = str(event["id"])
@@ -228,10 +244,13 @@ class MudscClient:
                         out.write(chunk)
             expected_sha, expected_size = artifact.get("sha256"), artifact.get("size")
             if (expected_sha and digest.hexdigest() != expected_sha) or (
-                    expected_size is not None and size != expected_size):
+                expected_size is not None and size != expected_size
+            ):
                 partial.unlink(missing_ok=True)
-                raise DownloadError(f"{artifact['name']}: got {size} bytes sha256 {digest.hexdigest()}, "
-                                    f"expected {expected_size} bytes sha256 {expected_sha}")
+                raise DownloadError(
+                    f"{artifact['name']}: got {size} bytes sha256 {digest.hexdigest()}, "
+                    f"expected {expected_size} bytes sha256 {expected_sha}"
+                )
             partial.replace(target)
             paths.append(target)
         return paths

@@ -55,8 +55,9 @@ def check_checkpoint(architecture: ArchitectureSpec | Mapping[str, Any], state: 
             continue  # only excluded entries (e.g. num_batches_tracked) may be absent
         actual = tuple(getattr(state[name], "shape", ()))
         if actual != shape:
-            raise ArchitectureMismatch(f"{name}: checkpoint has shape {list(actual)}, "
-                                       f"the architecture expects {list(shape)}")
+            raise ArchitectureMismatch(
+                f"{name}: checkpoint has shape {list(actual)}, the architecture expects {list(shape)}"
+            )
 
 
 __all__ = ["build_model", "perm_spec", "check_checkpoint", "expected_shapes"]

@@ -108,10 +108,15 @@ def spec(config: ViTConfig) -> PermSpec:
     stream = b.group("residual", dim, ActivationSite("norm", "input", unit_dim=-1))
     for i in range(config.depth):
         p = f"blocks.{i}"
-        qk = b.group(f"{p}.attn.qk", dim, ActivationSite(f"{p}.attn.qkv", "output", unit_dim=-1,
-                                                         segments=((0, dim), (dim, 2 * dim))), num_blocks=heads)
-        b.group(f"{p}.attn.v", dim, ActivationSite(f"{p}.attn.proj", "input", unit_dim=-1),
-                num_blocks=heads, block_tie=qk)
+        qk = b.group(
+            f"{p}.attn.qk",
+            dim,
+            ActivationSite(f"{p}.attn.qkv", "output", unit_dim=-1, segments=((0, dim), (dim, 2 * dim))),
+            num_blocks=heads,
+        )
+        b.group(
+            f"{p}.attn.v", dim, ActivationSite(f"{p}.attn.proj", "input", unit_dim=-1), num_blocks=heads, block_tie=qk
+        )
         b.group(f"{p}.mlp", mlp_hidden(config), ActivationSite(f"{p}.mlp.fc2", "input", unit_dim=-1))
 
     b.conv("patch_embed.proj", stream, None)

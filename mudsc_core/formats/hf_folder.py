@@ -55,11 +55,14 @@ def parse_index(raw: bytes) -> dict[str, str]:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCheckpoint(f"{INDEX_NAME}: unreadable index ({type(exc).__name__})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
     ):
-        raise InvalidCheckpoint(f"{INDEX_NAME}: not a valid safetensors index (needs a weight_map of tensor name "
-                                "-> shard file)")
+        raise InvalidCheckpoint(
+            f"{INDEX_NAME}: not a valid safetensors index (needs a weight_map of tensor name -> shard file)"
+        )
     for shard in weight_map.values():
         if not is_shard_name(shard):
             raise InvalidCheckpoint(f"{INDEX_NAME}: shard name {shard!r} is not a plain .safetensors file name")
@@ -89,8 +92,10 @@ def weight_files(names: Collection[str], weight_map: Mapping[str, str] | None) -
         return candidates
     if not candidates:
         raise InvalidCheckpoint(f"model folder has no {SINGLE_NAME} or {INDEX_NAME} (no .safetensors files)")
-    raise InvalidCheckpoint(f"model folder has no {SINGLE_NAME} or {INDEX_NAME} and {len(candidates)} "
-                            ".safetensors files (which tensor lives where is unknown)")
+    raise InvalidCheckpoint(
+        f"model folder has no {SINGLE_NAME} or {INDEX_NAME} and {len(candidates)} "
+        ".safetensors files (which tensor lives where is unknown)"
+    )
 
 
 def files_to_fetch(names: Collection[str], weight_map: Mapping[str, str] | None) -> list[str]:

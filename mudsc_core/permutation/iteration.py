@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from mudsc_core.errors import SpecError
-from mudsc_core.permutation.matching import Match, align_match, zip_match
-from mudsc_core.permutation.spec import PermSpec
-from mudsc_core.schema.methods import MudscParams
+from mudsc_core.permutation.matching import MATCHERS, Match
 from mudsc_core.permutation.similarity import Correspondence, dual_similarity, weight_similarity
+from mudsc_core.permutation.spec import PermSpec
+from mudsc_core.progress import StageProgress
+from mudsc_core.schema.permutation_params import MudscParams
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -64,20 +63,19 @@ def pair_score(correspondence: Correspondence, similarity: Tensor) -> float:
 
 def _identity(num_models: int, size: int) -> Correspondence:
     eye = torch.eye(size)
-    return Correspondence(merge=[eye / num_models] * num_models, unmerge=[eye] * num_models,
-                          index=[torch.arange(size)] * num_models)
+    return Correspondence(
+        merge=[eye / num_models] * num_models, unmerge=[eye] * num_models, index=[torch.arange(size)] * num_models
+    )
 
 
 def _from_match(match: Match) -> Correspondence:
     return Correspondence(merge=match.merge, unmerge=match.unmerge, index=match.index)
 
 
-def _run_matcher(params: MudscParams, similarity: Tensor, num_models: int, num_blocks: int,
-                 block_pairing: Tensor | None) -> Match:
-    if params.mode == "align":
-        return align_match(similarity, num_models, num_blocks=num_blocks, block_pairing=block_pairing)
-    return zip_match(similarity, num_models, reduce=params.reduce, alpha=params.alpha, budget=params.budget,
-                     num_blocks=num_blocks, block_pairing=block_pairing)
+def _run_matcher(
+    params: MudscParams, similarity: Tensor, num_models: int, num_blocks: int, block_pairing: Tensor | None
+) -> Match:
+    return MATCHERS[params.mode](similarity, num_models, params, num_blocks=num_blocks, block_pairing=block_pairing)
 
 
 def find_correspondences(
@@ -85,7 +83,7 @@ def find_correspondences(
     spec: PermSpec,
     params: MudscParams,
     activation_sims: Mapping[str, Tensor] | None,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> MatchingOutcome:
     """Initial activation matching, then seeded coordinate ascent over unit groups."""
     num_models = len(states)
@@ -103,8 +101,9 @@ def find_correspondences(
     def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> None:
         block_pairing: Tensor | None = None  # a tied group reuses its root's head pairing
         for group in cluster:
-            match = _run_matcher(params, similarity(group, current), num_models, spec.groups[group].num_blocks,
-                                 block_pairing)
+            match = _run_matcher(
+                params, similarity(group, current), num_models, spec.groups[group].num_blocks, block_pairing
+            )
             block_pairing = match.block_pairing
             current[group] = _from_match(match)
 
@@ -144,8 +143,10 @@ def find_correspondences(
         for position, cluster in enumerate(order):
             match_cluster(cluster, current)
             if progress:
-                progress(min(0.99, 0.5 + 0.5 * (sweep + (position + 1) / len(order)) / max_sweeps),
-                         f"sweep {sweep + 1}, group {cluster[0]}")
+                progress(
+                    min(0.99, 0.5 + 0.5 * (sweep + (position + 1) / len(order)) / max_sweeps),
+                    f"sweep {sweep + 1}, group {cluster[0]}",
+                )
         # Objective of this sweep's final correspondences, each group scored on the similarity
         # built from the others' final state (not the stale value from when it was matched).
         scores = {g: pair_score(current[g], similarity(g, current)) for g in spec.groups}
@@ -170,8 +171,9 @@ def _mean(values: Mapping[str, float]) -> float:
 AxisPlan = list[tuple[int, list[tuple[int, int, Tensor | None, Tensor | None, float]]]]
 
 
-def _plan(spec: PermSpec, param: str, model: int, num_models: int,
-          correspondences: Mapping[str, Correspondence]) -> AxisPlan:
+def _plan(
+    spec: PermSpec, param: str, model: int, num_models: int, correspondences: Mapping[str, Correspondence]
+) -> AxisPlan:
     """Per unit axis of ``param``: segments (start, stop, align index, dense matrix, scale).
 
     Out axes go through the merge matrix M_i, in axes through the unmerge matrix U_i. For
@@ -188,7 +190,9 @@ def _plan(spec: PermSpec, param: str, model: int, num_models: int,
             corr = correspondences[seg.group]
             out = seg.role == "out"
             if corr.index is not None:
-                segments.append((offset, offset + seg.length, corr.index[model], None, 1.0 / num_models if out else 1.0))
+                segments.append(
+                    (offset, offset + seg.length, corr.index[model], None, 1.0 / num_models if out else 1.0)
+                )
             else:
                 matrix = corr.merge[model] if out else corr.unmerge[model]
                 segments.append((offset, offset + seg.length, None, matrix, 1.0))
@@ -230,8 +234,10 @@ def build_merged_state(
         out_axes = sum(1 for a in axes if a and any(seg.role == "out" for seg in a))
         if out_axes > 1:
             raise SpecError(f"{param}: more than one out axis carries unit groups")
-        mapped = [_map_param(state[param], _plan(spec, param, i, num_models, correspondences))
-                  for i, state in enumerate(states)]
+        mapped = [
+            _map_param(state[param], _plan(spec, param, i, num_models, correspondences))
+            for i, state in enumerate(states)
+        ]
         if out_axes == 1:
             merged[param] = torch.stack(mapped).sum(dim=0)
         elif heads == "separate" and param in spec.head_params:

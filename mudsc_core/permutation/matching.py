@@ -1,4 +1,4 @@
-"""Matchers: from a stacked similarity matrix to merge/unmerge matrices (design §3).
+"""Matchers: from a stacked similarity matrix to merge/unmerge matrices (docs/design/MUDSC.md §3).
 
 Every matcher reads the ``(N*n, N*n)`` similarity of ``N`` models' units, stacked
 model-major (rows ``[i*n:(i+1)*n]`` are model ``i``), and returns a :class:`Match`: per model
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,10 +60,13 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
 from mudsc_core.errors import InvalidCalibration, SpecError
+from mudsc_core.schema.permutation_params import MudscParams
 
 __all__ = [
     "InvalidMatchInput",
+    "MATCHERS",
     "Match",
+    "Matcher",
     "align_match",
     "zip_match",
     "zip_match_reference",
@@ -116,9 +120,7 @@ def _check_blocks(num_blocks: int, n: int) -> int:
 def _check_pairing(block_pairing: torch.Tensor, num_models: int, num_blocks: int) -> np.ndarray:
     pairing = block_pairing.detach().cpu().numpy().astype(np.int64)  # (N, G) private copy
     if pairing.shape != (num_models, num_blocks):
-        raise InvalidMatchInput(
-            f"block_pairing must have shape {(num_models, num_blocks)}, got {tuple(pairing.shape)}"
-        )
+        raise InvalidMatchInput(f"block_pairing must have shape {(num_models, num_blocks)}, got {tuple(pairing.shape)}")
     identity = np.arange(num_blocks)
     if not np.array_equal(pairing[0], identity):
         raise InvalidMatchInput("block_pairing[0] must be arange(num_blocks): merged blocks follow model 0")
@@ -417,9 +419,7 @@ def _zip_labels_fast(sim: np.ndarray, num_models: int, width: int, alpha: float,
         # Rows r < p: entry p changed (read from row p: the matrix is symmetric), q is gone.
         entry = current[p, :p]  # (p,)
         head_best, head_partner, head_dirty = best[:p], partner[:p], dirty[:p]  # views
-        raised = live[:p] & (
-            (entry > head_best) | (~head_dirty & (entry == head_best) & (p < head_partner))
-        )
+        raised = live[:p] & ((entry > head_best) | (~head_dirty & (entry == head_best) & (p < head_partner)))
         lost = ~raised & ~head_dirty & ((head_partner == q) | ((head_partner == p) & (entry < head_best)))
         head_best[raised] = entry[raised]
         head_partner[raised] = p
@@ -469,9 +469,7 @@ def zip_match(
     labels = np.empty(num_units, dtype=np.int64)
     for g in range(num_blocks):
         # Stacked indices of the paired block set, model-major: (N * n/G,)
-        units = np.concatenate(
-            [model * n + pairing[model, g] * size + np.arange(size) for model in range(num_models)]
-        )
+        units = np.concatenate([model * n + pairing[model, g] * size + np.arange(size) for model in range(num_models)])
         block_labels = _zip_labels_fast(sim[np.ix_(units, units)], num_models, block_width, alpha, budget)
         labels[units] = g * block_width + block_labels
     score = _cluster_score(sim, labels, width)
@@ -492,3 +490,52 @@ def zip_match_reference(
     labels = _zip_labels_reference(sim, num_models, width, alpha, budget)
     score = _cluster_score(sim, labels, width)
     return _match_from_labels(labels, num_models, width, score, similarity.device, None, None)
+
+
+# --------------------------------------------------------------------------- registry
+class Matcher(Protocol):
+    """A matcher as the MuDSC iteration calls it: the group's similarity and the method's knobs in, a Match out."""
+
+    def __call__(
+        self,
+        similarity: torch.Tensor,
+        num_models: int,
+        params: MudscParams,
+        *,
+        num_blocks: int,
+        block_pairing: torch.Tensor | None,
+    ) -> Match: ...
+
+
+def _align(
+    similarity: torch.Tensor,
+    num_models: int,
+    params: MudscParams,
+    *,
+    num_blocks: int,
+    block_pairing: torch.Tensor | None,
+) -> Match:
+    return align_match(similarity, num_models, num_blocks=num_blocks, block_pairing=block_pairing)
+
+
+def _zip(
+    similarity: torch.Tensor,
+    num_models: int,
+    params: MudscParams,
+    *,
+    num_blocks: int,
+    block_pairing: torch.Tensor | None,
+) -> Match:
+    return zip_match(
+        similarity,
+        num_models,
+        reduce=params.reduce,
+        alpha=params.alpha,
+        budget=params.budget,
+        num_blocks=num_blocks,
+        block_pairing=block_pairing,
+    )
+
+
+# One entry per value of ``MudscParams.mode``.
+MATCHERS: dict[str, Matcher] = {"align": _align, "zip": _zip}

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mudsc_core.devices import resolve_device
 from mudsc_core.architectures import build_model, check_checkpoint, perm_spec
+from mudsc_core.devices import resolve_device
 from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint, MergeError
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
-from mudsc_core.schema import ArchitectureSpec, MethodSpec, METHODS
 from mudsc_core.permutation.similarity import activation_correlations
+from mudsc_core.permutation.spec import PermSpec
+from mudsc_core.progress import Progress
+from mudsc_core.schema import METHODS, ArchitectureSpec, MethodSpec
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[str, float, str], None]
 
 
 @dataclass
@@ -36,7 +37,7 @@ class MergeResult:
 
 def _batches(calibration: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
     for start in range(0, calibration.shape[0], batch_size):
-        yield calibration[start:start + batch_size].to(device)
+        yield calibration[start : start + batch_size].to(device)
 
 
 def _check_weights(index: int, state: Mapping[str, Tensor], excluded: frozenset[str]) -> None:
@@ -44,7 +45,9 @@ def _check_weights(index: int, state: Mapping[str, Tensor], excluded: frozenset[
         if name in excluded:  # bookkeeping (BN num_batches_tracked) is an integer by nature
             continue
         if not tensor.is_floating_point():
-            raise InvalidCheckpoint(f"model {index}: tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
+            raise InvalidCheckpoint(
+                f"model {index}: tensor {name!r} has dtype {tensor.dtype}; weights must be floating point"
+            )
         if not bool(torch.isfinite(tensor).all()):
             raise InvalidCheckpoint(f"model {index}: tensor {name!r} contains NaN or Inf")
 
@@ -61,8 +64,10 @@ def _check_calibration(calibration: Tensor, probe: nn.Module, device: torch.devi
         with torch.no_grad():
             probe(calibration[:2].to(device))
     except (RuntimeError, ValueError, IndexError) as exc:
-        raise InvalidCalibration(f"calibration inputs of shape {list(calibration.shape[1:])} per sample do not fit "
-                                 f"the architecture: {str(exc).splitlines()[0]}") from exc
+        raise InvalidCalibration(
+            f"calibration inputs of shape {list(calibration.shape[1:])} per sample do not fit "
+            f"the architecture: {str(exc).splitlines()[0]}"
+        ) from exc
     return calibration
 
 
@@ -83,6 +88,62 @@ def reset_batchnorm(model: nn.Module, calibration: Tensor, batch_size: int, devi
     return True
 
 
+@dataclass(frozen=True)
+class GroupReport:
+    size: int
+    merged_size: int
+    mean_similarity: float
+
+
+@dataclass
+class PermutationReport:
+    """What a permutation merge did; ``to_dict()`` is ``MergeResult.report`` (and the job's ``report.json``)."""
+
+    method: str
+    params: dict[str, Any]
+    mode: str
+    matching: bool
+    similarity_space: str  # "dual" | "activation" | "weight" | "none"
+    beta: float | None
+    weight_space_only: bool
+    num_models: int
+    heads: str
+    architecture: dict[str, Any]
+    bn_reset: bool
+    groups: dict[str, GroupReport]
+    objective_per_sweep: list[float]
+    sweeps: int
+    timings_s: dict[str, float]
+
+    def metrics(self) -> dict[str, Any]:
+        """The job's ``result.metrics``: the numbers worth listing without reading the whole report."""
+        return {
+            "mean_similarity_per_group": {name: group.mean_similarity for name, group in self.groups.items()},
+            "objective": max(self.objective_per_sweep) if self.objective_per_sweep else None,
+            "sweeps": self.sweeps,
+            "similarity_space": self.similarity_space,
+            "bn_reset": self.bn_reset,
+            "timings_s": {stage: round(seconds, 4) for stage, seconds in self.timings_s.items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "metrics": self.metrics()}
+
+
+@dataclass
+class _Stopwatch:
+    """Seconds per stage, and the progress callback that stages report to."""
+
+    progress: Progress
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - started
+
+
 def merge(
     models: Sequence[Mapping[str, Tensor]],
     architecture: ArchitectureSpec | Mapping[str, Any],
@@ -90,7 +151,7 @@ def merge(
     calibration: Tensor | None = None,
     *,
     device: str | torch.device = "cpu",
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
     calibration_batch_size: int = 128,
 ) -> MergeResult:
     """Merge N >= 2 models of one architecture trained separately. Never mutates its inputs.
@@ -103,21 +164,92 @@ def merge(
     info = METHODS[method_spec.name]
     if info.family != "permutation":
         raise MergeError(f"method {info.name!r} merges same-base checkpoints; use mudsc_core.merge_files")
+    problems = info.input_problems(
+        models=len(models), base=False, architecture=True, calibration=calibration is not None
+    )
+    if problems:
+        raise (InvalidCalibration if calibration is None and info.calibration == "required" else MergeError)(
+            problems[0]
+        )
     params = method_spec.typed_params().to_mudsc()
-    if len(models) < 2:
-        raise MergeError("at least two models are needed")
-    if info.calibration == "required" and calibration is None:
-        raise InvalidCalibration(f"method {info.name!r} requires calibration inputs")
     device = resolve_device(device)
-    report_progress = progress or (lambda stage, fraction, message: None)
-    timings: dict[str, float] = {}
+    clock = _Stopwatch(progress or (lambda stage, fraction, message: None))
     spec = perm_spec(arch)
 
+    states, networks = _load_models(models, arch, spec, device)
+    if calibration is not None:
+        calibration = _check_calibration(calibration, networks[0], device)
+    activation_sims = None
+    if calibration is not None and params.match and params.beta < 1.0:
+        with clock.stage("collecting_activations"):
+            activation_sims = _activation_similarities(
+                networks, spec, calibration, calibration_batch_size, device, clock.progress
+            )
+    with clock.stage("matching"):
+        clock.progress("matching", 0.0, "starting")
+        outcome = find_correspondences(
+            states, spec, params, activation_sims, progress=lambda f, msg: clock.progress("matching", f, msg)
+        )
+    with clock.stage("merging"):
+        clock.progress("merging", 0.0, "building merged weights")
+        merged = build_merged_state(states, spec, outcome.correspondences, heads=params.heads)
+        merged_arch = _merged_architecture(arch, params.heads, len(states))
+        bn_reset = False
+        if params.reset_bn and calibration is not None:
+            merged, bn_reset = _reset_batchnorm_of(merged, merged_arch, calibration, calibration_batch_size, device)
+        clock.progress("merging", 1.0, "done")
+
+    space = _similarity_space(params.match, params.beta, activation_sims is not None)
+    report = PermutationReport(
+        method=info.name,
+        params=method_spec.params,
+        mode=params.mode,
+        matching=params.match,
+        similarity_space=space,
+        beta=params.beta if space == "dual" else _SPACE_BETA[space],
+        weight_space_only=params.match and calibration is None,
+        num_models=len(states),
+        heads=params.heads,
+        architecture=merged_arch.model_dump(mode="json"),
+        bn_reset=bn_reset,
+        groups={
+            name: GroupReport(
+                spec.groups[name].size, outcome.correspondences[name].width, outcome.group_scores.get(name, 0.0)
+            )
+            for name in spec.group_order()
+        },
+        objective_per_sweep=outcome.objective_per_sweep,
+        sweeps=outcome.sweeps,
+        timings_s=clock.seconds,
+    )
+    if report.weight_space_only:
+        log.info("no calibration data: matching in weight space only")
+    return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, report.to_dict())
+
+
+_SPACE_BETA: dict[str, float | None] = {"activation": 0.0, "weight": 1.0, "none": None}
+
+
+def _similarity_space(match: bool, beta: float, activations: bool) -> str:
+    if activations:
+        return "activation" if beta == 0.0 else "dual"
+    return "weight" if match else "none"
+
+
+def _load_models(
+    models: Sequence[Mapping[str, Tensor]], arch: ArchitectureSpec, spec: PermSpec, device: torch.device
+) -> tuple[list[dict[str, Tensor]], list[nn.Module]]:
+    """Checked float32 copies of the state dicts on ``device``, and each loaded into its network (eval mode)."""
     for index, state in enumerate(models):
         check_checkpoint(arch, state)
         _check_weights(index, state, spec.excluded)
-    states = [{k: v.detach().to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
-               for k, v in state.items()} for state in models]
+    states = [
+        {
+            k: v.detach().to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
+            for k, v in state.items()
+        }
+        for state in models
+    ]
     template = build_model(arch).state_dict()
     for state in states:  # excluded bookkeeping entries (BN num_batches_tracked) may be absent
         for name in spec.excluded:
@@ -127,82 +259,41 @@ def merge(
         network = build_model(arch).to(device)
         network.load_state_dict(state)
         networks.append(network.eval())
-    if calibration is not None:
-        calibration = _check_calibration(calibration, networks[0], device)
+    return states, networks
 
-    use_activations = calibration is not None and params.match and params.beta < 1.0
-    activation_sims = None
-    if use_activations:
-        assert calibration is not None
-        started = time.perf_counter()
-        num_batches = -(-calibration.shape[0] // calibration_batch_size)
-        activation_sims = activation_correlations(
-            networks, spec, _batches(calibration, calibration_batch_size, device),
-            progress=lambda f: report_progress("collecting_activations", f, "calibration batches"),
-            num_batches=num_batches,
-        )
-        timings["collecting_activations"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    report_progress("matching", 0.0, "starting")
-    outcome = find_correspondences(states, spec, params, activation_sims,
-                                   progress=lambda f, msg: report_progress("matching", f, msg))
-    timings["matching"] = time.perf_counter() - started
+def _activation_similarities(
+    networks: Sequence[nn.Module],
+    spec: PermSpec,
+    calibration: Tensor,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress,
+) -> dict[str, Tensor]:
+    num_batches = -(-calibration.shape[0] // batch_size)
+    return activation_correlations(
+        networks,
+        spec,
+        _batches(calibration, batch_size, device),
+        progress=lambda f: progress("collecting_activations", f, "calibration batches"),
+        num_batches=num_batches,
+    )
 
-    started = time.perf_counter()
-    report_progress("merging", 0.0, "building merged weights")
-    merged = build_merged_state(states, spec, outcome.correspondences, heads=params.heads)
-    merged_arch = arch
-    if params.heads == "separate":
-        config = dict(arch.config)
-        config["num_classes"] = config["num_classes"] * len(states)
-        merged_arch = ArchitectureSpec(name=arch.name, config=config)
-    bn_reset = False
-    if params.reset_bn and calibration is not None:
-        network = build_model(merged_arch).to(device)
-        network.load_state_dict(merged)
-        bn_reset = reset_batchnorm(network, calibration, calibration_batch_size, device)
-        if bn_reset:
-            merged = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    report_progress("merging", 1.0, "done")
-    timings["merging"] = time.perf_counter() - started
 
-    if activation_sims is not None and params.beta == 0.0:
-        space = "activation"
-    elif activation_sims is not None:
-        space = "dual"
-    else:
-        space = "weight" if params.match else "none"
-    report = {
-        "method": info.name,
-        "params": method_spec.params,
-        "mode": params.mode,
-        "matching": params.match,
-        "similarity_space": space,
-        "beta": params.beta if space == "dual" else {"activation": 0.0, "weight": 1.0, "none": None}[space],
-        "weight_space_only": params.match and calibration is None,
-        "num_models": len(states),
-        "heads": params.heads,
-        "architecture": merged_arch.model_dump(mode="json"),
-        "bn_reset": bn_reset,
-        "groups": {
-            name: {"size": spec.groups[name].size,
-                   "merged_size": outcome.correspondences[name].width,
-                   "mean_similarity": outcome.group_scores.get(name, 0.0)}
-            for name in spec.group_order()
-        },
-        "objective_per_sweep": outcome.objective_per_sweep,
-        "sweeps": outcome.sweeps,
-        "timings_s": timings,
-    }
-    report["metrics"] = {
-        "mean_similarity_per_group": {name: group["mean_similarity"] for name, group in report["groups"].items()},
-        "objective": max(outcome.objective_per_sweep) if outcome.objective_per_sweep else None,
-        "sweeps": outcome.sweeps,
-        "similarity_space": space,
-        "bn_reset": bn_reset,
-        "timings_s": {stage: round(seconds, 4) for stage, seconds in timings.items()},
-    }
-    if report["weight_space_only"]:
-        log.info("no calibration data: matching in weight space only")
-    return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, report)
+def _merged_architecture(arch: ArchitectureSpec, heads: str, num_models: int) -> ArchitectureSpec:
+    """With separate heads the merged model has every model's classes (logits concatenated)."""
+    if heads != "separate":
+        return arch
+    config = dict(arch.config)
+    config["num_classes"] = config["num_classes"] * num_models
+    return ArchitectureSpec(name=arch.name, config=config)
+
+
+def _reset_batchnorm_of(
+    merged: dict[str, Tensor], arch: ArchitectureSpec, calibration: Tensor, batch_size: int, device: torch.device
+) -> tuple[dict[str, Tensor], bool]:
+    network = build_model(arch).to(device)
+    network.load_state_dict(merged)
+    if not reset_batchnorm(network, calibration, batch_size, device):
+        return merged, False
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}, True

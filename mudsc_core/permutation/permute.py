@@ -38,8 +38,9 @@ def random_permutations(spec: PermSpec, generator: torch.Generator) -> dict[str,
         root = spec.block_tie_root(name)
         if root not in block_orders:
             block_orders[root] = torch.randperm(group.num_blocks, generator=generator)
-        within = torch.stack([torch.randperm(group.block_size, generator=generator)
-                              for _ in range(group.num_blocks)])  # (G, b)
+        within = torch.stack(
+            [torch.randperm(group.block_size, generator=generator) for _ in range(group.num_blocks)]
+        )  # (G, b)
         perms[name] = block_permutation(block_orders[root], within)
     return perms
 
@@ -60,8 +61,10 @@ def _check_perms(spec: PermSpec, perms: Mapping[str, Tensor]) -> None:
         if group is None:
             raise ValueError(f"permutation given for unknown unit group {name!r}")
         if perm.shape != (group.size,) or perm.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"permutation of {name!r} must be an integer tensor of shape ({group.size},), "
-                             f"got {perm.dtype} {list(perm.shape)}")
+            raise ValueError(
+                f"permutation of {name!r} must be an integer tensor of shape ({group.size},), "
+                f"got {perm.dtype} {list(perm.shape)}"
+            )
         if not torch.equal(torch.sort(perm).values.cpu(), torch.arange(group.size, dtype=perm.dtype)):
             raise ValueError(f"permutation of {name!r} is not a permutation of 0..{group.size - 1}")
 

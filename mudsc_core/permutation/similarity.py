@@ -7,10 +7,9 @@ correlates 0 with everything (never NaN).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +92,9 @@ def _capture(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> Iterato
         assert site is not None  # callers filter
         module = modules[site.module]
 
-        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, name: str = name,
-                 site: ActivationSite = site) -> None:
+        def hook(
+            _m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, name: str = name, site: ActivationSite = site
+        ) -> None:
             captured[name] = _site_features(site, inputs[0] if site.io == "input" else output)
 
         handles.append(module.register_forward_hook(hook))

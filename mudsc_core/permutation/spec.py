@@ -128,8 +128,10 @@ class PermSpec:
                     if seg.group not in self.groups:
                         raise SpecError(f"{param}: unknown unit group {seg.group!r}")
                     if seg.length != self.groups[seg.group].size:
-                        raise SpecError(f"{param}: segment of {seg.group!r} has length {seg.length}, "
-                                        f"group size {self.groups[seg.group].size}")
+                        raise SpecError(
+                            f"{param}: segment of {seg.group!r} has length {seg.length}, "
+                            f"group size {self.groups[seg.group].size}"
+                        )
 
 
 def validate_state_dict(spec: PermSpec, state: Mapping[str, object]) -> None:
@@ -139,12 +141,16 @@ def validate_state_dict(spec: PermSpec, state: Mapping[str, object]) -> None:
     covered = set(spec.axes) | set(spec.excluded)
     missing = sorted(covered - keys - set(spec.excluded))
     if missing:
-        raise ArchitectureMismatch(f"checkpoint is missing parameter {missing[0]!r}"
-                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ArchitectureMismatch(
+            f"checkpoint is missing parameter {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     extra = sorted(keys - covered)
     if extra:
-        raise ArchitectureMismatch(f"checkpoint has parameter {extra[0]!r} that the architecture does not define"
-                                   + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ArchitectureMismatch(
+            f"checkpoint has parameter {extra[0]!r} that the architecture does not define"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     for param, axes in spec.axes.items():
         shape = tuple(getattr(state[param], "shape", ()))
         if len(shape) != len(axes):
@@ -154,5 +160,7 @@ def validate_state_dict(spec: PermSpec, state: Mapping[str, object]) -> None:
                 continue
             expected = sum(seg.length for seg in axis_spec)
             if shape[axis] != expected:
-                raise ArchitectureMismatch(f"{param}: axis {axis} has {shape[axis]} entries, the architecture "
-                                           f"expects {expected} (shape {list(shape)})")
+                raise ArchitectureMismatch(
+                    f"{param}: axis {axis} has {shape[axis]} entries, the architecture "
+                    f"expects {expected} (shape {list(shape)})"
+                )

@@ -9,8 +9,8 @@ vector (a tensor that only one model holds) t = 1: that model's tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -24,11 +24,12 @@ class ModelStock(SinglePass):
     needs_base: bool = True
 
     @classmethod
-    def from_params(cls, params: ModelStockParams) -> "ModelStock":
+    def from_params(cls, params: ModelStockParams) -> ModelStock:
         return cls(filter_wise=params.filter_wise)
 
-    def merge(self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float],
-              model_ids: Sequence[int]) -> torch.Tensor:
+    def merge(
+        self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+    ) -> torch.Tensor:
         return model_stock_delta(list(deltas), filter_wise=self.filter_wise)
 
 

@@ -11,8 +11,8 @@ IncompatibleModels). Here models[0] is slerp's t=0 end (mergekit's base_model).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -30,11 +30,12 @@ class Slerp(SinglePass):
     needs_base: bool = False
 
     @classmethod
-    def from_params(cls, params: SlerpParams) -> "Slerp":
+    def from_params(cls, params: SlerpParams) -> Slerp:
         return cls(t=params.t)
 
-    def merge(self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float],
-              model_ids: Sequence[int]) -> torch.Tensor:
+    def merge(
+        self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+    ) -> torch.Tensor:
         pair = list(tensors)
         if len(pair) == 1:  # the tensor is in one model only: take it
             return pair[0].clone()
@@ -47,11 +48,12 @@ class Multislerp(SinglePass):
     needs_base: bool = False
 
     @classmethod
-    def from_params(cls, params: MultislerpParams) -> "Multislerp":
+    def from_params(cls, params: MultislerpParams) -> Multislerp:
         return cls(normalize_weights=params.normalize_weights)
 
-    def merge(self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float],
-              model_ids: Sequence[int]) -> torch.Tensor:
+    def merge(
+        self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+    ) -> torch.Tensor:
         try:
             return multislerp(list(tensors), weights, normalize_weights=self.normalize_weights)
         except ValueError as exc:
@@ -62,8 +64,9 @@ def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return (1 - t) * v0 + t * v1
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
-          eps: float = EPS) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS
+) -> torch.Tensor:
     """mergekit's slerp on whole tensors (float32); ends returned exactly at t=0 and t=1."""
     v0, v1 = v0.to(torch.float32), v1.to(torch.float32)
     n0, n1 = float(torch.linalg.vector_norm(v0)), float(torch.linalg.vector_norm(v1))
@@ -84,8 +87,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     return c0 * v0 + c1 * v1
 
 
-def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize_weights: bool = True,
-               eps: float = EPS) -> torch.Tensor:
+def multislerp(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize_weights: bool = True, eps: float = EPS
+) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0].to(torch.float32).clone()
     shape = tensors[0].shape

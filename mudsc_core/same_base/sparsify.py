@@ -26,7 +26,8 @@ mergekit's, which draws from the global RNG.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -122,11 +123,11 @@ def della(
     # Row blocks keep the int64 argsort temporaries small.
     block = max(1, _CHUNK // max(1, rows[0].numel()))
     for start in range(0, rows.shape[0], block):
-        part = rows[start:start + block]
+        part = rows[start : start + block]
         probs = della_keep_probabilities(part.abs(), density, epsilon)
         keep = torch.rand(part.shape, generator=generator) < probs
         kept = part * keep
-        out[start:start + block] = kept.div_(probs) if rescale else kept
+        out[start : start + block] = kept.div_(probs) if rescale else kept
     return out.view(delta.shape)
 
 
@@ -155,7 +156,7 @@ def elect_and_merge(
             result.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
         return result.view(shape)
     for start in range(0, result.numel(), _CHUNK):
-        part = [f[start:start + _CHUNK] for f in flats]
+        part = [f[start : start + _CHUNK] for f in flats]
         signs = [p.sign() for p in part]
         if consensus == "sum":
             total = part[0].clone()
@@ -175,7 +176,7 @@ def elect_and_merge(
         if normalize:
             divisor[divisor == 0] = 1.0
             mixed.div_(divisor)
-        result[start:start + _CHUNK] = mixed
+        result[start : start + _CHUNK] = mixed
     return result.view(shape)
 
 
@@ -206,7 +207,7 @@ class MagnitudeHistogram:
     def add(self, values: torch.Tensor) -> None:
         flat = values.reshape(-1)
         for start in range(0, flat.numel(), 16 * _CHUNK):
-            logs = flat[start:start + 16 * _CHUNK].abs().log2_().clamp_(self.LOW, self.HIGH - 1e-3)
+            logs = flat[start : start + 16 * _CHUNK].abs().log2_().clamp_(self.LOW, self.HIGH - 1e-3)
             self.counts.add_(torch.histc(logs, self.bins, self.LOW, self.HIGH).to(torch.float64))
         self.total += flat.numel()
 

@@ -2,7 +2,7 @@
 
 ``merge_checkpoints`` reads checkpoints through :mod:`mudsc_core.io` (validated headers,
 positioned reads into owned buffers), computes in float32 and writes the requested dtype
-through a planned :class:`~mudsc_core.io.ShardWriter`. Peak memory is about (N + 3) x the
+through a :class:`~mudsc_core.io.PlannedShardWriter`. Peak memory is about (N + 3) x the
 largest tensor plus a constant: the base tensor (which becomes the output in place), the
 previous output still being written by the write-behind thread, the N task vectors a sign
 rule needs, and one block-sized temporary; methods without a sign rule hold fewer. Inputs
@@ -38,24 +38,24 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from mudsc_core.errors import IncompatibleModels
-from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, ShardWriter, open_checkpoint
+from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, PlannedShardWriter, open_checkpoint
 from mudsc_core.output import write_sidecars
+from mudsc_core.progress import Progress
 from mudsc_core.same_base.base import FirstPass, Merger, MergerFactory
 from mudsc_core.same_base.task_arithmetic import linear
 from mudsc_core.schema._base import Frozen
 from mudsc_core.schema.methods import METHODS, MethodInfo
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, float, str], None]
 
 
 def same_base_method(method_name: str) -> MethodInfo:
@@ -109,11 +109,12 @@ class _ReadBuffers:
     def in_model_slot(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lives in a model slot's buffer (reused by the very next step)."""
         ptr = tensor.untyped_storage().data_ptr()
-        return any(slot != 0 and buffer.untyped_storage().data_ptr() == ptr
-                   for (slot, _), buffer in self._buffers.items())
+        return any(
+            slot != 0 and buffer.untyped_storage().data_ptr() == ptr for (slot, _), buffer in self._buffers.items()
+        )
 
 
-def _write(writer: ShardWriter, name: str, tensor: torch.Tensor, timer: _Timer) -> None:
+def _write(writer: PlannedShardWriter, name: str, tensor: torch.Tensor, timer: _Timer) -> None:
     t0 = time.perf_counter()
     writer.add(name, tensor)
     timer.add("write_s", t0)
@@ -122,8 +123,9 @@ def _write(writer: ShardWriter, name: str, tensor: torch.Tensor, timer: _Timer) 
 @dataclass
 class _Timer:
     # write_s: spent writing (on the write thread); write_wait_s: the merge waited for writes
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("read_s", "compute_s", "write_s", "write_wait_s"), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("read_s", "compute_s", "write_s", "write_wait_s"), 0.0)
+    )
 
     def add(self, key: str, since: float) -> float:
         now = time.perf_counter()
@@ -175,7 +177,7 @@ def merge_checkpoints(
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     try:
-        writer = ShardWriter(partial, dtype, shard_size_bytes, layout=[(p.name, p.dtype, p.shape) for p in plan])
+        writer = PlannedShardWriter(partial, dtype, shard_size_bytes, [(p.name, p.dtype, p.shape) for p in plan])
         try:
             # Write-behind: one thread writes tensor k while tensor k + 1 is read and merged
             # (file I/O and torch ops release the GIL). The output of step k lives in the base
@@ -210,10 +212,17 @@ def merge_checkpoints(
         config_source = (base_ckpt.config_path if base_ckpt else None) or checkpoints[0].config_path
         if config_source is None:
             config_source = next((c.config_path for c in checkpoints if c.config_path), None)
-        spec = spec_json if spec_json is not None else _default_spec(method_name, params, models, base, weights,
-                                                                      dtype, shard_size_bytes)
-        files += write_sidecars(partial, config_source=config_source, spec=spec, card=model_card(
-            method_name, params, models, base, weights, dtype, len(plan), notes, spec_json))
+        spec = (
+            spec_json
+            if spec_json is not None
+            else _default_spec(method_name, params, models, base, weights, dtype, shard_size_bytes)
+        )
+        files += write_sidecars(
+            partial,
+            config_source=config_source,
+            spec=spec,
+            card=model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json),
+        )
         for name in files:
             os.replace(partial / name, out_dir / name)
     finally:
@@ -221,8 +230,14 @@ def merge_checkpoints(
 
     metrics.update(timer.seconds)
     metrics["total_s"] = time.perf_counter() - started
-    return {"method": method_name, "tensors": len(plan), "files": files, "metrics": metrics, "notes": notes,
-            "params": params.model_dump(mode="json")}
+    return {
+        "method": method_name,
+        "tensors": len(plan),
+        "files": files,
+        "metrics": metrics,
+        "notes": notes,
+        "params": params.model_dump(mode="json"),
+    }
 
 
 # --------------------------------------------------------------------------- planning
@@ -240,10 +255,12 @@ def _plan(checkpoints: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[l
             if other.shape(name) != shape:
                 raise IncompatibleModels(
                     f"tensor {name!r} has shape {list(shape)} in {first.path.name} but "
-                    f"{list(other.shape(name))} in {other.path.name}")
+                    f"{list(other.shape(name))} in {other.path.name}"
+                )
             if other.dtype(name).is_floating_point != dtype.is_floating_point:
                 raise IncompatibleModels(
-                    f"tensor {name!r} is {dtype} in {first.path.name} but {other.dtype(name)} in {other.path.name}")
+                    f"tensor {name!r} is {dtype} in {first.path.name} but {other.dtype(name)} in {other.path.name}"
+                )
         if not dtype.is_floating_point:
             plan.append(TensorPlan(name, "copy", shape, dtype, holders, first))
             non_float.append(name)
@@ -271,8 +288,13 @@ def _plan(checkpoints: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[l
 
 
 def _run_first_pass(
-    first_pass: FirstPass, plan: Sequence[TensorPlan], checkpoints: Sequence[Checkpoint], base: Checkpoint | None,
-    progress: Progress | None, total_steps: int, buffers: _ReadBuffers,
+    first_pass: FirstPass,
+    plan: Sequence[TensorPlan],
+    checkpoints: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    progress: Progress | None,
+    total_steps: int,
+    buffers: _ReadBuffers,
 ) -> None:
     """Show the merger every task vector once (whole-model statistics) before the merge pass."""
     if base is None:
@@ -284,12 +306,21 @@ def _run_first_pass(
             continue
         base_tensor = base.get_float32(entry.name, out=buffers(0))
         for i in entry.holders:
-            first_pass.observe(entry.name, i, checkpoints[i].get_float32(entry.name, out=buffers(1 + i)).sub_(base_tensor))
+            first_pass.observe(
+                entry.name, i, checkpoints[i].get_float32(entry.name, out=buffers(1 + i)).sub_(base_tensor)
+            )
 
 
 # --------------------------------------------------------------------------- one tensor
-def _merge_one(entry: TensorPlan, merger: Any, checkpoints: Sequence[Checkpoint], base: Checkpoint | None,
-               weights: Sequence[float], timer: _Timer, buffers: _ReadBuffers) -> torch.Tensor:
+def _merge_one(
+    entry: TensorPlan,
+    merger: Any,
+    checkpoints: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    weights: Sequence[float],
+    timer: _Timer,
+    buffers: _ReadBuffers,
+) -> torch.Tensor:
     """The merged tensor; it may live in a read buffer, so write it before the next read."""
     t0 = time.perf_counter()
     if entry.action == "copy":
@@ -303,15 +334,19 @@ def _merge_one(entry: TensorPlan, merger: Any, checkpoints: Sequence[Checkpoint]
         return linear(_reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights, normalize=True)
     reads_before = timer.seconds["read_s"]
     if not merger.needs_base:
-        out = merger.merge(entry.name, _reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights,
-                           entry.holders)
+        out = merger.merge(
+            entry.name, _reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights, entry.holders
+        )
     else:
         assert base is not None
         base_tensor = base.get_float32(entry.name, out=buffers(0))
         timer.add("read_s", t0)
-        delta = merger.merge(entry.name,
-                             _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers),
-                             holder_weights, entry.holders)
+        delta = merger.merge(
+            entry.name,
+            _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers),
+            holder_weights,
+            entry.holders,
+        )
         out = base_tensor.add_(delta)  # the base buffer becomes the output
         del delta
     # compute time = elapsed minus the reads done meanwhile (the merger pulls its inputs lazily)
@@ -319,8 +354,9 @@ def _merge_one(entry: TensorPlan, merger: Any, checkpoints: Sequence[Checkpoint]
     return out
 
 
-def _reads(name: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int], timer: _Timer,
-           buffers: _ReadBuffers) -> Iterator[torch.Tensor]:
+def _reads(
+    name: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int], timer: _Timer, buffers: _ReadBuffers
+) -> Iterator[torch.Tensor]:
     for i in holders:
         t0 = time.perf_counter()
         tensor = checkpoints[i].get_float32(name, out=buffers(1 + i))
@@ -329,8 +365,14 @@ def _reads(name: str, checkpoints: Sequence[Checkpoint], holders: Sequence[int],
         del tensor
 
 
-def _task_vectors(name: str, base_tensor: torch.Tensor, checkpoints: Sequence[Checkpoint], holders: Sequence[int],
-                  timer: _Timer, buffers: _ReadBuffers) -> Iterator[torch.Tensor]:
+def _task_vectors(
+    name: str,
+    base_tensor: torch.Tensor,
+    checkpoints: Sequence[Checkpoint],
+    holders: Sequence[int],
+    timer: _Timer,
+    buffers: _ReadBuffers,
+) -> Iterator[torch.Tensor]:
     for i in holders:
         t0 = time.perf_counter()
         delta = checkpoints[i].get_float32(name, out=buffers(1 + i))
@@ -341,8 +383,15 @@ def _task_vectors(name: str, base_tensor: torch.Tensor, checkpoints: Sequence[Ch
 
 
 # --------------------------------------------------------------------------- spec and model card
-def _default_spec(method_name: str, params: Frozen, models: Sequence[Path], base: Path | None,
-                  weights: Sequence[float], dtype: str, shard_size_bytes: int) -> dict:
+def _default_spec(
+    method_name: str,
+    params: Frozen,
+    models: Sequence[Path],
+    base: Path | None,
+    weights: Sequence[float],
+    dtype: str,
+    shard_size_bytes: int,
+) -> dict:
     return {
         "method": {"name": method_name, "params": params.model_dump(mode="json")},
         "models": [{"uri": Path(m).name, "weight": w} for m, w in zip(models, weights)],
@@ -351,8 +400,17 @@ def _default_spec(method_name: str, params: Frozen, models: Sequence[Path], base
     }
 
 
-def model_card(method_name: str, params: Frozen, models: Sequence[Path], base: Path | None, weights: Sequence[float],
-               dtype: str, tensors: int, notes: Sequence[str], spec_json: dict | None = None) -> str:
+def model_card(
+    method_name: str,
+    params: Frozen,
+    models: Sequence[Path],
+    base: Path | None,
+    weights: Sequence[float],
+    dtype: str,
+    tensors: int,
+    notes: Sequence[str],
+    spec_json: dict | None = None,
+) -> str:
     """A Hugging Face style model card naming the method, its parameters and the models."""
     names = [Path(m).name for m in models]
     base_name = Path(base).name if base is not None else None
@@ -366,10 +424,19 @@ def model_card(method_name: str, params: Frozen, models: Sequence[Path], base: P
         front += ["base_model:", f"- {json.dumps(base_name)}"]
     front.append("---")
     lines = front + [
-        "", "# Merged model", "",
-        f"Merged with **{method_name}** ({info.description}) by the mudsc merge service.", "",
-        "## Parameters", "", "```json", json.dumps(params.model_dump(mode="json"), indent=2), "```", "",
-        "## Models", "",
+        "",
+        "# Merged model",
+        "",
+        f"Merged with **{method_name}** ({info.description}) by the mudsc merge service.",
+        "",
+        "## Parameters",
+        "",
+        "```json",
+        json.dumps(params.model_dump(mode="json"), indent=2),
+        "```",
+        "",
+        "## Models",
+        "",
     ]
     if base_name:
         lines.append(f"- base: `{base_name}`")

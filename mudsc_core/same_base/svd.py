@@ -20,8 +20,9 @@ before its SVD (all 1 reproduces the papers). Computation is float32 ``torch.lin
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -40,19 +41,20 @@ class SvdMerge(SinglePass):
 
     # The registry's factories, one per method of this module.
     @classmethod
-    def tsv(cls, params: TsvParams) -> "SvdMerge":
+    def tsv(cls, params: TsvParams) -> SvdMerge:
         return cls("tsv", params.scaling_factor)
 
     @classmethod
-    def iso_c(cls, params: IsoCParams) -> "SvdMerge":
+    def iso_c(cls, params: IsoCParams) -> SvdMerge:
         return cls("iso_c", params.scaling_factor)
 
     @classmethod
-    def iso_cts(cls, params: IsoCtsParams) -> "SvdMerge":
+    def iso_cts(cls, params: IsoCtsParams) -> SvdMerge:
         return cls("iso_cts", params.scaling_factor, params.common_space_fraction)
 
-    def merge(self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float],
-              model_ids: Sequence[int]) -> torch.Tensor:
+    def merge(
+        self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+    ) -> torch.Tensor:
         weighted = (d.mul(w) if w != 1.0 else d for d, w in zip(deltas, weights))
         if self.rule == "tsv":
             merged = tsv_merge(weighted, len(weights))

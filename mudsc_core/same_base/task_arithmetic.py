@@ -16,8 +16,8 @@ task vectors passed to ``merge`` are its own: it may overwrite them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ class TaskArithmeticFamily:
     needs_base: bool = True
 
     @classmethod
-    def from_params(cls, params: GtaPreset) -> "TaskArithmeticFamily":
+    def from_params(cls, params: GtaPreset) -> TaskArithmeticFamily:
         return cls(params.to_gta())
 
     def first_pass(self) -> FirstPass | None:
@@ -103,8 +103,10 @@ class WholeModelThresholds:
         for model_id, histogram in self.histograms.items():
             if histogram.total:
                 self.thresholds[model_id] = histogram.threshold(int(self.density * histogram.total))
-        return ["ties over the whole model: per-model magnitude thresholds " + ", ".join(
-            f"model {i}={self.thresholds[i]:.3g}" for i in sorted(self.thresholds))]
+        return [
+            "ties over the whole model: per-model magnitude thresholds "
+            + ", ".join(f"model {i}={self.thresholds[i]:.3g}" for i in sorted(self.thresholds))
+        ]
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class Linear(SinglePass):
     needs_base: bool = False
 
     @classmethod
-    def from_params(cls, params: LinearParams) -> "Linear":
+    def from_params(cls, params: LinearParams) -> Linear:
         return cls(normalize=params.normalize)
 
     def merge(
@@ -125,8 +127,12 @@ class Linear(SinglePass):
 
 
 def task_arithmetic(
-    base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], params: GeneralizedTaskArithmeticParams,
-    name: str = "tensor", thresholds: Mapping[int, float] | None = None,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: GeneralizedTaskArithmeticParams,
+    name: str = "tensor",
+    thresholds: Mapping[int, float] | None = None,
 ) -> torch.Tensor:
     """Whole-tensor convenience: theta_0 + family(theta_i - theta_0) (inputs untouched)."""
     family = TaskArithmeticFamily(params, dict(thresholds or {}))

@@ -13,7 +13,20 @@ from mudsc_core.schema.job import (
 from mudsc_core.schema.methods import METHODS, MethodInfo, MudscParams, register
 
 __all__ = [
-    "ARCHITECTURE_CONFIGS", "MLPConfig", "ResNetConfig", "VGGConfig", "ViTConfig",
-    "ArchitectureSpec", "CalibrationSpec", "JobSpec", "MethodSpec", "ModelRef", "OutputSpec", "parse_s3_uri",
-    "METHODS", "MethodInfo", "MudscParams", "register",
+    "ARCHITECTURE_CONFIGS",
+    "MLPConfig",
+    "ResNetConfig",
+    "VGGConfig",
+    "ViTConfig",
+    "ArchitectureSpec",
+    "CalibrationSpec",
+    "JobSpec",
+    "MethodSpec",
+    "ModelRef",
+    "OutputSpec",
+    "parse_s3_uri",
+    "METHODS",
+    "MethodInfo",
+    "MudscParams",
+    "register",
 ]

@@ -59,7 +59,7 @@ class ResNetConfig(Frozen):
     in_channels: int = Field(3, ge=1, le=64)
 
     @model_validator(mode="after")
-    def _check(self) -> "ResNetConfig":
+    def _check(self) -> ResNetConfig:
         if (self.depth - 2) % 6 != 0:
             raise ValueError("depth must be 6k+2 (8, 14, 20, 26, 32, ...)")
         if self.norm == "group" and (16 * self.width) % self.groups != 0:
@@ -81,7 +81,7 @@ class ViTConfig(Frozen):
     qkv_bias: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "ViTConfig":
+    def _check(self) -> ViTConfig:
         if self.image_size % self.patch_size != 0:
             raise ValueError("image_size must be divisible by patch_size")
         if self.embed_dim % self.num_heads != 0:

@@ -19,7 +19,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/key`` -> (bucket, key); ValueError with a specific message otherwise."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise ValueError("must be an s3://bucket/key URI")
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not _BUCKET.match(bucket):
         raise ValueError(f"invalid bucket name {bucket!r}")
@@ -62,7 +62,7 @@ class MethodSpec(Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _typed_params(self) -> "MethodSpec":
+    def _typed_params(self) -> MethodSpec:
         info = METHODS.get(self.name)
         if info is None:
             raise ValueError(f"unknown method {self.name!r}; known: {', '.join(sorted(METHODS))}")
@@ -80,7 +80,7 @@ class ArchitectureSpec(Frozen):
     config: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _typed_config(self) -> "ArchitectureSpec":
+    def _typed_config(self) -> ArchitectureSpec:
         config_model = ARCHITECTURE_CONFIGS.get(self.name)
         if config_model is None:
             raise ValueError(f"unknown architecture {self.name!r}; known: {', '.join(sorted(ARCHITECTURE_CONFIGS))}")
@@ -138,10 +138,14 @@ class JobSpec(Frozen):
     labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _method_requirements(self) -> "JobSpec":
+    def _method_requirements(self) -> JobSpec:
         METHODS[self.method.name].check_inputs(
-            models=len(self.models), base=self.base_model is not None, architecture=self.architecture is not None,
-            calibration=self.calibration is not None, weighted=any(m.weight != 1.0 for m in self.models))
+            models=len(self.models),
+            base=self.base_model is not None,
+            architecture=self.architecture is not None,
+            calibration=self.calibration is not None,
+            weighted=any(m.weight != 1.0 for m in self.models),
+        )
         return self
 
     def input_uris(self) -> list[str]:

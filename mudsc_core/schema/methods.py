@@ -74,8 +74,9 @@ class MethodInfo:
             target = getattr(target, attribute)
         return target
 
-    def input_problems(self, *, models: int, base: bool, architecture: bool, calibration: bool,
-                       weighted: bool = False) -> list[str]:
+    def input_problems(
+        self, *, models: int, base: bool, architecture: bool, calibration: bool, weighted: bool = False
+    ) -> list[str]:
         """Every way the given inputs miss this method's requirements (empty when they fit)."""
         problems = []
         if models < self.min_models:
@@ -95,8 +96,10 @@ class MethodInfo:
         if self.calibration == "unused" and calibration:
             problems.append(f"method {self.name!r} does not use calibration data; remove it")
         if self.family == "permutation" and weighted:
-            problems.append(f"method {self.name!r} averages matched units equally; per-model weights are only "
-                            "used by same-base methods")
+            problems.append(
+                f"method {self.name!r} averages matched units equally; per-model weights are only "
+                "used by same-base methods"
+            )
         return problems
 
     def check_inputs(self, **inputs: Any) -> None:
@@ -128,62 +131,150 @@ def register(info: MethodInfo) -> None:
 
 
 def _permutation(name: str, params: type[Frozen], description: str, calibration: Calibration) -> MethodInfo:
-    return MethodInfo(name, params, "permutation", description, "mudsc_core.permutation.merge:merge",
-                      requires_architecture=True, calibration=calibration)
+    return MethodInfo(
+        name,
+        params,
+        "permutation",
+        description,
+        "mudsc_core.permutation.merge:merge",
+        requires_architecture=True,
+        calibration=calibration,
+    )
 
 
-def _same_base(name: str, params: type[Frozen], description: str, implementation: str, *,
-               requires_base: bool = True, max_models: int | None = None) -> MethodInfo:
-    return MethodInfo(name, params, "same_base", description, "mudsc_core.same_base." + implementation,
-                      requires_base=requires_base, max_models=max_models)
+def _same_base(
+    name: str,
+    params: type[Frozen],
+    description: str,
+    implementation: str,
+    *,
+    requires_base: bool = True,
+    max_models: int | None = None,
+) -> MethodInfo:
+    return MethodInfo(
+        name,
+        params,
+        "same_base",
+        description,
+        "mudsc_core.same_base." + implementation,
+        requires_base=requires_base,
+        max_models=max_models,
+    )
 
 
 _GTA = "task_arithmetic:TaskArithmeticFamily.from_params"
 
 for _info in (
     # ---- permutation family (models trained separately): presets of MuDSC
-    _permutation("mudsc", MudscParams, "MuDSC: dual-space (weight + activation) align or zip merging; without "
-                 "calibration it runs in weight space only", "optional"),
-    _permutation("weight_average", WeightAverageParams, "Position-by-position average, no matching (calibration "
-                 "only re-estimates BatchNorm)", "optional"),
+    _permutation(
+        "mudsc",
+        MudscParams,
+        "MuDSC: dual-space (weight + activation) align or zip merging; without "
+        "calibration it runs in weight space only",
+        "optional",
+    ),
+    _permutation(
+        "weight_average",
+        WeightAverageParams,
+        "Position-by-position average, no matching (calibration only re-estimates BatchNorm)",
+        "optional",
+    ),
     _permutation("git_rebasin", GitRebasinParams, "Git Re-Basin weight matching (align, beta=1)", "optional"),
     _permutation("activation_align", ActivationAlignParams, "Align on activation correlation (beta=0)", "required"),
-    _permutation("zipit", ZipItParams, "ZipIt!: greedy zip on activation correlation (beta=0, one pass)",
-                 "required"),
+    _permutation("zipit", ZipItParams, "ZipIt!: greedy zip on activation correlation (beta=0, one pass)", "required"),
     _permutation("weight_zip", WeightZipParams, "Zip on weight correlation (beta=1), iterated", "optional"),
     # ---- same-base family (fine-tunes of one base): streamed tensor by tensor
-    _same_base("linear", LinearParams, "Weighted average of the models (normalised by default)",
-               "task_arithmetic:Linear.from_params", requires_base=False),
+    _same_base(
+        "linear",
+        LinearParams,
+        "Weighted average of the models (normalised by default)",
+        "task_arithmetic:Linear.from_params",
+        requires_base=False,
+    ),
     _same_base("task_arithmetic", TaskArithmeticParams, "theta_0 + lambda * sum_i w_i tau_i", _GTA),
     _same_base("ties", TiesParams, "TIES: trim to density, elect signs, disjoint mean", _GTA),
-    _same_base("dare_linear", DareLinearParams, "DARE: seeded random drop with rescale, then task arithmetic",
-               _GTA),
+    _same_base("dare_linear", DareLinearParams, "DARE: seeded random drop with rescale, then task arithmetic", _GTA),
     _same_base("dare_ties", DareTiesParams, "DARE drop with rescale, then TIES sign election", _GTA),
-    _same_base("breadcrumbs", BreadcrumbsParams, "Model Breadcrumbs: drop the largest gamma and the smallest "
-               "magnitudes, then task arithmetic", _GTA),
+    _same_base(
+        "breadcrumbs",
+        BreadcrumbsParams,
+        "Model Breadcrumbs: drop the largest gamma and the smallest magnitudes, then task arithmetic",
+        _GTA,
+    ),
     _same_base("breadcrumbs_ties", BreadcrumbsTiesParams, "Breadcrumbs band, then TIES sign election", _GTA),
-    _same_base("della", DellaParams, "DELLA: magnitude-ranked drop probabilities, rescale, TIES sign election",
-               _GTA),
+    _same_base("della", DellaParams, "DELLA: magnitude-ranked drop probabilities, rescale, TIES sign election", _GTA),
     _same_base("della_linear", DellaLinearParams, "DELLA drop, then task arithmetic", _GTA),
-    _same_base("slerp", SlerpParams, "Spherical interpolation of two models at t", "slerp:Slerp.from_params",
-               requires_base=False, max_models=2),
-    _same_base("multislerp", MultislerpParams, "Weighted spherical interpolation of several models",
-               "slerp:Multislerp.from_params", requires_base=False),
-    _same_base("model_stock", ModelStockParams, "Model Stock: interpolate the mean of the fine-tuned models toward "
-               "the base by their task vectors' angle", "model_stock:ModelStock.from_params"),
-    _same_base("tsv_merge", TsvParams, "TSV-Merge: per 2-D weight, each task's top singular vectors, decorrelated "
-               "(orthogonal Procrustes); other tensors: task arithmetic", "svd:SvdMerge.tsv"),
-    _same_base("iso_c", IsoCParams, "Iso-C: flatten the spectrum of the summed task vector (2-D weights; other "
-               "tensors: task arithmetic)", "svd:SvdMerge.iso_c"),
-    _same_base("iso_cts", IsoCtsParams, "Iso-CTS: common plus task-specific subspaces with a flat spectrum (2-D "
-               "weights; other tensors: task arithmetic)", "svd:SvdMerge.iso_cts"),
+    _same_base(
+        "slerp",
+        SlerpParams,
+        "Spherical interpolation of two models at t",
+        "slerp:Slerp.from_params",
+        requires_base=False,
+        max_models=2,
+    ),
+    _same_base(
+        "multislerp",
+        MultislerpParams,
+        "Weighted spherical interpolation of several models",
+        "slerp:Multislerp.from_params",
+        requires_base=False,
+    ),
+    _same_base(
+        "model_stock",
+        ModelStockParams,
+        "Model Stock: interpolate the mean of the fine-tuned models toward the base by their task vectors' angle",
+        "model_stock:ModelStock.from_params",
+    ),
+    _same_base(
+        "tsv_merge",
+        TsvParams,
+        "TSV-Merge: per 2-D weight, each task's top singular vectors, decorrelated "
+        "(orthogonal Procrustes); other tensors: task arithmetic",
+        "svd:SvdMerge.tsv",
+    ),
+    _same_base(
+        "iso_c",
+        IsoCParams,
+        "Iso-C: flatten the spectrum of the summed task vector (2-D weights; other tensors: task arithmetic)",
+        "svd:SvdMerge.iso_c",
+    ),
+    _same_base(
+        "iso_cts",
+        IsoCtsParams,
+        "Iso-CTS: common plus task-specific subspaces with a flat spectrum (2-D "
+        "weights; other tensors: task arithmetic)",
+        "svd:SvdMerge.iso_cts",
+    ),
 ):
     register(_info)
 
 __all__ = [
-    "METHODS", "MethodInfo", "Calibration", "Family", "register", "MudscPreset", "MudscParams",
-    "GeneralizedTaskArithmeticParams", "LinearParams", "TaskArithmeticParams", "TiesParams", "DareLinearParams",
-    "DareTiesParams", "BreadcrumbsParams", "BreadcrumbsTiesParams", "DellaParams", "DellaLinearParams",
-    "SlerpParams", "MultislerpParams", "ModelStockParams", "TsvParams", "IsoCParams", "IsoCtsParams",
-    "WeightAverageParams", "GitRebasinParams", "ActivationAlignParams", "ZipItParams", "WeightZipParams",
+    "METHODS",
+    "MethodInfo",
+    "Calibration",
+    "Family",
+    "register",
+    "MudscPreset",
+    "MudscParams",
+    "GeneralizedTaskArithmeticParams",
+    "LinearParams",
+    "TaskArithmeticParams",
+    "TiesParams",
+    "DareLinearParams",
+    "DareTiesParams",
+    "BreadcrumbsParams",
+    "BreadcrumbsTiesParams",
+    "DellaParams",
+    "DellaLinearParams",
+    "SlerpParams",
+    "MultislerpParams",
+    "ModelStockParams",
+    "TsvParams",
+    "IsoCParams",
+    "IsoCtsParams",
+    "WeightAverageParams",
+    "GitRebasinParams",
+    "ActivationAlignParams",
+    "ZipItParams",
+    "WeightZipParams",
 ]

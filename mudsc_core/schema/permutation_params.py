@@ -17,7 +17,7 @@ from mudsc_core.schema._base import Frozen
 class MudscPreset(Protocol):
     """What every permutation method's params provide: the full MuDSC configuration they stand for."""
 
-    def to_mudsc(self) -> "MudscParams": ...
+    def to_mudsc(self) -> MudscParams: ...
 
 
 class _PermutationCommon(Frozen):
@@ -33,8 +33,12 @@ class _ZipKnobs(Frozen):
     reduce: float | None = Field(
         None, ge=0.0, lt=1.0, description="r: fraction of the N*n stacked units removed; default 1-1/N keeps the width"
     )
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="a: damping of a fused unit's similarities (<=0: close its models)")
-    budget: float = Field(1.0, ge=0.0, le=1000.0, description="b: same-model fusions allowed, as a multiple of each model's share")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="a: damping of a fused unit's similarities (<=0: close its models)"
+    )
+    budget: float = Field(
+        1.0, ge=0.0, le=1000.0, description="b: same-model fusions allowed, as a multiple of each model's share"
+    )
 
 
 class MudscParams(_PermutationCommon, _ZipKnobs):
@@ -48,7 +52,7 @@ class MudscParams(_PermutationCommon, _ZipKnobs):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     match: bool = Field(True, description="False: no matching at all (plain weight averaging)")
 
-    def to_mudsc(self) -> "MudscParams":
+    def to_mudsc(self) -> MudscParams:
         return self
 
 

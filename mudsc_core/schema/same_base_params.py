@@ -31,33 +31,42 @@ class GeneralizedTaskArithmeticParams(_Scaled):
     density: Fraction = Field(1.0, gt=0.0, le=1.0, description="fraction of each task vector's entries kept")
     gamma: Fraction = Field(0.01, ge=0.0, lt=1.0, description="breadcrumbs: fraction of largest magnitudes removed")
     epsilon: Fraction = Field(0.15, ge=0.0, lt=1.0, description="della: keep probabilities span density +/- epsilon")
-    consensus: Consensus = Field("none", description="sign election: 'sum' (TIES: sign of the weighted sum), "
-                                 "'count' (majority of signs), 'none' (no election)")
+    consensus: Consensus = Field(
+        "none",
+        description="sign election: 'sum' (TIES: sign of the weighted sum), "
+        "'count' (majority of signs), 'none' (no election)",
+    )
     normalize: bool = Field(False, description="divide by the sum of the (agreeing) weights")
-    rescale: bool = Field(False, description="random/della: survivors / keep probability; "
-                          "magnitude/breadcrumbs: match the task vector's L1 norm")
+    rescale: bool = Field(
+        False,
+        description="random/della: survivors / keep probability; "
+        "magnitude/breadcrumbs: match the task vector's L1 norm",
+    )
     topk_scope: Literal["tensor", "model"] = Field(
-        "tensor", description="magnitude trim per tensor (mergekit, default) or over the whole model (TIES paper)")
+        "tensor", description="magnitude trim per tensor (mergekit, default) or over the whole model (TIES paper)"
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="random/della drop seed (per tensor and model)")
 
     @model_validator(mode="after")
-    def _della_band(self) -> "GeneralizedTaskArithmeticParams":
-        if self.sparsifier == "della" and self.density < 1.0 and not (
-            0.0 < self.density - self.epsilon and self.density + self.epsilon < 1.0
+    def _della_band(self) -> GeneralizedTaskArithmeticParams:
+        if (
+            self.sparsifier == "della"
+            and self.density < 1.0
+            and not (0.0 < self.density - self.epsilon and self.density + self.epsilon < 1.0)
         ):
             raise ValueError("della: density +/- epsilon must lie inside (0, 1)")
         if self.topk_scope == "model" and self.sparsifier != "magnitude":
             raise ValueError("topk_scope='model' applies to magnitude trimming (ties) only")
         return self
 
-    def to_gta(self) -> "GeneralizedTaskArithmeticParams":
+    def to_gta(self) -> GeneralizedTaskArithmeticParams:
         return self
 
 
 class GtaPreset(Protocol):
     """What every task-arithmetic-family params model provides: the full configuration it stands for."""
 
-    def to_gta(self) -> "GeneralizedTaskArithmeticParams": ...
+    def to_gta(self) -> GeneralizedTaskArithmeticParams: ...
 
 
 def _gta(params: Frozen, **fixed: object) -> GeneralizedTaskArithmeticParams:
@@ -126,13 +135,17 @@ class BreadcrumbsTiesParams(_BreadcrumbsKnobs):
 
 class _DellaKnobs(_Scaled):
     density: Fraction = Field(0.5, gt=0.0, le=1.0, description="mean keep probability")
-    epsilon: Fraction = Field(0.15, ge=0.0, lt=1.0, description="keep probabilities run from density-eps "
-                              "(smallest magnitude) to density+eps (largest)")
+    epsilon: Fraction = Field(
+        0.15,
+        ge=0.0,
+        lt=1.0,
+        description="keep probabilities run from density-eps (smallest magnitude) to density+eps (largest)",
+    )
     rescale: bool = True
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
-    def _band(self) -> "_DellaKnobs":
+    def _band(self) -> _DellaKnobs:
         self.to_gta()  # the one check lives on the general model
         return self
 
@@ -173,5 +186,9 @@ class IsoCParams(_Scaled):
 
 
 class IsoCtsParams(_Scaled):
-    common_space_fraction: Fraction = Field(0.8, gt=0.0, le=1.0, description="share of the rank given to the "
-                                            "common subspace (top directions of the summed task vector)")
+    common_space_fraction: Fraction = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="share of the rank given to the common subspace (top directions of the summed task vector)",
+    )

@@ -30,11 +30,16 @@ KEYS = {"acme": "key-acme-" + "x" * 20, "rival": "key-rival-" + "y" * 20}
 
 def api_keys(prefixes: dict[str, list[str]] | None = None) -> str:
     prefixes = prefixes or {}
-    return json.dumps([
-        {"tenant": tenant, "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
-         "allowed_prefixes": prefixes.get(tenant, [f"s3://models/{tenant}/", f"s3://data/{tenant}/"])}
-        for tenant, key in KEYS.items()
-    ])
+    return json.dumps(
+        [
+            {
+                "tenant": tenant,
+                "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                "allowed_prefixes": prefixes.get(tenant, [f"s3://models/{tenant}/", f"s3://data/{tenant}/"]),
+            }
+            for tenant, key in KEYS.items()
+        ]
+    )
 
 
 @contextmanager
@@ -113,8 +118,9 @@ def mlp_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
-def seed_job(store: JobStore, tenant: str = "acme", labels: dict[str, str] | None = None,
-             spec: dict[str, Any] | None = None) -> dict[str, Any]:
+def seed_job(
+    store: JobStore, tenant: str = "acme", labels: dict[str, str] | None = None, spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A queued job written straight to the store (tests that need no S3 check)."""
     job, _ = store.create(tenant=tenant, spec=spec or mlp_spec(), labels=labels or {}, max_active=1000)
     return job

@@ -51,12 +51,22 @@ def test_invalid_specs_are_422_naming_the_field(client: TestClient) -> None:
     cases = [
         (mlp_spec(method={"name": "nope"}), ["body", "method"], "unknown method"),
         (mlp_spec(models=[{"uri": "s3://models/acme/a.safetensors"}]), ["body", "models"], "at least 2"),
-        (mlp_spec(models=[{"uri": "s3://models/acme/a.pt"}, {"uri": "s3://models/acme/b.safetensors"}]),
-         ["body", "models", 0, "uri"], "pickle"),
-        (mlp_spec(method={"name": "mudsc", "params": {"beta": 2}}), ["body", "method", "beta"], "less than or equal to 1"),
+        (
+            mlp_spec(models=[{"uri": "s3://models/acme/a.pt"}, {"uri": "s3://models/acme/b.safetensors"}]),
+            ["body", "models", 0, "uri"],
+            "pickle",
+        ),
+        (
+            mlp_spec(method={"name": "mudsc", "params": {"beta": 2}}),
+            ["body", "method", "beta"],
+            "less than or equal to 1",
+        ),
         (mlp_spec(unexpected=1), ["body", "unexpected"], "Extra inputs"),
-        (mlp_spec(models=[{"uri": "s3://models/../a.safetensors"}, {"uri": "s3://models/acme/b.safetensors"}]),
-         ["body", "models", 0, "uri"], "'..'"),
+        (
+            mlp_spec(models=[{"uri": "s3://models/../a.safetensors"}, {"uri": "s3://models/acme/b.safetensors"}]),
+            ["body", "models", 0, "uri"],
+            "'..'",
+        ),
     ]
     for spec, loc, fragment in cases:
         body = assert_problem(client.post("/v1/merges", json=spec, headers=auth()), 422)
@@ -73,8 +83,11 @@ def test_oversized_body_is_413(client: TestClient, settings) -> None:
 
 
 def test_unknown_job_ids_are_404(client: TestClient) -> None:
-    for path in ("/v1/merges/mrg_01ARZ3NDEKTSV4RRFFQ69G5FAV", "/v1/merges/not-an-id",
-                 "/v1/merges/mrg_01ARZ3NDEKTSV4RRFFQ69G5FAV/events"):
+    for path in (
+        "/v1/merges/mrg_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "/v1/merges/not-an-id",
+        "/v1/merges/mrg_01ARZ3NDEKTSV4RRFFQ69G5FAV/events",
+    ):
         body = assert_problem(client.get(path, headers=auth()), 404)
         assert body["code"] == "job_not_found"
     assert_problem(client.post("/v1/merges/mrg_01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", headers=auth()), 404)
@@ -121,10 +134,20 @@ def test_readyz_reports_redis_down(redis_prefix: str) -> None:
 
 def test_openapi_lists_every_route(client: TestClient) -> None:
     paths = set(client.get("/openapi.json").json()["paths"])
-    assert paths >= {"/v1/merges", "/v1/merges/{job_id}", "/v1/merges/{job_id}/cancel", "/v1/merges/{job_id}/events",
-                     "/v1/merges/{job_id}/events/stream", "/v1/merges/{job_id}/artifacts",
-                     "/v1/merges/{job_id}/artifacts/{name}", "/v1/methods", "/v1/architectures", "/livez",
-                     "/readyz", "/metrics"}
+    assert paths >= {
+        "/v1/merges",
+        "/v1/merges/{job_id}",
+        "/v1/merges/{job_id}/cancel",
+        "/v1/merges/{job_id}/events",
+        "/v1/merges/{job_id}/events/stream",
+        "/v1/merges/{job_id}/artifacts",
+        "/v1/merges/{job_id}/artifacts/{name}",
+        "/v1/methods",
+        "/v1/architectures",
+        "/livez",
+        "/readyz",
+        "/metrics",
+    }
 
 
 def test_api_process_does_not_import_torch() -> None:

@@ -14,13 +14,29 @@ from tests.api.test_http_contract import assert_problem
 
 def _succeed(store: JobStore, job: dict, tenant: str = "acme") -> dict:
     claim = store.claim(job["id"], owner="test", lease_ttl_s=30, max_attempts=3)
-    store.heartbeat(job["id"], claim.attempt, lease_ttl_s=30,
-                    progress={"stage": "matching", "percent": 50.0, "message": "layer 1/2"})
-    result = {"artifacts": [
-        {"name": "model.safetensors", "uri": f"s3://results/{tenant}/{job['id']}/model.safetensors", "size": 10,
-         "sha256": "a" * 64},
-        {"name": "report.json", "uri": f"s3://results/{tenant}/{job['id']}/report.json", "size": 2, "sha256": "b" * 64},
-    ], "metrics": {"matching": {"mean_similarity": 0.5}}}
+    store.heartbeat(
+        job["id"],
+        claim.attempt,
+        lease_ttl_s=30,
+        progress={"stage": "matching", "percent": 50.0, "message": "layer 1/2"},
+    )
+    result = {
+        "artifacts": [
+            {
+                "name": "model.safetensors",
+                "uri": f"s3://results/{tenant}/{job['id']}/model.safetensors",
+                "size": 10,
+                "sha256": "a" * 64,
+            },
+            {
+                "name": "report.json",
+                "uri": f"s3://results/{tenant}/{job['id']}/report.json",
+                "size": 2,
+                "sha256": "b" * 64,
+            },
+        ],
+        "metrics": {"matching": {"mean_similarity": 0.5}},
+    }
     store.complete(job["id"], tenant, claim.attempt, status="succeeded", result=result)
     return store.get(job["id"])
 
@@ -152,8 +168,14 @@ def test_artifact_names_with_path_tricks_are_refused(client: TestClient, store: 
 def test_other_tenant_sees_404_everywhere(client: TestClient, store: JobStore) -> None:
     job = _succeed(store, seed_job(store, tenant="acme"))
     rival = auth("rival")
-    for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/events/stream"),
-                         ("GET", "/artifacts"), ("GET", "/artifacts/model.safetensors")]:
+    for method, path in [
+        ("GET", ""),
+        ("POST", "/cancel"),
+        ("GET", "/events"),
+        ("GET", "/events/stream"),
+        ("GET", "/artifacts"),
+        ("GET", "/artifacts/model.safetensors"),
+    ]:
         response = client.request(method, f"/v1/merges/{job['id']}{path}", headers=rival)
         assert_problem(response, 404)
     listed = client.get("/v1/merges", params={"limit": 100}, headers=rival).json()["data"]

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from mudsc_jobs.dispatch import make_sender
 from app.reconcile import sweep
+from mudsc_jobs.dispatch import make_sender
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.store import IdempotencyConflict, JobStore, StaleAttempt, TenantLimitReached, TransitionConflict
 from tests.api.conftest import seed_job
@@ -26,8 +26,13 @@ def test_stale_attempt_cannot_overwrite_newer_one(store: JobStore) -> None:
     with pytest.raises(StaleAttempt):
         store.complete(job["id"], "acme", first.attempt, status="succeeded", result={"artifacts": [], "metrics": {}})
     assert store.get(job["id"])["status"] == "running"
-    store.complete(job["id"], "acme", second.attempt, status="failed",
-                   error={"code": "invalid_checkpoint", "message": "m", "stage": "merging", "retryable": False})
+    store.complete(
+        job["id"],
+        "acme",
+        second.attempt,
+        status="failed",
+        error={"code": "invalid_checkpoint", "message": "m", "stage": "merging", "retryable": False},
+    )
     assert store.get(job["id"])["error"]["code"] == "invalid_checkpoint"
 
 
@@ -76,10 +81,10 @@ def test_canceling_job_whose_worker_died_becomes_canceled(store: JobStore) -> No
 
 def test_idempotency_and_tenant_limit_are_atomic(store: JobStore) -> None:
     tenant = "limited"
-    first, created = store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1",
-                                  body_hash="h")
-    again, created_again = store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1",
-                                        body_hash="h")
+    first, created = store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1", body_hash="h")
+    again, created_again = store.create(
+        tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1", body_hash="h"
+    )
     assert created and not created_again and again["id"] == first["id"]
     with pytest.raises(IdempotencyConflict):
         store.create(tenant=tenant, spec={}, labels={}, max_active=2, idempotency_key="k1", body_hash="other")
@@ -96,8 +101,9 @@ def test_reconciler_resends_a_job_left_queued_by_a_lost_broker_message(store: Jo
     broker = redis.Redis.from_url(settings.broker_url)
     queue = settings.celery.key_prefix + settings.celery.queue
     time.sleep(0.05)
-    eager = settings.model_copy(update={"reconcile": settings.reconcile.model_copy(
-        update={"resend_queued_after_s": 0.01})})
+    eager = settings.model_copy(
+        update={"reconcile": settings.reconcile.model_copy(update={"resend_queued_after_s": 0.01})}
+    )
     sender = make_sender(settings)
     outcomes = sweep(store, sender, eager)
     assert outcomes["resent"] >= 1

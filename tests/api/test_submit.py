@@ -27,10 +27,14 @@ RUN = uuid.uuid4().hex[:8]
 
 def _mlp_bytes(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    return save({"layers.0.weight": rng.standard_normal((4, 8), dtype=np.float32),
-                 "layers.0.bias": np.zeros(4, np.float32),
-                 "layers.1.weight": rng.standard_normal((3, 4), dtype=np.float32),
-                 "layers.1.bias": np.zeros(3, np.float32)})
+    return save(
+        {
+            "layers.0.weight": rng.standard_normal((4, 8), dtype=np.float32),
+            "layers.0.bias": np.zeros(4, np.float32),
+            "layers.1.weight": rng.standard_normal((3, 4), dtype=np.float32),
+            "layers.1.bias": np.zeros(3, np.float32),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,18 @@ def objects(stack: Any) -> dict[str, str]:
         "truncated": ("models", f"{base}/truncated.safetensors", good[: 8 + header_len + 10]),
         "garbage": ("models", f"{base}/garbage.safetensors", b"PK\x03\x04 this is a zip, not safetensors" * 4),
         "calib": ("data", f"{base}/calib.safetensors", save({"inputs": np.zeros((16, 8), np.float32)})),
-        "folder_index": ("models", f"{base}/hf/model.safetensors.index.json",
-                         json.dumps({"weight_map": {"layers.0.weight": "model-00001-of-00002.safetensors",
-                                                    "layers.1.weight": "model-00002-of-00002.safetensors"}}).encode()),
+        "folder_index": (
+            "models",
+            f"{base}/hf/model.safetensors.index.json",
+            json.dumps(
+                {
+                    "weight_map": {
+                        "layers.0.weight": "model-00001-of-00002.safetensors",
+                        "layers.1.weight": "model-00002-of-00002.safetensors",
+                    }
+                }
+            ).encode(),
+        ),
         "folder_shard": ("models", f"{base}/hf/model-00001-of-00002.safetensors", _mlp_bytes(3)),
         "folder_config": ("models", f"{base}/hf/config.json", b"{}"),
         "ok_folder": ("models", f"{base}/hf2/model.safetensors", _mlp_bytes(4)),
@@ -65,16 +78,19 @@ def objects(stack: Any) -> dict[str, str]:
 def s3_client(stack: Any, redis_prefix: str) -> Iterator[TestClient]:
     settings = make_settings(
         redis_prefix,
-        MUDSC_S3__ENDPOINT_URL=stack.s3_endpoint, MUDSC_S3__ACCESS_KEY_ID=stack.access_key,
-        MUDSC_S3__SECRET_ACCESS_KEY=stack.secret_key, MUDSC_LIMITS__MAX_CHECKPOINT_BYTES="100000",
+        MUDSC_S3__ENDPOINT_URL=stack.s3_endpoint,
+        MUDSC_S3__ACCESS_KEY_ID=stack.access_key,
+        MUDSC_S3__SECRET_ACCESS_KEY=stack.secret_key,
+        MUDSC_LIMITS__MAX_CHECKPOINT_BYTES="100000",
     )
     with TestClient(create_app(settings)) as client:
         yield client
 
 
 def _spec(objects: dict[str, str], a: str = "a", b: str = "b", **extra: Any) -> dict[str, Any]:
-    return mlp_spec(models=[{"uri": objects[a] if a in objects else a}, {"uri": objects[b] if b in objects else b}],
-                    **extra)
+    return mlp_spec(
+        models=[{"uri": objects[a] if a in objects else a}, {"uri": objects[b] if b in objects else b}], **extra
+    )
 
 
 def test_valid_submission_is_queued_with_location(s3_client: TestClient, objects: dict[str, str], store: JobStore):
@@ -98,16 +114,23 @@ def test_idempotent_resubmission(s3_client: TestClient, objects: dict[str, str])
     headers = {**auth(), "Idempotency-Key": f"idem-{RUN}"}
     first = s3_client.post("/v1/merges", json=_spec(objects), headers=headers)
     # same body with keys reordered: same job, 200
-    again = s3_client.post("/v1/merges", content=json.dumps(dict(reversed(list(_spec(objects).items())))),
-                           headers={**headers, "Content-Type": "application/json"})
+    again = s3_client.post(
+        "/v1/merges",
+        content=json.dumps(dict(reversed(list(_spec(objects).items())))),
+        headers={**headers, "Content-Type": "application/json"},
+    )
     assert (first.status_code, again.status_code) == (202, 200)
     assert again.json()["id"] == first.json()["id"]
     other = s3_client.post("/v1/merges", json=_spec(objects, labels={"team": "other"}), headers=headers)
     body = assert_problem(other, 422)
     assert body["code"] == "idempotency_conflict"
     # the key is per tenant: the rival may use the same key for its own job (which fails on rights here)
-    assert s3_client.post("/v1/merges", json=_spec(objects), headers={**auth("rival"),
-                          "Idempotency-Key": f"idem-{RUN}"}).status_code == 403
+    assert (
+        s3_client.post(
+            "/v1/merges", json=_spec(objects), headers={**auth("rival"), "Idempotency-Key": f"idem-{RUN}"}
+        ).status_code
+        == 403
+    )
 
 
 def test_missing_object_is_422_naming_it(s3_client: TestClient, objects: dict[str, str]) -> None:
@@ -130,7 +153,9 @@ def test_uri_outside_allowed_prefixes_is_403(s3_client: TestClient, objects: dic
     body = assert_problem(s3_client.post("/v1/merges", json=_spec(objects), headers=auth("rival")), 403)
     assert body["code"] == "forbidden_uri" and objects["a"] in body["detail"]
     out = _spec(objects, output={"uri": "s3://results/rival/"})
-    assert "s3://results/rival/" in assert_problem(s3_client.post("/v1/merges", json=out, headers=auth()), 403)["detail"]
+    assert (
+        "s3://results/rival/" in assert_problem(s3_client.post("/v1/merges", json=out, headers=auth()), 403)["detail"]
+    )
 
 
 def test_calibration_tensor_must_exist(s3_client: TestClient, objects: dict[str, str]) -> None:
@@ -148,10 +173,12 @@ def test_folders_need_every_indexed_shard(s3_client: TestClient, objects: dict[s
 
 def test_size_and_count_limits(s3_client: TestClient, objects: dict[str, str], stack: Any) -> None:
     big_key = f"acme/{RUN}/big.safetensors"
-    stack.s3_client().put_object(Bucket="models", Key=big_key,
-                                 Body=save({"w": np.zeros(30_000, np.float32)}))  # 120 kB > 100 kB limit
-    body = assert_problem(s3_client.post("/v1/merges", json=_spec(objects, b=f"s3://models/{big_key}"),
-                                         headers=auth()), 422)
+    stack.s3_client().put_object(
+        Bucket="models", Key=big_key, Body=save({"w": np.zeros(30_000, np.float32)})
+    )  # 120 kB > 100 kB limit
+    body = assert_problem(
+        s3_client.post("/v1/merges", json=_spec(objects, b=f"s3://models/{big_key}"), headers=auth()), 422
+    )
     assert body["code"] == "limit_exceeded" and "100000" in body["detail"]
     spec = _spec(objects, calibration={"uri": objects["calib"], "max_samples": 1_000_000})
     assert assert_problem(s3_client.post("/v1/merges", json=spec, headers=auth()), 422)["code"] == "limit_exceeded"
@@ -163,11 +190,15 @@ def test_readyz_is_ready_with_redis_broker_and_s3(s3_client: TestClient) -> None
     assert response.json() == {"status": "ready", "checks": {"redis": "ok", "broker": "ok", "s3": "ok"}}
 
 
-def test_broker_down_fails_the_job_and_answers_503(stack: Any, redis_prefix: str, objects: dict[str, str],
-                                                   store: JobStore) -> None:
+def test_broker_down_fails_the_job_and_answers_503(
+    stack: Any, redis_prefix: str, objects: dict[str, str], store: JobStore
+) -> None:
     settings = make_settings(
-        redis_prefix, MUDSC_S3__ENDPOINT_URL=stack.s3_endpoint, MUDSC_S3__ACCESS_KEY_ID=stack.access_key,
-        MUDSC_S3__SECRET_ACCESS_KEY=stack.secret_key, MUDSC_CELERY__BROKER_URL="redis://127.0.0.1:1/0",
+        redis_prefix,
+        MUDSC_S3__ENDPOINT_URL=stack.s3_endpoint,
+        MUDSC_S3__ACCESS_KEY_ID=stack.access_key,
+        MUDSC_S3__SECRET_ACCESS_KEY=stack.secret_key,
+        MUDSC_CELERY__BROKER_URL="redis://127.0.0.1:1/0",
     )
     with TestClient(create_app(settings)) as client:
         body = assert_problem(client.post("/v1/merges", json=_spec(objects), headers=auth()), 503)
@@ -176,12 +207,16 @@ def test_broker_down_fails_the_job_and_answers_503(stack: Any, redis_prefix: str
     assert job["status"] == "failed" and job["error"]["code"] == "broker_unavailable"
 
 
-def test_tenant_concurrency_limit_is_429(stack: Any, redis_prefix: str, objects: dict[str, str],
-                                         s3_client: TestClient) -> None:
+def test_tenant_concurrency_limit_is_429(
+    stack: Any, redis_prefix: str, objects: dict[str, str], s3_client: TestClient
+) -> None:
     assert s3_client.post("/v1/merges", json=_spec(objects), headers=auth()).status_code == 202  # acme has one
     settings = make_settings(
-        redis_prefix, MUDSC_S3__ENDPOINT_URL=stack.s3_endpoint, MUDSC_S3__ACCESS_KEY_ID=stack.access_key,
-        MUDSC_S3__SECRET_ACCESS_KEY=stack.secret_key, MUDSC_LIMITS__MAX_CONCURRENT_JOBS_PER_TENANT="1",
+        redis_prefix,
+        MUDSC_S3__ENDPOINT_URL=stack.s3_endpoint,
+        MUDSC_S3__ACCESS_KEY_ID=stack.access_key,
+        MUDSC_S3__SECRET_ACCESS_KEY=stack.secret_key,
+        MUDSC_LIMITS__MAX_CONCURRENT_JOBS_PER_TENANT="1",
     )
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/merges", json=_spec(objects), headers=auth())

@@ -14,16 +14,33 @@ from pathlib import Path
 from typing import Any
 
 MAX_EXAMPLES = 12
-CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance," \
-         "response_headers_conformance"
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "response_headers_conformance"
+)
 
 
 def test_api_conforms_to_its_schema(stack: Any, tmp_path: Path) -> None:
     cli = Path(sys.executable).with_name("schemathesis")
-    command = [str(cli), "run", f"{stack.api_url}/openapi.json",
-               "-H", f"Authorization: Bearer {stack.api_key}",
-               "-c", CHECKS, "-n", str(MAX_EXAMPLES), "--seed", "1", "--generation-deterministic",
-               "--request-timeout", "30", "--phases", "examples,coverage,fuzzing", "--no-color"]
+    command = [
+        str(cli),
+        "run",
+        f"{stack.api_url}/openapi.json",
+        "-H",
+        f"Authorization: Bearer {stack.api_key}",
+        "-c",
+        CHECKS,
+        "-n",
+        str(MAX_EXAMPLES),
+        "--seed",
+        "1",
+        "--generation-deterministic",
+        "--request-timeout",
+        "30",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--no-color",
+    ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     output = result.stdout + result.stderr

@@ -13,7 +13,6 @@ import pickle
 import struct
 import time
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +74,24 @@ def _objects() -> dict[str, tuple[str, bytes]]:
         "truncated": ("models", good_bytes[: 8 + header_len + 100]),
         "huge_header": ("models", struct.pack("<Q", 2**62) + b"{}"),
         "header_past_end": ("models", _raw_safetensors({}, b"", claimed_len=10**6)),
-        "overlap": ("models", _raw_safetensors(
-            {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, n]},
-             "v": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 8 + n]}}, b"\0" * (n + 8))),
-        "outside": ("models", _raw_safetensors(
-            {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 10 * n]}}, b"\0" * n)),
-        "shape_mismatch": ("models", _raw_safetensors(
-            {"w": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, n]}}, b"\0" * n)),
+        "overlap": (
+            "models",
+            _raw_safetensors(
+                {
+                    "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, n]},
+                    "v": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 8 + n]},
+                },
+                b"\0" * (n + 8),
+            ),
+        ),
+        "outside": (
+            "models",
+            _raw_safetensors({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 10 * n]}}, b"\0" * n),
+        ),
+        "shape_mismatch": (
+            "models",
+            _raw_safetensors({"w": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, n]}}, b"\0" * n),
+        ),
         "torch_pickle": ("models", pickled.getvalue()),
         "plain_pickle": ("models", plain_pickle),
     }
@@ -100,16 +110,20 @@ def uris(stack: Any) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def api(stack: Any) -> httpx.Client:
-    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      timeout=60) as client:
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=60
+    ) as client:
         yield client
 
 
 def spec(uris: dict[str, str], a: str = "a", b: str = "b", calib: str = "calib", **extra: Any) -> dict[str, Any]:
-    body = {"method": METHOD, "architecture": ARCH,
-            "models": [{"uri": uris.get(a, a)}, {"uri": uris.get(b, b)}],
-            "calibration": {"uri": uris.get(calib, calib), "tensor": "inputs", "max_samples": 64, "batch_size": 32},
-            "labels": {"run": RUN}}
+    body = {
+        "method": METHOD,
+        "architecture": ARCH,
+        "models": [{"uri": uris.get(a, a)}, {"uri": uris.get(b, b)}],
+        "calibration": {"uri": uris.get(calib, calib), "tensor": "inputs", "max_samples": 64, "batch_size": 32},
+        "labels": {"run": RUN},
+    }
     body.update(extra)
     return body
 
@@ -145,21 +159,37 @@ def _body_cases(uris: dict[str, str]) -> list[tuple[str, Any, int | tuple[int, .
         ("empty body", b"", 422, "validation_error"),
         ("binary body", b"\xff\xfe\x00garbage", 422, "validation_error"),
         ("models wrong type", {**good, "models": "s3://models/a.safetensors"}, 422, "validation_error"),
-        ("weight wrong type", {**good, "models": [{"uri": uris["a"], "weight": "heavy"}, {"uri": uris["b"]}]},
-         422, "validation_error"),
+        (
+            "weight wrong type",
+            {**good, "models": [{"uri": uris["a"], "weight": "heavy"}, {"uri": uris["b"]}]},
+            422,
+            "validation_error",
+        ),
         ("unknown top-level field", {**good, "priority": "urgent"}, 422, "validation_error"),
         ("unknown method param", with_method(turbo=True), 422, "validation_error"),
         ("negative samples", calib(max_samples=-1), 422, "validation_error"),
         ("huge samples", calib(max_samples=10**30), 422, "validation_error"),
         ("NaN beta", json.dumps(with_method(beta=float("nan"))).encode(), 422, "validation_error"),
         ("Infinity beta", json.dumps(with_method(beta=float("inf"))).encode(), 422, "validation_error"),
-        ("huge weight", {**good, "models": [{"uri": uris["a"], "weight": 1e308}, {"uri": uris["b"]}]},
-         422, "validation_error"),
+        (
+            "huge weight",
+            {**good, "models": [{"uri": uris["a"], "weight": 1e308}, {"uri": uris["b"]}]},
+            422,
+            "validation_error",
+        ),
         ("unknown method", {**good, "method": {"name": "frankenmerge", "params": {}}}, 422, "validation_error"),
-        ("unknown architecture", {**good, "architecture": {"name": "transformer9000", "config": {}}},
-         422, "validation_error"),
-        ("absurd architecture", {**good, "architecture": {"name": "mlp", "config": {
-            "input_dim": -3, "hidden": [0], "num_classes": 10}}}, 422, "validation_error"),
+        (
+            "unknown architecture",
+            {**good, "architecture": {"name": "transformer9000", "config": {}}},
+            422,
+            "validation_error",
+        ),
+        (
+            "absurd architecture",
+            {**good, "architecture": {"name": "mlp", "config": {"input_dim": -3, "hidden": [0], "num_classes": 10}}},
+            422,
+            "validation_error",
+        ),
         ("pickle uri .bin", spec(uris, b="s3://models/x/pytorch_model.bin"), 422, "validation_error"),
         ("pickle uri .pt", spec(uris, b="s3://models/x/model.pt"), 422, "validation_error"),
         ("http uri", spec(uris, b="https://evil.example/a.safetensors"), 422, "validation_error"),
@@ -177,10 +207,18 @@ def _body_cases(uris: dict[str, str]) -> list[tuple[str, Any, int | tuple[int, .
         ("calibration tensor missing", calib(tensor="nope"), 422, "invalid_calibration"),
         ("missing object", spec(uris, b="s3://models/nothing/here.safetensors"), 422, "object_not_found"),
         ("missing bucket", spec(uris, b="s3://no-such-bucket-x/a.safetensors"), (403, 422), None),
-        ("other tenant's results as output", {**good, "output": {"uri": "s3://results/other/steal/"}},
-         403, "forbidden_uri"),
-        ("a job's default output", {**good, "output": {"uri": "s3://results/demo/mrg_01J00000000000000000000000/"}},
-         422, "output_conflict"),
+        (
+            "other tenant's results as output",
+            {**good, "output": {"uri": "s3://results/other/steal/"}},
+            403,
+            "forbidden_uri",
+        ),
+        (
+            "a job's default output",
+            {**good, "output": {"uri": "s3://results/demo/mrg_01J00000000000000000000000/"}},
+            422,
+            "output_conflict",
+        ),
     ]
 
 
@@ -200,21 +238,22 @@ def test_hostile_bodies_are_4xx_problems(api: httpx.Client, uris: dict[str, str]
 
 
 def test_other_tenant_cannot_read_or_write_outside_its_prefixes(stack: Any, uris: dict[str, str]) -> None:
-    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.other_api_key}"},
-                      timeout=60) as other:
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.other_api_key}"}, timeout=60
+    ) as other:
         assert_problem(other.post("/v1/merges", json=spec(uris)), 403, "forbidden_uri")  # demo's inputs
         own = {k: v.replace(f"hostile-{RUN}/", f"other/hostile-{RUN}/") for k, v in uris.items()}
         s3 = stack.s3_client()
         for name in ("a", "b", "calib"):
-            src_bucket, _, key = uris[name][len("s3://"):].partition("/")
+            src_bucket, _, key = uris[name][len("s3://") :].partition("/")
             s3.copy_object(Bucket=src_bucket, Key=f"other/{key}", CopySource={"Bucket": src_bucket, "Key": key})
         for output in ("s3://results/demo/x/", "s3://models/elsewhere/", "s3://data/other-not-mine/"):
-            assert_problem(other.post("/v1/merges", json={**spec(own), "output": {"uri": output}}), 403,
-                           "forbidden_uri")
+            assert_problem(
+                other.post("/v1/merges", json={**spec(own), "output": {"uri": output}}), 403, "forbidden_uri"
+            )
 
 
-def test_output_that_would_overwrite_results_is_refused(api: httpx.Client, uris: dict[str, str],
-                                                        stack: Any) -> None:
+def test_output_that_would_overwrite_results_is_refused(api: httpx.Client, uris: dict[str, str], stack: Any) -> None:
     target = f"s3://results/demo/hostile-{RUN}/shared/"
     first = api.post("/v1/merges", json={**spec(uris), "output": {"uri": target}})
     assert first.status_code == 202, first.text
@@ -229,8 +268,15 @@ def test_artifact_names_with_path_tricks(api: httpx.Client, uris: dict[str, str]
     job = api.post("/v1/merges", json=spec(uris)).json()
     job = wait(api, job["id"])
     assert job["status"] == "succeeded"
-    for name in ("../../other/x", "..%2F..%2Fx", "%2e%2e/model.safetensors", ".staging-x/model.safetensors",
-                 "a/../../b", "model.safetensors%00.json", "~root"):
+    for name in (
+        "../../other/x",
+        "..%2F..%2Fx",
+        "%2e%2e/model.safetensors",
+        ".staging-x/model.safetensors",
+        "a/../../b",
+        "model.safetensors%00.json",
+        "~root",
+    ):
         response = api.get(f"/v1/merges/{job['id']}/artifacts/{name}", follow_redirects=False)
         assert response.status_code in (404, 422), (name, response.status_code)
         assert response.headers["content-type"].startswith("application/problem+json")
@@ -241,11 +287,16 @@ RUNTIME_CASES = [
     # (name, spec overrides, accepted error codes)
     ("Inf weights", {"b": "inf"}, {"invalid_checkpoint"}),
     ("models of different shapes", {"b": "wide"}, {"incompatible_models", "architecture_mismatch"}),
-    ("architecture does not match the checkpoint",
-     {"architecture": {"name": "mlp", "config": {"input_dim": 64, "hidden": [16, 16, 16], "num_classes": 10}}},
-     {"architecture_mismatch"}),
-    ("parameter names do not match the architecture", {"a": "renamed_keys", "b": "renamed_keys"},
-     {"architecture_mismatch", "invalid_checkpoint"}),
+    (
+        "architecture does not match the checkpoint",
+        {"architecture": {"name": "mlp", "config": {"input_dim": 64, "hidden": [16, 16, 16], "num_classes": 10}}},
+        {"architecture_mismatch"},
+    ),
+    (
+        "parameter names do not match the architecture",
+        {"a": "renamed_keys", "b": "renamed_keys"},
+        {"architecture_mismatch", "invalid_checkpoint"},
+    ),
     ("integer weights", {"b": "int_weights"}, {"invalid_checkpoint"}),
     ("bool weights", {"a": "bool_weights", "b": "bool_weights"}, {"invalid_checkpoint"}),
     ("calibration of the wrong shape", {"calib": "calib_shape"}, {"invalid_calibration"}),
@@ -255,8 +306,9 @@ RUNTIME_CASES = [
 
 
 @pytest.mark.parametrize("name,overrides,codes", RUNTIME_CASES, ids=[c[0] for c in RUNTIME_CASES])
-def test_hostile_checkpoints_fail_the_job_with_a_code(api: httpx.Client, uris: dict[str, str], stack: Any,
-                                                      name: str, overrides: dict[str, Any], codes: set[str]) -> None:
+def test_hostile_checkpoints_fail_the_job_with_a_code(
+    api: httpx.Client, uris: dict[str, str], stack: Any, name: str, overrides: dict[str, Any], codes: set[str]
+) -> None:
     keys = {k: overrides[k] for k in ("a", "b", "calib") if k in overrides}
     body = spec(uris, **keys, **{k: v for k, v in overrides.items() if k not in keys})
     response = api.post("/v1/merges", json=body)
@@ -268,7 +320,7 @@ def test_hostile_checkpoints_fail_the_job_with_a_code(api: httpx.Client, uris: d
     assert job["status"] == "failed", job
     assert job["error"]["code"] in codes, job["error"]
     assert job["error"]["retryable"] is False
-    bucket, _, prefix = job["spec"]["output"]["uri"][len("s3://"):].partition("/")
+    bucket, _, prefix = job["spec"]["output"]["uri"][len("s3://") :].partition("/")
     keys_left = [o["Key"] for o in stack.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
     assert not any(k.endswith(".safetensors") or ".staging-" in k for k in keys_left), keys_left
 

@@ -36,8 +36,9 @@ def _checkpoint(seed: int, arch: dict[str, Any] = ARCH) -> dict[str, torch.Tenso
 
 @pytest.fixture(scope="module")
 def api(stack: Any) -> httpx.Client:
-    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      timeout=30) as client:
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=30
+    ) as client:
         yield client
 
 
@@ -60,16 +61,22 @@ def inputs(stack: Any) -> dict[str, Any]:
     }
     for bucket, key, body in objects.values():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
-    return {"uris": {name: f"s3://{bucket}/{key}" for name, (bucket, key, _) in objects.items()},
-            "states": states, "calibration": calibration}
+    return {
+        "uris": {name: f"s3://{bucket}/{key}" for name, (bucket, key, _) in objects.items()},
+        "states": states,
+        "calibration": calibration,
+    }
 
 
 def _spec(inputs: dict[str, Any], a: str = "a", b: str = "b", **extra: Any) -> dict[str, Any]:
     uris = inputs["uris"]
-    spec = {"method": METHOD, "architecture": ARCH,
-            "models": [{"uri": uris.get(a, a)}, {"uri": uris.get(b, b)}],
-            "calibration": {"uri": uris["calib"], "tensor": "inputs", "max_samples": 64, "batch_size": 32},
-            "labels": {"run": RUN}}
+    spec = {
+        "method": METHOD,
+        "architecture": ARCH,
+        "models": [{"uri": uris.get(a, a)}, {"uri": uris.get(b, b)}],
+        "calibration": {"uri": uris["calib"], "tensor": "inputs", "max_samples": 64, "batch_size": 32},
+        "labels": {"run": RUN},
+    }
     spec.update(extra)
     return spec
 
@@ -126,8 +133,9 @@ def test_merge_end_to_end_matches_the_core(api: httpx.Client, inputs: dict[str, 
     assert hashlib.sha256(weights.content).hexdigest() == listed["model.safetensors"]["sha256"]
     merged = load_safetensors(weights.content)
 
-    expected = direct_merge(inputs["states"], ARCH, METHOD, inputs["calibration"], device="cpu",
-                            calibration_batch_size=32).state_dict
+    expected = direct_merge(
+        inputs["states"], ARCH, METHOD, inputs["calibration"], device="cpu", calibration_batch_size=32
+    ).state_dict
     assert set(merged) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name], tensor.to(torch.float32), msg=name)
@@ -144,13 +152,23 @@ def test_cancel_queued_and_running_jobs(api: httpx.Client, inputs: dict[str, Any
     big = {"name": "mlp", "config": {"input_dim": 64, "hidden": [512, 512, 512], "num_classes": 10}}
     s3 = stack.s3_client()
     for name, seed in (("big_a", 10), ("big_b", 11)):
-        s3.put_object(Bucket=stack.buckets["models"], Key=f"it-{RUN}/{name}.safetensors",
-                      Body=save_safetensors(_checkpoint(seed, big)))
-    s3.put_object(Bucket=stack.buckets["data"], Key=f"it-{RUN}/big_calib.safetensors",
-                  Body=save_safetensors({"inputs": torch.randn(4096, 64)}))
-    spec = _spec(inputs, a=f"s3://models/it-{RUN}/big_a.safetensors", b=f"s3://models/it-{RUN}/big_b.safetensors",
-                 architecture=big, calibration={"uri": f"s3://data/it-{RUN}/big_calib.safetensors",
-                                                "max_samples": 4096, "batch_size": 16})
+        s3.put_object(
+            Bucket=stack.buckets["models"],
+            Key=f"it-{RUN}/{name}.safetensors",
+            Body=save_safetensors(_checkpoint(seed, big)),
+        )
+    s3.put_object(
+        Bucket=stack.buckets["data"],
+        Key=f"it-{RUN}/big_calib.safetensors",
+        Body=save_safetensors({"inputs": torch.randn(4096, 64)}),
+    )
+    spec = _spec(
+        inputs,
+        a=f"s3://models/it-{RUN}/big_a.safetensors",
+        b=f"s3://models/it-{RUN}/big_b.safetensors",
+        architecture=big,
+        calibration={"uri": f"s3://data/it-{RUN}/big_calib.safetensors", "max_samples": 4096, "batch_size": 16},
+    )
     running_id = api.post("/v1/merges", json=spec).json()["id"]
     _wait(api, running_id, lambda j: j["status"] == "running" and j["progress"] is not None, 120)
 
@@ -189,10 +207,17 @@ def test_idempotent_resubmission(api: httpx.Client, inputs: dict[str, Any]) -> N
 
 def test_other_tenant_gets_404_on_every_route(api: httpx.Client, inputs: dict[str, Any], stack: Any) -> None:
     job_id = api.post("/v1/merges", json=_spec(inputs)).json()["id"]
-    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.other_api_key}"},
-                      timeout=30) as other:
-        for method, suffix in [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/events/stream"),
-                               ("GET", "/artifacts"), ("GET", "/artifacts/model.safetensors")]:
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {stack.other_api_key}"}, timeout=30
+    ) as other:
+        for method, suffix in [
+            ("GET", ""),
+            ("POST", "/cancel"),
+            ("GET", "/events"),
+            ("GET", "/events/stream"),
+            ("GET", "/artifacts"),
+            ("GET", "/artifacts/model.safetensors"),
+        ]:
             response = other.request(method, f"/v1/merges/{job_id}{suffix}")
             assert response.status_code == 404, (suffix, response.status_code)
             assert response.json()["code"] == "job_not_found"
@@ -220,8 +245,15 @@ def test_nan_checkpoint_passes_submission_but_fails_the_job(api: httpx.Client, i
 
 def test_readyz_fails_when_redis_and_s3_are_down(stack: Any, api: httpx.Client) -> None:
     assert httpx.get(stack.api_url + "/readyz", timeout=10).status_code == 200
-    url, _ = stack.start_api({"MUDSC_REDIS__URL": "redis://127.0.0.1:1/0", "MUDSC_CELERY__BROKER_URL": "",
-                              "MUDSC_S3__ENDPOINT_URL": "http://127.0.0.1:1"}, name="api-dead", wait_path="/livez")
+    url, _ = stack.start_api(
+        {
+            "MUDSC_REDIS__URL": "redis://127.0.0.1:1/0",
+            "MUDSC_CELERY__BROKER_URL": "",
+            "MUDSC_S3__ENDPOINT_URL": "http://127.0.0.1:1",
+        },
+        name="api-dead",
+        wait_path="/livez",
+    )
     try:
         response = httpx.get(url + "/readyz", timeout=30)
     finally:

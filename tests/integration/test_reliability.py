@@ -29,7 +29,7 @@ RUN = uuid.uuid4().hex[:8]
 ARCH = {"name": "mlp", "config": {"input_dim": 64, "hidden": [32, 32], "num_classes": 10}}
 METHOD = {"name": "mudsc", "params": {"mode": "zip", "beta": 0.5, "seed": 0}}
 TERMINAL = {"succeeded", "failed", "canceled"}
-DELAY_S = 1.5   # per stage: a job lasts ~5 stages x DELAY_S
+DELAY_S = 1.5  # per stage: a job lasts ~5 stages x DELAY_S
 LEASE_S = 3
 
 
@@ -72,8 +72,9 @@ class Slice:
         self.apis.clear()
 
     def client(self, key: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {key or self.stack.api_key}"},
-                            timeout=60)
+        return httpx.Client(
+            base_url=self.api_url, headers={"Authorization": f"Bearer {key or self.stack.api_key}"}, timeout=60
+        )
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
@@ -106,9 +107,13 @@ def uris(stack: Any) -> dict[str, str]:
 
 
 def spec(uris: dict[str, str], **extra: Any) -> dict[str, Any]:
-    body = {"method": METHOD, "architecture": ARCH, "models": [{"uri": uris["a"]}, {"uri": uris["b"]}],
-            "calibration": {"uri": uris["calib"], "tensor": "inputs", "max_samples": 64, "batch_size": 32},
-            "labels": {"run": RUN}}
+    body = {
+        "method": METHOD,
+        "architecture": ARCH,
+        "models": [{"uri": uris["a"]}, {"uri": uris["b"]}],
+        "calibration": {"uri": uris["calib"], "tensor": "inputs", "max_samples": 64, "batch_size": 32},
+        "labels": {"run": RUN},
+    }
     body.update(extra)
     return body
 
@@ -129,8 +134,10 @@ def wait(api: httpx.Client, job_id: str, predicate: Any, timeout_s: float = 90) 
             if predicate(job):
                 return job
         time.sleep(0.1)
-    raise AssertionError(f"job {job_id}: expected state not reached; last {job.get('status')} "
-                         f"attempt {job.get('attempt')} {job.get('progress')} {job.get('error')}")
+    raise AssertionError(
+        f"job {job_id}: expected state not reached; last {job.get('status')} "
+        f"attempt {job.get('attempt')} {job.get('progress')} {job.get('error')}"
+    )
 
 
 def done(job: dict[str, Any]) -> bool:
@@ -138,8 +145,12 @@ def done(job: dict[str, Any]) -> bool:
 
 
 def running(attempt: int, stage: str | None = None) -> Any:
-    return lambda j: (j["status"] == "running" and j["attempt"] == attempt and j["progress"] is not None
-                      and (stage is None or j["progress"]["stage"] == stage))
+    return lambda j: (
+        j["status"] == "running"
+        and j["attempt"] == attempt
+        and j["progress"] is not None
+        and (stage is None or j["progress"]["stage"] == stage)
+    )
 
 
 def status_events(api: httpx.Client, job_id: str) -> list[tuple[str, int]]:
@@ -148,9 +159,9 @@ def status_events(api: httpx.Client, job_id: str) -> list[tuple[str, int]]:
 
 
 def output_keys(stack: Any, job: dict[str, Any]) -> list[str]:
-    bucket, _, prefix = job["spec"]["output"]["uri"][len("s3://"):].partition("/")
+    bucket, _, prefix = job["spec"]["output"]["uri"][len("s3://") :].partition("/")
     listing = stack.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return [o["Key"][len(prefix):] for o in listing.get("Contents", [])]
+    return [o["Key"][len(prefix) :] for o in listing.get("Contents", [])]
 
 
 def assert_no_result(stack: Any, job: dict[str, Any]) -> None:
@@ -169,8 +180,11 @@ def assert_clean_success(stack: Any, job: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def rel(stack: Any) -> Iterator[Slice]:
     """API with a 0.5 s reconciler; one worker with two pool processes; 3 s leases; at most 2 attempts."""
-    common = {"MUDSC_WORKER__LEASE_TTL_S": str(LEASE_S), "MUDSC_WORKER__MAX_ATTEMPTS": "2",
-              "MUDSC_WORKER__DEBUG_STAGE_DELAY_S": str(DELAY_S)}
+    common = {
+        "MUDSC_WORKER__LEASE_TTL_S": str(LEASE_S),
+        "MUDSC_WORKER__MAX_ATTEMPTS": "2",
+        "MUDSC_WORKER__DEBUG_STAGE_DELAY_S": str(DELAY_S),
+    }
     part = Slice(stack, f"rel{RUN}", common)
     part.start_api(MUDSC_RECONCILE__INTERVAL_S="0.5")
     part.start_worker("a", concurrency=2)
@@ -178,8 +192,9 @@ def rel(stack: Any) -> Iterator[Slice]:
     part.stop()
 
 
-def test_sigkill_of_the_pool_process_is_redelivered_and_attempt_2_succeeds(rel: Slice, uris: dict[str, str],
-                                                                           stack: Any) -> None:
+def test_sigkill_of_the_pool_process_is_redelivered_and_attempt_2_succeeds(
+    rel: Slice, uris: dict[str, str], stack: Any
+) -> None:
     with rel.client() as api:
         job_id = submit(api, spec(uris))
         wait(api, job_id, running(1, "matching"))
@@ -213,8 +228,10 @@ def test_duplicate_delivery_while_the_first_runs_does_nothing(rel: Slice, uris: 
     from mudsc_jobs.dispatch import make_sender, send_merge
     from mudsc_jobs.settings import Settings
 
-    settings = Settings(redis={"url": rel.redis_url, "key_prefix": rel.prefix},
-                        celery={"broker_url": rel.redis_url, "key_prefix": rel.env["MUDSC_CELERY__KEY_PREFIX"]})
+    settings = Settings(
+        redis={"url": rel.redis_url, "key_prefix": rel.prefix},
+        celery={"broker_url": rel.redis_url, "key_prefix": rel.env["MUDSC_CELERY__KEY_PREFIX"]},
+    )
     with rel.client() as api:
         job_id = submit(api, spec(uris))
         wait(api, job_id, running(1))
@@ -255,8 +272,9 @@ def test_a_stale_worker_is_fenced_off(rel: Slice, uris: dict[str, str], stack: A
         time.sleep(0.2)
 
 
-def test_whole_worker_sigkill_reconciler_requeues_to_another_worker(rel: Slice, uris: dict[str, str],
-                                                                    stack: Any) -> None:
+def test_whole_worker_sigkill_reconciler_requeues_to_another_worker(
+    rel: Slice, uris: dict[str, str], stack: Any
+) -> None:
     """The whole worker (parent and pool) dies: the message stays unacked until the visibility timeout (an
     hour); the API's reconciler finds the expired lease and re-queues; a new worker runs attempt 2."""
     with rel.client() as api:
@@ -288,18 +306,30 @@ def test_cancel_in_each_stage(rel: Slice, uris: dict[str, str], stack: Any, stag
 
 # ----------------------------------------------------------------------------------------------- time limit, S3
 def test_job_time_limit_fails_with_timeout_and_dead_s3_with_storage_unavailable(
-    stack: Any, uris: dict[str, str],
+    stack: Any,
+    uris: dict[str, str],
 ) -> None:
-    timed = Slice(stack, f"tl{RUN}", {"MUDSC_WORKER__SOFT_TIME_LIMIT_S": "3", "MUDSC_WORKER__TIME_LIMIT_S": "6",
-                                      "MUDSC_WORKER__DEBUG_STAGE_DELAY_S": "2"})
+    timed = Slice(
+        stack,
+        f"tl{RUN}",
+        {
+            "MUDSC_WORKER__SOFT_TIME_LIMIT_S": "3",
+            "MUDSC_WORKER__TIME_LIMIT_S": "6",
+            "MUDSC_WORKER__DEBUG_STAGE_DELAY_S": "2",
+        },
+    )
     dead = Slice(stack, f"s3{RUN}", {})
     try:
         timed.start_api(MUDSC_RECONCILE__INTERVAL_S="0")
         timed.start_worker("t")
         dead.start_api(MUDSC_RECONCILE__INTERVAL_S="0")  # the API checks inputs against the real S3 ...
         # ... the worker's S3 endpoint refuses connections: boto3 retries with backoff, then the job fails
-        dead.start_worker("d", MUDSC_S3__ENDPOINT_URL="http://127.0.0.1:9", MUDSC_S3__MAX_ATTEMPTS="3",
-                          MUDSC_S3__CONNECT_TIMEOUT_S="1")
+        dead.start_worker(
+            "d",
+            MUDSC_S3__ENDPOINT_URL="http://127.0.0.1:9",
+            MUDSC_S3__MAX_ATTEMPTS="3",
+            MUDSC_S3__CONNECT_TIMEOUT_S="1",
+        )
         with timed.client() as api_t, dead.client() as api_d:
             timed_id, dead_id = submit(api_t, spec(uris)), submit(api_d, spec(uris))
             job = wait(api_t, timed_id, done, timeout_s=60)
@@ -319,9 +349,26 @@ def test_job_time_limit_fails_with_timeout_and_dead_s3_with_storage_unavailable(
 def _redis_server(port: int, data: Path) -> subprocess.Popen[bytes]:
     # appendonly yes + appendfsync everysec: what the service relies on to keep terminal states over a restart
     proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--appendonly", "yes",
-         "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
-        stdout=open(data / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=open(data / "redis.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 10
     while True:
@@ -339,8 +386,11 @@ def test_redis_restart_during_a_run_loses_nothing(stack: Any, uris: dict[str, st
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     server = _redis_server(port, tmp_path)
-    part = Slice(stack, f"rr{RUN}", {"MUDSC_REDIS__URL": url, "MUDSC_CELERY__BROKER_URL": url,
-                                     "MUDSC_WORKER__DEBUG_STAGE_DELAY_S": "1"})
+    part = Slice(
+        stack,
+        f"rr{RUN}",
+        {"MUDSC_REDIS__URL": url, "MUDSC_CELERY__BROKER_URL": url, "MUDSC_WORKER__DEBUG_STAGE_DELAY_S": "1"},
+    )
     try:
         part.start_api(MUDSC_RECONCILE__INTERVAL_S="1")
         part.start_worker("w")

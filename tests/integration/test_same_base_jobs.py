@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mudsc_client.client import ApiError
 from bench import task_vectors as tv
+from mudsc_client.client import ApiError
 from mudsc_core.io import ShardWriter, load_state_dict
 from mudsc_core.same_base.stream import merge_checkpoints
 from mudsc_core.schema import METHODS
@@ -94,8 +94,11 @@ def jobs(stack_client: Any, bed_and_uris: tuple[Any, dict[str, str], Path]) -> d
     for method, params in PARAMS.items():
         info = METHODS[method]
         tasks = tv.TASKS[:2] if info.max_models == 2 else tv.TASKS
-        spec: dict[str, Any] = {"method": {"name": method, "params": params},
-                                "models": [{"uri": uris[t]} for t in tasks], "labels": {"run": RUN}}
+        spec: dict[str, Any] = {
+            "method": {"name": method, "params": params},
+            "models": [{"uri": uris[t]} for t in tasks],
+            "labels": {"run": RUN},
+        }
         if info.requires_base:
             spec["base_model"] = {"uri": uris["base"]}
         submitted[method] = _submit_respecting_the_tenant_limit(stack_client, spec)
@@ -103,8 +106,9 @@ def jobs(stack_client: Any, bed_and_uris: tuple[Any, dict[str, str], Path]) -> d
 
 
 @pytest.mark.parametrize("method", sorted(PARAMS))
-def test_method_through_the_service(method: str, jobs: dict[str, dict[str, Any]], stack_client: Any,
-                                    bed_and_uris: tuple[Any, dict[str, str], Path]) -> None:
+def test_method_through_the_service(
+    method: str, jobs: dict[str, dict[str, Any]], stack_client: Any, bed_and_uris: tuple[Any, dict[str, str], Path]
+) -> None:
     bed, _, work = bed_and_uris
     job = jobs[method]
     assert job["status"] == "succeeded", job.get("error")
@@ -123,10 +127,16 @@ def test_method_through_the_service(method: str, jobs: dict[str, dict[str, Any]]
         info = METHODS[method]
         tasks = tv.TASKS[:2] if info.max_models == 2 else tv.TASKS
         direct = Path(tmp) / "direct"
-        merge_checkpoints(method, info.params.model_validate(PARAMS[method]),
-                          [work / f"tv-{RUN}_{t}" for t in tasks],
-                          work / f"tv-{RUN}_base" if info.requires_base else None,
-                          [1.0] * len(tasks), direct, dtype="float32", shard_size_bytes=2**30)
+        merge_checkpoints(
+            method,
+            info.params.model_validate(PARAMS[method]),
+            [work / f"tv-{RUN}_{t}" for t in tasks],
+            work / f"tv-{RUN}_base" if info.requires_base else None,
+            [1.0] * len(tasks),
+            direct,
+            dtype="float32",
+            shard_size_bytes=2**30,
+        )
         expected = load_state_dict(direct)
     assert merged.keys() == expected.keys()
     for name in expected:

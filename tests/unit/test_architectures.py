@@ -21,18 +21,36 @@ from mudsc_core.schema import ArchitectureSpec
 # name -> (architecture dict, input shape of one sample)
 CONFIGS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "mlp": ({"name": "mlp", "config": {"input_dim": 64, "hidden": [32, 32], "num_classes": 10}}, (1, 8, 8)),
-    "vgg": ({"name": "vgg", "config": {"in_channels": 1, "layers": [8, "M", 12, 12, "M"], "num_classes": 10}},
-            (1, 8, 8)),
-    "vgg-nobn": ({"name": "vgg", "config": {"in_channels": 3, "layers": [6, "M", 10], "batch_norm": False}},
-                 (3, 8, 8)),
+    "vgg": (
+        {"name": "vgg", "config": {"in_channels": 1, "layers": [8, "M", 12, 12, "M"], "num_classes": 10}},
+        (1, 8, 8),
+    ),
+    "vgg-nobn": ({"name": "vgg", "config": {"in_channels": 3, "layers": [6, "M", 10], "batch_norm": False}}, (3, 8, 8)),
     "resnet8-bn": ({"name": "resnet", "config": {"depth": 8, "width": 1, "in_channels": 1}}, (1, 8, 8)),
     "resnet14-bn": ({"name": "resnet", "config": {"depth": 14, "width": 1, "in_channels": 1}}, (1, 8, 8)),
-    "resnet8-gn": ({"name": "resnet", "config": {"depth": 8, "width": 1, "norm": "group", "groups": 4,
-                                                  "in_channels": 1}}, (1, 8, 8)),
-    "resnet14-gn": ({"name": "resnet", "config": {"depth": 14, "width": 1, "norm": "group", "groups": 2,
-                                                   "in_channels": 3}}, (3, 8, 8)),
-    "vit": ({"name": "vit", "config": {"image_size": 8, "patch_size": 4, "in_channels": 1, "embed_dim": 16,
-                                       "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}, (1, 8, 8)),
+    "resnet8-gn": (
+        {"name": "resnet", "config": {"depth": 8, "width": 1, "norm": "group", "groups": 4, "in_channels": 1}},
+        (1, 8, 8),
+    ),
+    "resnet14-gn": (
+        {"name": "resnet", "config": {"depth": 14, "width": 1, "norm": "group", "groups": 2, "in_channels": 3}},
+        (3, 8, 8),
+    ),
+    "vit": (
+        {
+            "name": "vit",
+            "config": {
+                "image_size": 8,
+                "patch_size": 4,
+                "in_channels": 1,
+                "embed_dim": 16,
+                "depth": 2,
+                "num_heads": 2,
+                "mlp_ratio": 2.0,
+            },
+        },
+        (1, 8, 8),
+    ),
 }
 
 
@@ -98,8 +116,9 @@ def test_activation_sites_carry_the_group_units(key: str) -> None:
             assert site is not None, name
             assert site.module in modules, f"{name}: no module {site.module!r}"
 
-            def hook(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor, *, name: str = name,
-                     io: str = site.io) -> None:
+            def hook(
+                _m: nn.Module, args: tuple[Tensor, ...], out: Tensor, *, name: str = name, io: str = site.io
+            ) -> None:
                 seen[name] = (args[0] if io == "input" else out).detach().clone()
 
             handles.append(modules[site.module].register_forward_hook(hook))
@@ -261,15 +280,18 @@ def test_build_model_accepts_spec_object_and_dict() -> None:
     assert perm_spec(arch).group_order() == ("fc0",)
 
 
-@pytest.mark.parametrize("arch", [
-    {"name": "resnet", "config": {"depth": 21}},
-    {"name": "resnet", "config": {"depth": 8, "norm": "group", "groups": 3}},
-    {"name": "vit", "config": {"embed_dim": 10, "num_heads": 4}},
-    {"name": "vgg", "config": {"layers": ["M"]}},
-    {"name": "mlp", "config": {"hidden": [0]}},
-    {"name": "mlp", "config": {"widths": [3]}},
-    {"name": "transformer-xl", "config": {}},
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"name": "resnet", "config": {"depth": 21}},
+        {"name": "resnet", "config": {"depth": 8, "norm": "group", "groups": 3}},
+        {"name": "vit", "config": {"embed_dim": 10, "num_heads": 4}},
+        {"name": "vgg", "config": {"layers": ["M"]}},
+        {"name": "mlp", "config": {"hidden": [0]}},
+        {"name": "mlp", "config": {"widths": [3]}},
+        {"name": "transformer-xl", "config": {}},
+    ],
+)
 def test_build_model_validates_config(arch: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         build_model(arch)

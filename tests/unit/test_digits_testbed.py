@@ -57,9 +57,13 @@ def _joint(rows, label, reset):
 def _describe(runs, setting):
     lines = []
     for pair, rows in runs[setting]:
-        lines.append(f"endpoint {pair.endpoint['joint']:.3f}: " + ", ".join(
-            f"{label} {_joint(rows, label, False):.3f}->{_joint(rows, label, True):.3f}"
-            for label, _, _ in md.METHODS))
+        lines.append(
+            f"endpoint {pair.endpoint['joint']:.3f}: "
+            + ", ".join(
+                f"{label} {_joint(rows, label, False):.3f}->{_joint(rows, label, True):.3f}"
+                for label, _, _ in md.METHODS
+            )
+        )
     return "\n".join(lines)
 
 
@@ -142,7 +146,7 @@ def test_align_mudsc_is_at_least_as_good_as_weight_matching_on_average(runs, set
 @pytest.mark.parametrize("setting", ["same", "disjoint"])
 def test_reports(runs, setting, data):
     heads = "shared" if setting == "same" else "separate"
-    for pair, rows in runs[setting]:
+    for _pair, rows in runs[setting]:
         for (label, reset), row in rows.items():
             report = row["report"]
             assert report["bn_reset"] is reset, (label, reset)

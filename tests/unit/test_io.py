@@ -59,7 +59,8 @@ def test_sharded_write_has_hf_names_and_index(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     assert set(index["weight_map"]) == set(state)
     assert index["metadata"]["total_size"] == sum(
-        t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values())
+        t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values()
+    )
     ckpt = open_checkpoint(tmp_path / "out")
     assert ckpt.dtype("embed.weight") == torch.bfloat16
     assert_close(ckpt.get("embed.weight"), state["embed.weight"].to(torch.bfloat16))
@@ -95,21 +96,38 @@ def test_plan_shards_follows_hf_rule() -> None:
     [
         (lambda p: p.write_bytes(b"PK\x03\x04 not safetensors at all"), "not a valid safetensors"),
         (lambda p: p.write_bytes(b"\x01\x02"), "too short"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8,
-                              length=2**40), "header length"),
+        (
+            lambda p: _write_raw(
+                p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, length=2**40
+            ),
+            "header length",
+        ),
         (lambda p: _write_raw(p, b"{not json"), "not valid UTF-8 JSON"),
         (lambda p: _write_raw(p, b"[1, 2]"), "not a JSON object"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
-         "truncated"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
-         "overlap"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
-         "unknown dtype"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-         "needs 12"),
-        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
-         "non-negative integers"),
+        (
+            lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+            "truncated",
+        ),
+        (
+            lambda p: _write_raw(
+                p,
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"\0" * 12,
+            ),
+            "overlap",
+        ),
+        (
+            lambda p: _write_raw(p, {"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "unknown dtype",
+        ),
+        (lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "needs 12"),
+        (
+            lambda p: _write_raw(p, {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "non-negative integers",
+        ),
     ],
 )
 def test_malformed_files_raise_invalid_checkpoint_naming_the_file(tmp_path: Path, make, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the matchers (design §3): align, greedy zip (fast == reference), block structure."""
+"""Tests of the matchers (docs/design/MUDSC.md §3): align, greedy zip (fast == reference), block structure."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def correlation(acts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(z.T @ z / acts.shape[0]).float()
 
 
-def random_similarity(seed: int, num_models: int, n: int, dead: float = 0.15, decimals: int | None = None) -> torch.Tensor:
+def random_similarity(
+    seed: int, num_models: int, n: int, dead: float = 0.15, decimals: int | None = None
+) -> torch.Tensor:
     """Correlation of ReLU low-rank + noise activations, some units dead; rounding makes ties."""
     rng = np.random.default_rng(seed)
     samples, units = 48, num_models * n
-    acts = np.maximum(rng.normal(size=(samples, 3)) @ rng.normal(size=(3, units)) + rng.normal(size=(samples, units)), 0)
+    acts = np.maximum(
+        rng.normal(size=(samples, 3)) @ rng.normal(size=(3, units)) + rng.normal(size=(samples, units)), 0
+    )
     acts[:, rng.random(units) < dead] = 0.0
     sim = correlation(acts)
     return sim if decimals is None else torch.round(sim, decimals=decimals)
@@ -91,9 +95,7 @@ def test_align_recovers_a_permutation(seed: int, n: int) -> None:
 
 
 def test_align_score_is_mean_pair_similarity() -> None:
-    sim = torch.tensor(
-        [[1.0, 0.0, 0.2, 0.9], [0.0, 1.0, 0.7, 0.1], [0.2, 0.7, 1.0, 0.0], [0.9, 0.1, 0.0, 1.0]]
-    )
+    sim = torch.tensor([[1.0, 0.0, 0.2, 0.9], [0.0, 1.0, 0.7, 0.1], [0.2, 0.7, 1.0, 0.0], [0.9, 0.1, 0.0, 1.0]])
     match = align_match(sim, 2)
     torch.testing.assert_close(match.index[1], torch.tensor([1, 0]))
     assert match.score == pytest.approx((0.9 + 0.7) / 2)
@@ -102,9 +104,7 @@ def test_align_score_is_mean_pair_similarity() -> None:
 # --------------------------------------------------------------------------- zip
 def test_zip_known_answer() -> None:
     # a0-b1 0.9 and a1-b0 0.8 are the best pairs; same-model pairs are weak.
-    sim = torch.tensor(
-        [[1.0, 0.1, 0.2, 0.9], [0.1, 1.0, 0.8, 0.3], [0.2, 0.8, 1.0, 0.0], [0.9, 0.3, 0.0, 1.0]]
-    )
+    sim = torch.tensor([[1.0, 0.1, 0.2, 0.9], [0.1, 1.0, 0.8, 0.3], [0.2, 0.8, 1.0, 0.0], [0.9, 0.3, 0.0, 1.0]])
     for matcher in (zip_match, zip_match_reference):
         match = matcher(sim, 2)
         torch.testing.assert_close(match.unmerge[0], torch.eye(2))
@@ -175,7 +175,14 @@ def test_zip_width_and_structure(seed: int, num_models: int, n: int, reduce: flo
     decimals=st.sampled_from([None, 1, 0]),
 )
 def test_zip_fast_equals_reference(
-    seed: int, num_models: int, n: int, reduce: float | None, alpha: float, budget: float, dead: float, decimals: int | None
+    seed: int,
+    num_models: int,
+    n: int,
+    reduce: float | None,
+    alpha: float,
+    budget: float,
+    dead: float,
+    decimals: int | None,
 ) -> None:
     sim = random_similarity(seed, num_models, n, dead=dead, decimals=decimals)
     if round(num_models * n * (1 - (1 - 1 / num_models if reduce is None else reduce))) < 1:
@@ -214,7 +221,9 @@ def test_group_align_recovers_block_and_unit_permutation(seed: int, blocks: int,
     sim, perm, block_perm = block_models(seed, blocks, size)
     match = align_match(sim, 2, num_blocks=blocks)
     # model 1's block b holds model 0's block block_perm[b]: merged block g takes argsort(block_perm)[g]
-    torch.testing.assert_close(match.block_pairing, torch.from_numpy(np.stack([np.arange(blocks), np.argsort(block_perm)])))
+    torch.testing.assert_close(
+        match.block_pairing, torch.from_numpy(np.stack([np.arange(blocks), np.argsort(block_perm)]))
+    )
     torch.testing.assert_close(match.index[1], torch.from_numpy(np.argsort(perm)))
 
 
@@ -224,7 +233,9 @@ def test_group_align_keeps_blocks_whole_and_reuses_pairing(seed: int, num_models
     n = blocks * size
     sim = random_similarity(seed, num_models, n)
     rng = np.random.default_rng(seed)
-    given_pairing = torch.from_numpy(np.stack([np.arange(blocks)] + [rng.permutation(blocks) for _ in range(num_models - 1)]))
+    given_pairing = torch.from_numpy(
+        np.stack([np.arange(blocks)] + [rng.permutation(blocks) for _ in range(num_models - 1)])
+    )
     before = given_pairing.clone()
     for pairing in (None, given_pairing):
         match = align_match(sim, num_models, num_blocks=blocks, block_pairing=pairing)
@@ -247,12 +258,18 @@ def test_group_align_keeps_blocks_whole_and_reuses_pairing(seed: int, num_models
     alpha=st.sampled_from([0.5, 0.0]),
     use_given=st.booleans(),
 )
-def test_group_zip_keeps_blocks_whole(seed: int, num_models: int, blocks: int, size: int, alpha: float, use_given: bool) -> None:
+def test_group_zip_keeps_blocks_whole(
+    seed: int, num_models: int, blocks: int, size: int, alpha: float, use_given: bool
+) -> None:
     n = blocks * size
     sim = random_similarity(seed, num_models, n, decimals=1)
     rng = np.random.default_rng(seed)
-    given_pairing = torch.from_numpy(np.stack([np.arange(blocks)] + [rng.permutation(blocks) for _ in range(num_models - 1)]))
-    match = zip_match(sim, num_models, alpha=alpha, num_blocks=blocks, block_pairing=given_pairing if use_given else None)
+    given_pairing = torch.from_numpy(
+        np.stack([np.arange(blocks)] + [rng.permutation(blocks) for _ in range(num_models - 1)])
+    )
+    match = zip_match(
+        sim, num_models, alpha=alpha, num_blocks=blocks, block_pairing=given_pairing if use_given else None
+    )
     assert_valid_zip(match, num_models, n, n)
     pairing = match.block_pairing
     if use_given:

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
+from mudsc_core import merge
 from mudsc_core.architectures import build_model, perm_spec
 from mudsc_core.errors import ArchitectureMismatch, InvalidCalibration, InvalidCheckpoint, MergeCanceled
-from mudsc_core import merge
 from mudsc_core.permutation.permute import permute_state_dict, random_permutations
 from mudsc_core.permutation.similarity import CorrelationAccumulator, row_correlation
 
@@ -21,10 +21,28 @@ ARCHITECTURES = {
     "mlp": ({"name": "mlp", "config": {"input_dim": 64, "hidden": [24, 16], "num_classes": 10}}, (64,)),
     "vgg": ({"name": "vgg", "config": {"in_channels": 1, "layers": [8, "M", 16], "num_classes": 10}}, IMAGE),
     "resnet_bn": ({"name": "resnet", "config": {"depth": 8, "width": 1, "num_classes": 10, "in_channels": 1}}, IMAGE),
-    "resnet_gn": ({"name": "resnet", "config": {"depth": 8, "width": 1, "num_classes": 10, "in_channels": 1,
-                                                "norm": "group", "groups": 4}}, IMAGE),
-    "vit": ({"name": "vit", "config": {"image_size": 8, "patch_size": 2, "in_channels": 1, "embed_dim": 16,
-                                       "depth": 2, "num_heads": 4, "num_classes": 10}}, IMAGE),
+    "resnet_gn": (
+        {
+            "name": "resnet",
+            "config": {"depth": 8, "width": 1, "num_classes": 10, "in_channels": 1, "norm": "group", "groups": 4},
+        },
+        IMAGE,
+    ),
+    "vit": (
+        {
+            "name": "vit",
+            "config": {
+                "image_size": 8,
+                "patch_size": 2,
+                "in_channels": 1,
+                "embed_dim": 16,
+                "depth": 2,
+                "num_heads": 4,
+                "num_classes": 10,
+            },
+        },
+        IMAGE,
+    ),
 }
 WEIGHT_SPACE = [
     ("git_rebasin", {}),
@@ -52,8 +70,9 @@ def test_merging_a_permuted_copy_returns_the_original(arch_name: str, method: st
     spec = perm_spec(arch)
     permuted = permute_state_dict(spec, state, random_permutations(spec, torch.Generator().manual_seed(7)))
     calibration = torch.randn(64, *shape)
-    result = merge([state, permuted], arch, {"name": method, "params": {**params, "reset_bn": False}},
-                   calibration=calibration)
+    result = merge(
+        [state, permuted], arch, {"name": method, "params": {**params, "reset_bn": False}}, calibration=calibration
+    )
     for name, tensor in state.items():
         assert_close(result.state_dict[name].to(tensor.dtype), tensor, atol=1e-5, rtol=1e-5, msg=name)
 
@@ -62,14 +81,19 @@ def test_merging_a_permuted_copy_returns_the_original(arch_name: str, method: st
 # alpha = 1: a fused unit keeps its similarity to the third copy. With the default alpha = 0.5
 # the greedy definition damps it and may rather fuse two units of one model first (ZipIt!).
 # Zip with activations is left out: dead units (zero variance) correlate 0 with everything,
-# so three copies of a dead unit are no more alike than any other pair (MUDSC.md section 6).
-@pytest.mark.parametrize("method,params", [("weight_zip", {"alpha": 1.0}), ("mudsc", {"mode": "align"}),
-                                           ("git_rebasin", {})])
+# so three copies of a dead unit are no more alike than any other pair (docs/design/MUDSC.md §6).
+@pytest.mark.parametrize(
+    "method,params", [("weight_zip", {"alpha": 1.0}), ("mudsc", {"mode": "align"}), ("git_rebasin", {})]
+)
 def test_merging_identical_models_returns_the_model(arch_name: str, method: str, params: dict) -> None:
     arch, shape = ARCHITECTURES[arch_name]
     state = _model(arch, 1)
-    result = merge([state, state, state], arch, {"name": method, "params": {**params, "reset_bn": False}},
-                   calibration=torch.randn(48, *shape))
+    result = merge(
+        [state, state, state],
+        arch,
+        {"name": method, "params": {**params, "reset_bn": False}},
+        calibration=torch.randn(48, *shape),
+    )
     assert result.report["num_models"] == 3
     for name, tensor in state.items():
         assert_close(result.state_dict[name].to(tensor.dtype), tensor, atol=1e-5, rtol=1e-5, msg=name)
@@ -80,7 +104,6 @@ def test_weight_average_collapses_a_permuted_copy_but_matching_does_not() -> Non
     state = _model(arch, 0)
     spec = perm_spec(arch)
     permuted = permute_state_dict(spec, state, random_permutations(spec, torch.Generator().manual_seed(3)))
-    x = torch.randn(32, *shape)
     averaged = merge([state, permuted], arch, {"name": "weight_average"}).state_dict
     assert (averaged["fc0.weight"] - state["fc0.weight"]).abs().max() > 0.05
 
@@ -100,8 +123,9 @@ def test_without_calibration_runs_in_weight_space_and_says_so() -> None:
 def test_report_has_objective_per_sweep_and_timings_and_keeps_the_best() -> None:
     arch, shape = ARCHITECTURES["vgg"]
     a, b = _model(arch, 0), _model(arch, 1)
-    report = merge([a, b], arch, {"name": "mudsc", "params": {"mode": "align", "beta": 0.5}},
-                   calibration=torch.randn(64, *shape)).report
+    report = merge(
+        [a, b], arch, {"name": "mudsc", "params": {"mode": "align", "beta": 0.5}}, calibration=torch.randn(64, *shape)
+    ).report
     assert report["similarity_space"] == "dual" and report["beta"] == 0.5
     history = report["objective_per_sweep"]
     assert len(history) == report["sweeps"] and len(history) >= 1
@@ -158,8 +182,14 @@ def test_progress_reports_every_stage_and_cancel_stops_the_merge() -> None:
     arch, shape = ARCHITECTURES["mlp"]
     a, b = _model(arch, 0), _model(arch, 1)
     seen: list[tuple[str, float]] = []
-    merge([a, b], arch, {"name": "mudsc"}, calibration=torch.randn(300, *shape),
-          progress=lambda stage, fraction, message: seen.append((stage, fraction)), calibration_batch_size=100)
+    merge(
+        [a, b],
+        arch,
+        {"name": "mudsc"},
+        calibration=torch.randn(300, *shape),
+        progress=lambda stage, fraction, message: seen.append((stage, fraction)),
+        calibration_batch_size=100,
+    )
     stages = [s for s, _ in seen]
     assert stages.index("collecting_activations") < stages.index("matching") < stages.index("merging")
     assert all(0.0 <= f <= 1.0 for _, f in seen)
@@ -225,7 +255,11 @@ def test_one_pass_without_iteration_matches_every_group(with_calibration: bool) 
     spec = perm_spec(arch)
     permuted = permute_state_dict(spec, state, random_permutations(spec, torch.Generator().manual_seed(2)))
     calibration = torch.randn(32, *shape) if with_calibration else None
-    result = merge([state, permuted], arch, {"name": "mudsc", "params": {"iterate": False, "reset_bn": False}},
-                   calibration=calibration)
+    result = merge(
+        [state, permuted],
+        arch,
+        {"name": "mudsc", "params": {"iterate": False, "reset_bn": False}},
+        calibration=calibration,
+    )
     assert result.report["sweeps"] == 1
     assert set(result.report["groups"]) == set(spec.groups)

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from mudsc_core.architectures.builders import SpecBuilder
 from mudsc_core.errors import ArchitectureMismatch, SpecError
-from mudsc_core.permutation.spec import PermSpec, Segment, UnitGroup, validate_state_dict
 from mudsc_core.permutation.permute import (
     block_permutation,
     identity_permutations,
@@ -17,6 +16,7 @@ from mudsc_core.permutation.permute import (
     permute_state_dict,
     random_permutations,
 )
+from mudsc_core.permutation.spec import PermSpec, Segment, UnitGroup, validate_state_dict
 
 
 def _headed_spec(heads: int = 3, head_dim: int = 4) -> PermSpec:
@@ -38,9 +38,19 @@ def _headed_spec(heads: int = 3, head_dim: int = 4) -> PermSpec:
 
 def _state(spec: PermSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"qkv.weight": (36, 12), "proj.weight": (12, 12), "proj.bias": (12,), "fc.weight": (5, 12),
-              "fc.bias": (5,), "bn.weight": (5,), "bn.bias": (5,), "bn.running_mean": (5,),
-              "bn.running_var": (5,), "head.weight": (2, 5), "head.bias": (2,)}
+    shapes = {
+        "qkv.weight": (36, 12),
+        "proj.weight": (12, 12),
+        "proj.bias": (12,),
+        "fc.weight": (5, 12),
+        "fc.bias": (5,),
+        "bn.weight": (5,),
+        "bn.bias": (5,),
+        "bn.running_mean": (5,),
+        "bn.running_var": (5,),
+        "head.weight": (2, 5),
+        "head.bias": (2,),
+    }
     state = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     state["bn.num_batches_tracked"] = torch.tensor(3)
     return state
@@ -55,18 +65,25 @@ def test_entries_list_segments_with_offsets() -> None:
     assert spec.block_tie_root("v") == "qk"
 
 
-@pytest.mark.parametrize(("groups", "axes", "extra", "message"), [
-    ({"a": UnitGroup("a", 6, num_blocks=4)}, {}, {}, "not divisible"),
-    ({"a": UnitGroup("a", 4, num_blocks=2, block_tie="b")}, {}, {}, "block_tie"),
-    ({"a": UnitGroup("a", 4, num_blocks=2, block_tie="b"), "b": UnitGroup("b", 4, num_blocks=2, block_tie="a")},
-     {}, {}, "cycle"),
-    ({"a": UnitGroup("a", 4)}, {"w": ((Segment("z", 4),),)}, {}, "unknown unit group"),
-    ({"a": UnitGroup("a", 4)}, {"w": ((Segment("a", 3),),)}, {}, "length 3"),
-    ({"a": UnitGroup("a", 4), "b": UnitGroup("b", 4)}, {}, {"order": ("a",)}, "order"),
-    ({"a": UnitGroup("a", 4)}, {}, {"head_params": ("head.weight",)}, "head parameter"),
-    ({"a": UnitGroup("a", 4)}, {"w": (None,)}, {"excluded": frozenset({"w"})}, "both excluded"),
-    ({"a": UnitGroup("b", 4)}, {}, {}, "named"),
-])
+@pytest.mark.parametrize(
+    ("groups", "axes", "extra", "message"),
+    [
+        ({"a": UnitGroup("a", 6, num_blocks=4)}, {}, {}, "not divisible"),
+        ({"a": UnitGroup("a", 4, num_blocks=2, block_tie="b")}, {}, {}, "block_tie"),
+        (
+            {"a": UnitGroup("a", 4, num_blocks=2, block_tie="b"), "b": UnitGroup("b", 4, num_blocks=2, block_tie="a")},
+            {},
+            {},
+            "cycle",
+        ),
+        ({"a": UnitGroup("a", 4)}, {"w": ((Segment("z", 4),),)}, {}, "unknown unit group"),
+        ({"a": UnitGroup("a", 4)}, {"w": ((Segment("a", 3),),)}, {}, "length 3"),
+        ({"a": UnitGroup("a", 4), "b": UnitGroup("b", 4)}, {}, {"order": ("a",)}, "order"),
+        ({"a": UnitGroup("a", 4)}, {}, {"head_params": ("head.weight",)}, "head parameter"),
+        ({"a": UnitGroup("a", 4)}, {"w": (None,)}, {"excluded": frozenset({"w"})}, "both excluded"),
+        ({"a": UnitGroup("b", 4)}, {}, {}, "named"),
+    ],
+)
 def test_check_rejects_inconsistent_specs(groups: dict, axes: dict, extra: dict, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         PermSpec(groups=groups, axes=axes, **extra).check()
@@ -162,12 +179,15 @@ def test_inverse_permutation_round_trips() -> None:
     assert all(torch.equal(same[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize(("perms", "message"), [
-    ({"nope": torch.arange(3)}, "unknown unit group"),
-    ({"hidden": torch.arange(4)}, "shape"),
-    ({"hidden": torch.arange(5.0)}, "integer"),
-    ({"hidden": torch.tensor([0, 0, 1, 2, 3])}, "not a permutation"),
-])
+@pytest.mark.parametrize(
+    ("perms", "message"),
+    [
+        ({"nope": torch.arange(3)}, "unknown unit group"),
+        ({"hidden": torch.arange(4)}, "shape"),
+        ({"hidden": torch.arange(5.0)}, "integer"),
+        ({"hidden": torch.tensor([0, 0, 1, 2, 3])}, "not a permutation"),
+    ],
+)
 def test_permute_state_dict_rejects_bad_permutations(perms: dict, message: str) -> None:
     spec = _headed_spec()
     with pytest.raises(ValueError, match=message):

@@ -16,7 +16,7 @@ from mudsc_core.formats.safetensors import InvalidSafetensors, header_length, pa
 
 def _split(blob: bytes) -> tuple[int, bytes]:
     n = header_length(blob[:8], object_size=len(blob), max_header_bytes=1 << 20)
-    return n, blob[8:8 + n]
+    return n, blob[8 : 8 + n]
 
 
 def _raw(header: dict, data: bytes = b"") -> bytes:
@@ -25,12 +25,16 @@ def _raw(header: dict, data: bytes = b"") -> bytes:
 
 
 def test_real_file_parses_with_dtypes_and_shapes() -> None:
-    blob = save({"w": np.zeros((3, 4), np.float32), "b": np.ones(4, np.float16), "i": np.arange(2)},
-                metadata={"format": "np"})
+    blob = save(
+        {"w": np.zeros((3, 4), np.float32), "b": np.ones(4, np.float16), "i": np.arange(2)}, metadata={"format": "np"}
+    )
     _, header = _split(blob)
     tensors = parse_header(header, object_size=len(blob))
     assert {k: (v.dtype, v.shape) for k, v in tensors.items()} == {
-        "w": ("F32", (3, 4)), "b": ("F16", (4,)), "i": ("I64", (2,))}
+        "w": ("F32", (3, 4)),
+        "b": ("F16", (4,)),
+        "i": ("I64", (2,)),
+    }
 
 
 def test_truncated_body_is_refused() -> None:
@@ -40,16 +44,24 @@ def test_truncated_body_is_refused() -> None:
         parse_header(header, object_size=len(blob) - 10)
 
 
-@pytest.mark.parametrize("header, fragment", [
-    ({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, "unknown dtype"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "needs 8 bytes"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "ordered"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "overlap"),
-    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "non-negative"),
-    ({"w": [1, 2]}, "entry must be"),
-    ({"__metadata__": {"k": 1}}, "__metadata__"),
-])
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        ({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, "unknown dtype"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "needs 8 bytes"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "ordered"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            "overlap",
+        ),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "non-negative"),
+        ({"w": [1, 2]}, "entry must be"),
+        ({"__metadata__": {"k": 1}}, "__metadata__"),
+    ],
+)
 def test_malformed_headers_are_refused(header: dict, fragment: str) -> None:
     blob = _raw(header, b"\0" * 16)
     n, raw = _split(blob)

@@ -24,9 +24,11 @@ from mudsc_core.schema.methods import (
     METHODS,
     DareLinearParams,
     DellaParams,
-    GeneralizedTaskArithmeticParams as GTA,
     TaskArithmeticParams,
     TiesParams,
+)
+from mudsc_core.schema.methods import (
+    GeneralizedTaskArithmeticParams as GTA,
 )
 
 T = torch.tensor
@@ -41,8 +43,12 @@ def test_linear_known_answer() -> None:
 
 def test_task_arithmetic_known_answer() -> None:
     base = T([1.0, 1.0])
-    out = task_arithmetic(base, [base + T([1.0, -2.0]), base + T([3.0, 1.0])], [1.0, 1.0],
-                          TaskArithmeticParams(scaling_factor=0.5).to_gta())
+    out = task_arithmetic(
+        base,
+        [base + T([1.0, -2.0]), base + T([3.0, 1.0])],
+        [1.0, 1.0],
+        TaskArithmeticParams(scaling_factor=0.5).to_gta(),
+    )
     assert_close(out, T([3.0, 0.5]))
 
 
@@ -192,12 +198,12 @@ def test_family_matches_mergekit_reference(consensus, normalize) -> None:
     base = torch.randn(33, 17, generator=g)
     tensors = [base + 0.1 * torch.randn(33, 17, generator=g) for _ in range(3)]
     weights = [0.5, 1.0, 2.0]
-    params = GTA(sparsifier="magnitude", density=0.3, consensus=consensus or "none", normalize=normalize,
-                 scaling_factor=0.7)
+    params = GTA(
+        sparsifier="magnitude", density=0.3, consensus=consensus or "none", normalize=normalize, scaling_factor=0.7
+    )
     expected = _mergekit_gta(base, tensors, weights, lambda d: sp.magnitude(d, 0.3), consensus, normalize, 0.7)
     assert_close(task_arithmetic(base, tensors, weights, params), expected)
-    params = GTA(sparsifier="breadcrumbs", density=0.6, gamma=0.05, consensus=consensus or "none",
-                 normalize=normalize)
+    params = GTA(sparsifier="breadcrumbs", density=0.6, gamma=0.05, consensus=consensus or "none", normalize=normalize)
     expected = _mergekit_gta(base, tensors, weights, lambda d: sp.breadcrumbs(d, 0.6, 0.05), consensus, normalize)
     assert_close(task_arithmetic(base, tensors, weights, params), expected)
 
@@ -278,14 +284,19 @@ def test_model_stock_of_identical_models_is_the_model(base, model, k) -> None:
 # --------------------------------------------------------------------------- streaming
 def _models(tmp_path: Path, n: int = 3, **extra: torch.Tensor) -> tuple[Path, list[Path], dict]:
     g = torch.Generator().manual_seed(0)
-    base = {"embed.weight": torch.randn(20, 8, generator=g), "layer.0.weight": torch.randn(8, 8, generator=g),
-            "layer.0.bias": torch.randn(8, generator=g), "position_ids": torch.arange(5)}
+    base = {
+        "embed.weight": torch.randn(20, 8, generator=g),
+        "layer.0.weight": torch.randn(8, 8, generator=g),
+        "layer.0.bias": torch.randn(8, generator=g),
+        "position_ids": torch.arange(5),
+    }
     save_state_dict(base, tmp_path / "base")
     (tmp_path / "base" / "config.json").write_text('{"model_type": "toy"}')
     paths = []
     for i in range(n):
-        state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                 for k, v in base.items()}
+        state = {
+            k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()
+        }
         save_state_dict(state, tmp_path / f"m{i}", shard_size_bytes=300)
         paths.append(tmp_path / f"m{i}")
     return tmp_path / "base", paths, base
@@ -300,9 +311,16 @@ def _merge(method, params, models, base, out, **kw):
 def test_stream_equals_in_memory_family_and_writes_layout(tmp_path: Path) -> None:
     base_dir, models, base = _models(tmp_path)
     seen = []
-    report = _merge("ties", {"density": 0.5}, models, base_dir, tmp_path / "out", shard_size_bytes=400,
-                    spec_json={"method": {"name": "ties"}, "models": [{"uri": f"s3://b/m{i}/"} for i in range(3)]},
-                    progress=lambda stage, frac, msg: seen.append((stage, frac)))
+    report = _merge(
+        "ties",
+        {"density": 0.5},
+        models,
+        base_dir,
+        tmp_path / "out",
+        shard_size_bytes=400,
+        spec_json={"method": {"name": "ties"}, "models": [{"uri": f"s3://b/m{i}/"} for i in range(3)]},
+        progress=lambda stage, frac, msg: seen.append((stage, frac)),
+    )
     out = tmp_path / "out"
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
     assert json.loads((out / "spec.json").read_text())["method"]["name"] == "ties"
