@@ -16,7 +16,7 @@ TORCH_INDEX_ARGS ?=
 INSTALLED := $(VENV)/.mudsc-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: help install up down status test unit demo bench clean distclean
+.PHONY: help install lint format up down status test unit demo bench clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -33,6 +33,16 @@ $(INSTALLED): pyproject.toml client/pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q -e ./client
 	@touch $@
+
+lint: install  ## ruff (lint + format check), mypy (strict on the core), import rules (lint-imports)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy mudsc_core
+	$(VENV)/bin/lint-imports
+
+format: install  ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 up: install  ## start Redis, S3 (SeaweedFS), a Celery worker and the API under .stack/
 	$(PY) -m scripts.localstack --root $(STACK_ROOT) up

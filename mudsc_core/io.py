@@ -146,7 +146,7 @@ class Checkpoint:
         try:
             with open(entry.file, "rb", buffering=0) as f:
                 f.seek(entry.start)
-                view = memoryview(buffer.numpy()) if entry.nbytes else memoryview(b"")
+                view = buffer.numpy().data if entry.nbytes else memoryview(b"")
                 done = 0
                 while done < entry.nbytes:
                     got = f.readinto(view[done:])
@@ -290,7 +290,7 @@ class _ShardWriterBase:
         if self._closed:
             raise ValueError("shard writer is closed")
         tensor = tensor.detach().to("cpu", self.out_dtype(tensor.dtype)).contiguous()
-        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B") if tensor.numel() else b""
+        data = tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B") if tensor.numel() else b""
         return tensor, data
 
     def _finish(self, files: list[str]) -> list[str]:

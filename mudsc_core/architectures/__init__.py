@@ -36,7 +36,8 @@ def build_model(architecture: ArchitectureSpec | Mapping[str, Any]) -> nn.Module
 
 def perm_spec(architecture: ArchitectureSpec | Mapping[str, Any]) -> PermSpec:
     module, config = _resolve(architecture)
-    return module.spec(config)
+    spec: Callable[[Any], PermSpec] = module.spec
+    return spec(config)
 
 
 def expected_shapes(architecture: ArchitectureSpec | Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

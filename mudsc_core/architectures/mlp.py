@@ -6,6 +6,8 @@ observed at the input of its consumer (``fc{i+1}`` or ``head``), i.e. after the 
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from mudsc_core.architectures.builders import SpecBuilder
@@ -27,7 +29,7 @@ class MLP(nn.Module):
         h = x.flatten(1)  # (B, input_dim): image inputs (B, 1, 8, 8) are flattened
         for i in range(self.num_hidden):
             h = self.act(getattr(self, f"fc{i}")(h))  # (B, hidden[i])
-        return self.head(h)  # (B, num_classes)
+        return cast(Tensor, self.head(h))  # (B, num_classes)
 
 
 def build(config: MLPConfig) -> nn.Module:

@@ -18,6 +18,8 @@ With ``norm='group'`` every group is normalised by a GroupNorm and gets ``num_bl
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,7 +86,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))  # (B, 16w, H, W)
         out = self.layer3(self.layer2(self.layer1(out)))  # (B, 64w, H/4, W/4)
-        return self.linear(self.pool(out).flatten(1))  # (B, num_classes)
+        return cast(Tensor, self.linear(self.pool(out).flatten(1)))  # (B, num_classes)
 
 
 def build(config: ResNetConfig) -> nn.Module:

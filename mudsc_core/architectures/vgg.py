@@ -9,6 +9,7 @@ channels after the non-linearity, before any pooling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -62,7 +63,7 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.features(x)  # (B, C, H', W')
-        return self.classifier(self.pool(h).flatten(1))  # (B, num_classes)
+        return cast(Tensor, self.classifier(self.pool(h).flatten(1)))  # (B, num_classes)
 
 
 def build(config: VGGConfig) -> nn.Module:

@@ -17,6 +17,8 @@ Unit groups, in forward order:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,7 +39,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(config.in_channels, config.embed_dim, kernel_size=p, stride=p)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        return cast(Tensor, self.proj(x).flatten(2).transpose(1, 2))  # (B, T, D)
 
 
 class Attention(nn.Module):
@@ -52,7 +54,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return cast(Tensor, self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)))
 
 
 class Mlp(nn.Module):
@@ -63,7 +65,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden(config), config.embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return cast(Tensor, self.fc2(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
@@ -76,7 +78,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return cast(Tensor, x + self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -95,7 +97,7 @@ class VisionTransformer(nn.Module):
         h = self.patch_embed(x)  # (B, T, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, T+1, D)
         h = self.norm(self.blocks(h))
-        return self.head(h[:, 0])  # (B, num_classes)
+        return cast(Tensor, self.head(h[:, 0]))  # (B, num_classes)
 
 
 def build(config: ViTConfig) -> nn.Module:

@@ -65,6 +65,7 @@ def header_length(prefix: bytes, *, object_size: int, max_header_bytes: int) -> 
     """The JSON header's length from the first 8 bytes, checked against the object size and a bound."""
     if object_size < 8 or len(prefix) < 8:
         raise InvalidSafetensors(f"{object_size} bytes is too short for a safetensors file")
+    length: int
     (length,) = struct.unpack("<Q", prefix[:8])
     if length < 2:
         raise InvalidSafetensors("header length is smaller than an empty JSON object")

@@ -168,7 +168,8 @@ def _mean(values: Mapping[str, float]) -> float:
 
 
 # --------------------------------------------------------------------------- building
-AxisPlan = list[tuple[int, list[tuple[int, int, Tensor | None, Tensor | None, float]]]]
+AxisSegment = tuple[int, int, Tensor | None, Tensor | None, float]  # start, stop, index, matrix, scale
+AxisPlan = list[tuple[int, list[AxisSegment]]]
 
 
 def _plan(
@@ -184,7 +185,7 @@ def _plan(
     for axis, axis_spec in enumerate(spec.axes[param]):
         if axis_spec is None:
             continue
-        segments = []
+        segments: list[AxisSegment] = []
         offset = 0
         for seg in axis_spec:
             corr = correspondences[seg.group]

@@ -147,6 +147,7 @@ def _zip_width(num_units: int, num_models: int, reduce: float | None, alpha: flo
 # --------------------------------------------------------------------------- shared helpers
 def _assign(block: np.ndarray) -> np.ndarray:
     """Columns maximising the sum of ``block`` (a, a): cols[k] is the partner of row k."""
+    cols: np.ndarray
     _, cols = linear_sum_assignment(block, maximize=True)
     return cols
 
@@ -237,6 +238,7 @@ def align_match(
     """Permutation matching against model 0; merged unit j averages one unit of each model."""
     sim, n = _similarity_array(similarity, num_models)
     size = _check_blocks(num_blocks, n)
+    inner: dict[tuple[int, int, int], np.ndarray]
     if block_pairing is not None:
         pairing, inner = _check_pairing(block_pairing, num_models, num_blocks), {}
     elif num_blocks > 1:
@@ -278,7 +280,7 @@ def _budgets(num_units: int, width: int, num_models: int, budget: float) -> np.n
 
 def _fused_row(sim: np.ndarray, p: int, q: int, origin: np.ndarray, alpha: float) -> np.ndarray:
     """Similarity of the fusion of current units p and q to every unit (same arithmetic in both)."""
-    row = np.minimum(sim[p], sim[q])
+    row: np.ndarray = np.minimum(sim[p], sim[q])
     if alpha > 0:
         row *= alpha
     else:
@@ -297,10 +299,10 @@ def _zip_labels_reference(sim: np.ndarray, num_models: int, width: int, alpha: f
     members: list[list[int]] = [[unit] for unit in range(num_units)]
     budgets = _budgets(num_units, width, num_models, budget)
     closed = np.zeros(num_models, dtype=bool)
-    for model in np.flatnonzero(budgets <= 0):
-        same = origin == model
+    for exhausted in np.flatnonzero(budgets <= 0):
+        same = origin == exhausted
         current[np.ix_(same, same)] = _NEG_INF
-        closed[model] = True
+        closed[exhausted] = True
 
     while current.shape[0] > width:
         rows, cols = np.triu_indices(current.shape[0], 1)
@@ -370,10 +372,10 @@ def _zip_labels_fast(sim: np.ndarray, num_models: int, width: int, alpha: float,
     owner = np.arange(num_units)  # (O,) current unit holding each original unit
     budgets = _budgets(num_units, width, num_models, budget)
     closed = np.zeros(num_models, dtype=bool)
-    for model in np.flatnonzero(budgets <= 0):
-        block = slice(model * n, (model + 1) * n)
+    for exhausted in np.flatnonzero(budgets <= 0):
+        block = slice(exhausted * n, (exhausted + 1) * n)
         current[block, block] = _NEG_INF
-        closed[model] = True
+        closed[exhausted] = True
 
     best = np.empty(num_units)  # (O,) best (or upper bound) over live partners of larger index
     partner = np.empty(num_units, dtype=np.int64)  # (O,) its smallest index, -1 if none

@@ -39,6 +39,7 @@ class CorrelationAccumulator:
             self.shift = x.mean(dim=1)
             self.sum = torch.zeros_like(self.shift)
             self.outer = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+        assert self.sum is not None and self.outer is not None  # set together with ``shift``
         x = x - self.shift[:, None]
         self.sum += x.sum(dim=1)
         self.outer += x @ x.T

@@ -97,10 +97,10 @@ def multislerp(
     w = torch.tensor(list(weights), dtype=torch.float32)
     if normalize_weights:
         w = w / w.sum()
-    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)  # (N, 1)
+    norms: torch.Tensor = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)  # (N, 1)
     unit = flat.div_(norms + eps)  # in place: ``flat`` is ours
     mean = (unit * w.view(-1, 1)).sum(0)
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean_norm: torch.Tensor = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if len(tensors) == 2:
             return (tensors[0].to(torch.float32) * w[0] + tensors[1].to(torch.float32) * w[1]).view(shape)
@@ -110,6 +110,6 @@ def multislerp(
     tangent = unit.sub_(dots * mean)  # (N, numel) tangent vectors at the mean
     tangent_result = (tangent * w.view(-1, 1)).sum(0)
     del tangent, unit, flat
-    tangent_norm = torch.linalg.vector_norm(tangent_result) + eps
+    tangent_norm: torch.Tensor = torch.linalg.vector_norm(tangent_result) + eps
     result = mean * torch.cos(tangent_norm) + tangent_result * (torch.sin(tangent_norm) / tangent_norm)
     return result.mul_((norms.squeeze(-1) * w).sum()).view(shape)

@@ -152,8 +152,8 @@ def elect_and_merge(
     if consensus == "none":
         _sum_into(flats, result)
         if normalize:
-            divisor = float(sum(weights))
-            result.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
+            total_weight = float(sum(weights))
+            result.div_(total_weight if abs(total_weight) >= 1e-8 else 1.0)
         return result.view(shape)
     for start in range(0, result.numel(), _CHUNK):
         part = [f[start : start + _CHUNK] for f in flats]

@@ -143,9 +143,9 @@ def merge_checkpoints(
     *,
     dtype: str,
     shard_size_bytes: int,
-    spec_json: dict | None = None,
+    spec_json: dict[str, Any] | None = None,
     progress: Progress | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Merge same-base checkpoints tensor by tensor into ``out_dir``; return the report."""
     started = time.perf_counter()
     info = same_base_method(method_name)
@@ -184,7 +184,7 @@ def merge_checkpoints(
             # slot, which alternates between two buffers, or in fresh memory; an output in a
             # model's slot (which the next step reads into) is written before going on.
             done_before = total_steps - len(plan)
-            pending: Future | None = None
+            pending: Future[None] | None = None
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as write_thread:
                 for step, entry in enumerate(plan):
                     if progress is not None:
@@ -314,7 +314,7 @@ def _run_first_pass(
 # --------------------------------------------------------------------------- one tensor
 def _merge_one(
     entry: TensorPlan,
-    merger: Any,
+    merger: Merger,
     checkpoints: Sequence[Checkpoint],
     base: Checkpoint | None,
     weights: Sequence[float],
@@ -391,7 +391,7 @@ def _default_spec(
     weights: Sequence[float],
     dtype: str,
     shard_size_bytes: int,
-) -> dict:
+) -> dict[str, Any]:
     return {
         "method": {"name": method_name, "params": params.model_dump(mode="json")},
         "models": [{"uri": Path(m).name, "weight": w} for m, w in zip(models, weights)],
@@ -409,7 +409,7 @@ def model_card(
     dtype: str,
     tensors: int,
     notes: Sequence[str],
-    spec_json: dict | None = None,
+    spec_json: dict[str, Any] | None = None,
 ) -> str:
     """A Hugging Face style model card naming the method, its parameters and the models."""
     names = [Path(m).name for m in models]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -68,7 +68,7 @@ class SvdMerge(SinglePass):
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """Nearest matrix with orthonormal columns (or rows): P Q^T for matrix = P S Q^T."""
     p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    return cast(torch.Tensor, p @ qh)
 
 
 def _sum(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -106,7 +106,7 @@ def iso_c(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
     if total.dim() != 2:
         return total
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return (u * s.mean()) @ vh
+    return cast(torch.Tensor, (u * s.mean()) @ vh)
 
 
 def iso_cts(deltas: Sequence[torch.Tensor], common_space_fraction: float = 0.8) -> torch.Tensor:

@@ -24,13 +24,15 @@ class MLPConfig(Frozen):
         return hidden
 
 
+def _default_vgg_layers() -> list[int | Literal["M"]]:
+    return [64, "M", 128, "M", 256, 256, "M"]
+
+
 class VGGConfig(Frozen):
     """VGG-style CNN: 3x3 convs (+BatchNorm) + ReLU, 'M' = 2x2 max-pool, global average pool, linear head."""
 
     in_channels: int = Field(3, ge=1, le=64)
-    layers: list[int | Literal["M"]] = Field(
-        default_factory=lambda: [64, "M", 128, "M", 256, 256, "M"], min_length=1, max_length=64
-    )
+    layers: list[int | Literal["M"]] = Field(default_factory=_default_vgg_layers, min_length=1, max_length=64)
     num_classes: int = Field(10, ge=1, le=100_000)
     batch_norm: bool = True
 

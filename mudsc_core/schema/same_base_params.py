@@ -9,6 +9,7 @@ Defaults follow mergekit's registry (normalize/rescale per method) and the paper
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Literal, Protocol
 
 from pydantic import Field, model_validator
@@ -143,6 +144,9 @@ class _DellaKnobs(_Scaled):
     )
     rescale: bool = True
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @abstractmethod
+    def to_gta(self) -> GeneralizedTaskArithmeticParams: ...
 
     @model_validator(mode="after")
     def _band(self) -> _DellaKnobs:
