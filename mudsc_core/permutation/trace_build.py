@@ -1,0 +1,319 @@
+"""Turn the classes of a finished walk into a :class:`PermSpec`: groups, segments, sites, summary.
+
+A parameter axis segment is described by its *signature*: the classes of its leaf atoms, major
+first. ``(C,)`` is a plain group; ``(H, d)`` is a group of H blocks (attention heads, GroupNorm
+groups) whose units inside a block may be permuted per block; groups that share their head class
+``H`` are tied (``block_tie``). Everything the spec cannot express safely is pinned:
+
+- a signature of three or more factors, or with a pinned factor (rotary dims inside heads);
+- a within-block class used anywhere else (a (d,) parameter broadcast over heads would need the
+  same permutation in every head, which ``num_blocks`` does not express);
+- an axis whose segments are not all free (a spec segment always names a group).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from math import prod
+from typing import Literal
+
+from torch import fx, nn
+
+from mudsc_core.permutation.spec import ActivationSite, AxisSpec, PermSpec, Segment, UnitGroup
+from mudsc_core.permutation.trace_walk import AbsTensor, TensorInfo, Walker
+
+log = logging.getLogger(__name__)
+
+Sig = tuple[int, ...]
+_NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+_CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One unit space of the model: a free group of the spec, or a pinned space and why."""
+
+    name: str
+    size: int
+    num_blocks: int
+    free: bool
+    reasons: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+
+
+@dataclass
+class _Occurrence:
+    param: str
+    axis: int
+    segment: int
+    length: int
+
+
+class SpecAssembler:
+    """Builds the spec from a walker; one instance per derivation."""
+
+    def __init__(self, walker: Walker) -> None:
+        self.w = walker
+        self.alg = walker.algebra
+        self.alg.close_pins()
+        self.axis_sigs: dict[tuple[str, int], list[Sig] | None] = {}
+        self.occurrences: dict[Sig, list[_Occurrence]] = defaultdict(list)
+        self.bad: set[int] = set()
+        self.bad_reasons: dict[int, set[str]] = defaultdict(set)
+
+    # -- signatures -----------------------------------------------------------------------------
+    def _collect(self) -> None:
+        for name, tensor in self.w.params.items():
+            for axis, layout in enumerate(tensor.axes):
+                norm = self.alg.normalize(layout)
+                if norm is None:
+                    self._mark(self.alg.leaves(layout), "non-contiguous factorisation")
+                    self.axis_sigs[(name, axis)] = None
+                    continue
+                sigs = [tuple(self.alg.find(a) for a in seg) for seg in norm]
+                self.axis_sigs[(name, axis)] = sigs
+                for k, (sig, seg) in enumerate(zip(sigs, norm)):
+                    self.occurrences[sig].append(_Occurrence(name, axis, k, self.alg.seg_size(seg)))
+
+    def _mark(self, atoms: list[int] | tuple[int, ...], reason: str) -> bool:
+        changed = False
+        for a in atoms:
+            root = self.alg.find(a)
+            if root not in self.bad:
+                self.bad.add(root)
+                self.bad_reasons[root].add(reason)
+                changed = True
+        return changed
+
+    def _positions(self) -> dict[int, set[tuple[str, Sig]]]:
+        seen: dict[int, set[tuple[str, Sig]]] = defaultdict(set)
+        for sig in self.occurrences:
+            if len(sig) == 1:
+                seen[sig[0]].add(("alone", sig))
+            elif len(sig) == 2:
+                seen[sig[0]].add(("major", sig))
+                seen[sig[1]].add(("minor", sig))
+        return seen
+
+    def _sweep(self, tensor_roots: list[set[int]]) -> bool:
+        changed = False
+        for root in list(self.alg.pinned):
+            changed |= self._mark([root], "pinned")
+        for sig in self.occurrences:
+            if len(sig) == 0 or len(sig) > 2:
+                changed |= self._mark(sig, f"{len(sig)} factors")
+            elif any(r in self.bad for r in sig):
+                changed |= self._mark(sig, "shares a pinned factor")
+        for root, uses in self._positions().items():
+            kinds = {kind for kind, _ in uses}
+            if "minor" in kinds and (len(uses) > 1):
+                changed |= self._mark([root], "within-block units used outside their blocks")
+            elif "major" in kinds and "alone" in kinds:
+                changed |= self._mark([root], "block axis also used alone")
+        for (name, axis), sigs in self.axis_sigs.items():
+            if sigs is not None and self._partly_pinned(sigs):
+                changed |= self._mark([r for s in sigs for r in s], f"axis {axis} of {name} is partly pinned")
+        for sig in self.occurrences:
+            loose = len(sig) == 2 and any(sig[1] in roots and sig[0] not in roots for roots in tensor_roots)
+            if loose and sig[1] not in self.bad:
+                changed |= self._mark(sig, "within-block units seen without their blocks")
+        return changed
+
+    def _partly_pinned(self, sigs: list[Sig]) -> bool:
+        """Some segments of the axis are free and others not (a spec segment always names a group)."""
+        pinned = [not s or any(r in self.bad for r in s) for s in sigs]
+        return any(pinned) and not all(pinned)
+
+    def _tensor_roots(self) -> list[set[int]]:
+        roots = []
+        for value in self.w.env.values():
+            if isinstance(value, AbsTensor):
+                roots.append({self.alg.find(a) for layout in value.axes for a in self.alg.leaves(layout)})
+        return roots
+
+    # -- result ---------------------------------------------------------------------------------
+    def build(self) -> tuple[PermSpec, list[GroupSummary]]:
+        self._collect()
+        tensor_roots = self._tensor_roots()
+        while self._sweep(tensor_roots):
+            pass
+        free = [s for s in self.occurrences if s and all(r not in self.bad for r in s)]
+        free.sort(key=self._first_seen)
+        names = self._names(free)
+        groups = self._groups(free, names)
+        axes = self._axes(names)
+        spec = PermSpec(
+            groups=groups,
+            axes=axes,
+            excluded=frozenset(n for n in self.w.state_shapes if n.endswith("num_batches_tracked")),
+            head_params=self._head_params(),
+            order=tuple(names[s] for s in free),
+        )
+        spec.check()
+        return spec, self._summaries(free, names)
+
+    def _first_seen(self, sig: Sig) -> tuple[int, int, int]:
+        occ = self.occurrences[sig]
+        return min((self.w.first_use[o.param], o.axis, o.segment) for o in occ)
+
+    def _names(self, free: list[Sig]) -> dict[Sig, str]:
+        names: dict[Sig, str] = {}
+        used: Counter[str] = Counter()
+        for sig in free:
+            occ = self.occurrences[sig]
+            outs = [o for o in occ if self.w.roles.get((o.param, o.axis), "out") == "out"]
+            first = min(outs or occ, key=lambda o: (self.w.first_use[o.param], o.axis, o.segment))
+            base = first.param.rsplit(".", 1)[0] if "." in first.param else first.param
+            used[base] += 1
+            names[sig] = base if used[base] == 1 else f"{base}.{used[base] - 1}"
+        return names
+
+    def _groups(self, free: list[Sig], names: dict[Sig, str]) -> dict[str, UnitGroup]:
+        groups: dict[str, UnitGroup] = {}
+        tie_root: dict[int, str] = {}
+        sites = SiteFinder(self.w)
+        for sig in free:
+            size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
+            blocks = self.alg.sizes[self.alg.members[sig[0]][0]] if len(sig) == 2 else 1
+            tie = None
+            if len(sig) == 2:
+                tie = tie_root.get(sig[0])
+                tie_root.setdefault(sig[0], names[sig])
+            groups[names[sig]] = UnitGroup(names[sig], size, sites.site(sig), blocks, tie)
+        return groups
+
+    def _axes(self, names: dict[Sig, str]) -> dict[str, tuple[AxisSpec, ...]]:
+        axes: dict[str, tuple[AxisSpec, ...]] = {}
+        for name, shape in self.w.state_shapes.items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            per_axis: list[AxisSpec] = []
+            for axis in range(len(shape)):
+                sigs = self.axis_sigs.get((name, axis))
+                if not sigs or any(s not in names for s in sigs):
+                    per_axis.append(None)
+                    continue
+                role = self.w.roles.get((name, axis), "out")
+                lengths = [prod(self.alg.sizes[self.alg.members[r][0]] for r in s) for s in sigs]
+                per_axis.append(tuple(Segment(names[s], n, role) for s, n in zip(sigs, lengths)))
+            axes[name] = tuple(per_axis)
+        return axes
+
+    def _head_params(self) -> tuple[str, ...]:
+        # The label axis: an output axis that parameters produce and that no input axis reaches
+        # (batch and token axes of the output come from the inputs).
+        out_roots = {self.alg.find(a) for a in self.w.output_atoms} - {self.alg.find(a) for a in self.w.input_atoms}
+        heads = []
+        for name, tensor in self.w.params.items():
+            if any(self.alg.find(a) in out_roots for layout in tensor.axes for a in self.alg.leaves(layout)):
+                heads.append(name)
+        return tuple(heads)
+
+    def _summaries(self, free: list[Sig], names: dict[Sig, str]) -> list[GroupSummary]:
+        out = []
+        for sig in free:
+            occ = self.occurrences[sig]
+            size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
+            blocks = self.alg.sizes[self.alg.members[sig[0]][0]] if len(sig) == 2 else 1
+            out.append(GroupSummary(names[sig], size, blocks, True, (), tuple(sorted({o.param for o in occ}))))
+        event_roots: dict[int, set[str]] = defaultdict(set)
+        for event in self.alg.events:
+            for atom in event.atoms:
+                for leaf in self.alg.leaves(((atom,),)):
+                    event_roots[self.alg.find(leaf)].add(event.reason)
+        for sig, occ in self.occurrences.items():
+            if sig in names or not sig:
+                continue
+            reasons = set().union(*(self.bad_reasons.get(r, set()) | event_roots.get(r, set()) for r in sig))
+            reasons.discard("pinned")
+            size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
+            label = f"{occ[0].param}[{occ[0].axis}]"
+            params = tuple(sorted({o.param for o in occ}))
+            out.append(GroupSummary(label, size, 1, False, tuple(sorted(reasons)), params))
+        return out
+
+
+class SiteFinder:
+    """Choose each group's activation site as the hand-written specs do.
+
+    The site is the latest, largest tensor that carries the whole group on one axis and is not a
+    norm's output (MuDSC measures after the non-linearity, before normalisation), observed as the
+    input of a Linear/Conv that consumes it, else as the output of the module that made it, else
+    as the input of any module (hooks need a module called once). A group seen only as segments
+    of a fused axis (q and k of qkv) is observed there with ``segments``.
+    """
+
+    def __init__(self, walker: Walker) -> None:
+        self.w = walker
+        self.alg = walker.algebra
+        self.modules = walker.modules
+        self.calls = Counter(str(n.target) for n in walker.gm.graph.nodes if n.op == "call_module")
+        self.best: dict[Sig, tuple[int, int, ActivationSite]] = {}
+        self.partial: dict[Sig, ActivationSite] = {}
+        self._index()
+
+    def _once(self, target: object) -> bool:
+        return self.calls[str(target)] == 1
+
+    def _capture(self, node: fx.Node) -> tuple[str, Literal["input", "output"]] | None:
+        consumers: list[str] = []
+        others: list[str] = []
+        for user in node.users:
+            if user.op == "call_module" and user.args and user.args[0] is node and self._once(user.target):
+                module = self.modules[str(user.target)]
+                (consumers if isinstance(module, _CONSUMERS) else others).append(str(user.target))
+        if consumers:
+            return consumers[0], "input"
+        if node.op == "call_module" and self._once(node.target):
+            return str(node.target), "output"
+        if others:
+            return others[0], "input"
+        return None
+
+    def _is_norm_output(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.modules[str(node.target)], _NORMS)
+
+    def _index(self) -> None:
+        """One pass over the graph: per signature, the best whole-axis site and the first fused one."""
+        for position, node in enumerate(self.w.gm.graph.nodes):
+            value, info = self.w.env.get(node), self.w.values.get(node)
+            if not isinstance(value, AbsTensor) or not isinstance(info, TensorInfo) or self._is_norm_output(node):
+                continue
+            capture = self._capture(node)
+            if capture is None:
+                continue
+            numel = prod(info.shape)
+            for axis, layout in enumerate(value.axes):
+                norm = self.alg.normalize(layout)
+                if norm is None:
+                    continue
+                unit_dim = -1 if axis == value.ndim - 1 else axis
+                sigs = {tuple(self.alg.find(a) for a in seg) for seg in norm}
+                for sig in sigs:
+                    if len(norm) == 1:
+                        best = self.best.get(sig)
+                        if best is None or (numel, position) >= best[:2]:
+                            site = ActivationSite(capture[0], capture[1], unit_dim)
+                            self.best[sig] = (numel, position, site)
+                    elif sig not in self.partial:
+                        self.partial[sig] = ActivationSite(
+                            capture[0],
+                            capture[1],
+                            unit_dim,
+                            self._ranges(norm, sig),
+                        )
+
+    def site(self, sig: Sig) -> ActivationSite | None:
+        best = self.best.get(sig)
+        return best[2] if best is not None else self.partial.get(sig)
+
+    def _ranges(self, norm: tuple[tuple[int, ...], ...], sig: Sig) -> tuple[tuple[int, int], ...]:
+        ranges, offset = [], 0
+        for seg in norm:
+            size = self.alg.seg_size(seg)
+            if tuple(self.alg.find(a) for a in seg) == sig:
+                ranges.append((offset, offset + size))
+            offset += size
+        return tuple(ranges)
