@@ -243,10 +243,22 @@ def list_methods(tenant: Auth) -> dict[str, Any]:
 def list_architectures(tenant: Auth) -> dict[str, Any]:
     return {
         "data": [
-            {"name": name, "description": (config.__doc__ or "").strip(), "config_schema": config.model_json_schema()}
+            {
+                "name": name,
+                "description": (config.__doc__ or "").strip(),
+                "config_schema": config.model_json_schema(),
+                "permutation_spec": SPEC_SOURCE,
+            }
             for name, config in sorted(ARCHITECTURE_CONFIGS.items())
         ]
     }
+
+
+SPEC_SOURCE = (
+    "derived by tracing the model's computation (torch.fx), then verified before every merge: random "
+    "permutations by the spec must leave each input model's outputs unchanged (relative error <= 1e-4), "
+    "else the job fails with unsupported_architecture; the job's report.json lists the groups and the check"
+)
 
 
 @health.get("/livez")

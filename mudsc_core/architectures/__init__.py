@@ -1,46 +1,103 @@
-"""Built-in architectures: torch modules and their permutation specs, looked up by name.
+"""Built-in architectures: torch modules looked up by name; their permutation specs are derived by tracing.
 
-Each architecture module provides ``build(config) -> nn.Module`` and ``spec(config) -> PermSpec``
-for its typed config (``mudsc_core.schema.architectures``).
+Each architecture module provides ``build(config) -> nn.Module`` and ``example_inputs(config)`` (a
+small batch the tracer runs the model on) for its typed config (``mudsc_core.schema.architectures``),
+and may provide ``infer_config(config, state) -> config`` to fill fields a checkpoint decides (the
+CIFAR ResNet's shortcut kernel). The spec of every architecture comes from
+:func:`mudsc_core.permutation.trace.trace_spec` on the built model; the hand-written ``spec(config)``
+that some modules keep is the test oracle the derived spec is compared with (``oracle_spec``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mudsc_core.architectures import mlp, resnet, vgg, vit
+from mudsc_core.architectures import mlp, resnet, torchvision_resnet, vgg, vit
 from mudsc_core.errors import ArchitectureMismatch
 from mudsc_core.permutation.spec import PermSpec, validate_state_dict
+from mudsc_core.permutation.trace import TraceResult, trace_spec
 from mudsc_core.schema.job import ArchitectureSpec
 
-_MODULES: dict[str, ModuleType] = {"mlp": mlp, "vgg": vgg, "resnet": resnet, "vit": vit}
+_MODULES: dict[str, ModuleType] = {
+    "mlp": mlp,
+    "vgg": vgg,
+    "resnet": resnet,
+    "vit": vit,
+    "torchvision_resnet": torchvision_resnet,
+}
+
+ArchitectureLike = ArchitectureSpec | Mapping[str, Any]
 
 
-def _resolve(architecture: ArchitectureSpec | Mapping[str, Any]) -> tuple[ModuleType, Any]:
-    if not isinstance(architecture, ArchitectureSpec):
-        architecture = ArchitectureSpec.model_validate(architecture)
-    return _MODULES[architecture.name], architecture.typed_config()
+def _spec_of(architecture: ArchitectureLike) -> ArchitectureSpec:
+    if isinstance(architecture, ArchitectureSpec):
+        return architecture
+    return ArchitectureSpec.model_validate(architecture)
 
 
-def build_model(architecture: ArchitectureSpec | Mapping[str, Any]) -> nn.Module:
+def _resolve(architecture: ArchitectureLike) -> tuple[ModuleType, Any]:
+    arch = _spec_of(architecture)
+    return _MODULES[arch.name], arch.typed_config()
+
+
+def build_model(architecture: ArchitectureLike) -> nn.Module:
     """A fresh model with default initialisation, on CPU."""
     module, config = _resolve(architecture)
     builder: Callable[[Any], nn.Module] = module.build
     return builder(config)
 
 
-def perm_spec(architecture: ArchitectureSpec | Mapping[str, Any]) -> PermSpec:
+def example_inputs(architecture: ArchitectureLike) -> tuple[Tensor, ...]:
+    """A small batch of synthetic inputs (for tracing, and for the self-check when there is no calibration)."""
     module, config = _resolve(architecture)
-    spec: Callable[[Any], PermSpec] = module.spec
-    return spec(config)
+    make: Callable[[Any], tuple[Tensor, ...]] = module.example_inputs
+    return make(config)
 
 
-def expected_shapes(architecture: ArchitectureSpec | Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+def infer_architecture(architecture: ArchitectureLike, state: Mapping[str, Any]) -> ArchitectureSpec:
+    """The architecture with the config fields its module reads off a checkpoint filled in."""
+    arch = _spec_of(architecture)
+    infer: Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]] | None = getattr(
+        _MODULES[arch.name], "infer_config", None
+    )
+    if infer is None:
+        return arch
+    return ArchitectureSpec(name=arch.name, config=infer(dict(arch.config), state))
+
+
+@lru_cache(maxsize=32)
+def _traced(name: str, config_json: str) -> TraceResult:
+    arch = ArchitectureSpec(name=name, config=json.loads(config_json))
+    model = build_model(arch).eval()
+    return trace_spec(model, example_inputs(arch))
+
+
+def trace_architecture(architecture: ArchitectureLike) -> TraceResult:
+    """The derived spec of a built-in and what the derivation found (cached per architecture and config)."""
+    arch = _spec_of(architecture)
+    return _traced(arch.name, json.dumps(arch.config, sort_keys=True))
+
+
+def perm_spec(architecture: ArchitectureLike) -> PermSpec:
+    """The permutation spec of a built-in, derived by tracing its model."""
+    return trace_architecture(architecture).spec
+
+
+def oracle_spec(architecture: ArchitectureLike) -> PermSpec:
+    """The hand-written spec a module keeps as the tracer's test oracle (not every module has one)."""
+    module, config = _resolve(architecture)
+    writer: Callable[[Any], PermSpec] = module.spec
+    return writer(config)
+
+
+def expected_shapes(architecture: ArchitectureLike) -> dict[str, tuple[int, ...]]:
     """Shape of every state-dict entry, computed on the meta device (no memory is allocated)."""
     module, config = _resolve(architecture)
     with torch.device("meta"):
@@ -48,7 +105,7 @@ def expected_shapes(architecture: ArchitectureSpec | Mapping[str, Any]) -> dict[
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_checkpoint(architecture: ArchitectureSpec | Mapping[str, Any], state: Mapping[str, Tensor]) -> None:
+def check_checkpoint(architecture: ArchitectureLike, state: Mapping[str, Tensor]) -> None:
     """Raise ArchitectureMismatch unless ``state`` has exactly the architecture's entries and shapes."""
     validate_state_dict(perm_spec(architecture), state)
     for name, shape in expected_shapes(architecture).items():
@@ -61,4 +118,13 @@ def check_checkpoint(architecture: ArchitectureSpec | Mapping[str, Any], state: 
             )
 
 
-__all__ = ["build_model", "perm_spec", "check_checkpoint", "expected_shapes"]
+__all__ = [
+    "build_model",
+    "perm_spec",
+    "oracle_spec",
+    "trace_architecture",
+    "example_inputs",
+    "infer_architecture",
+    "check_checkpoint",
+    "expected_shapes",
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import cast
 
+import torch
 from torch import Tensor, nn
 
 from mudsc_core.architectures.builders import SpecBuilder
@@ -34,6 +35,11 @@ class MLP(nn.Module):
 
 def build(config: MLPConfig) -> nn.Module:
     return MLP(config)
+
+
+def example_inputs(config: MLPConfig) -> tuple[Tensor, ...]:
+    """A batch of 2 random inputs, (2, input_dim), for tracing and self-checks."""
+    return (torch.randn(2, config.input_dim, generator=torch.Generator().manual_seed(0)),)
 
 
 def spec(config: MLPConfig) -> PermSpec:

@@ -2,6 +2,10 @@
 ZipIt!/Git Re-Basin/MuDSC ports: ``conv1``, ``bn1``, ``layer{s}.{b}.conv1/bn1/conv2/bn2``,
 ``layer{s}.{b}.shortcut.0/1`` (projection on blocks that change stride or width), ``linear``.
 
+The projection shortcut is a 1x1 conv (ours) or, with ``shortcut_kernel=3``, a 3x3 conv with
+padding 1 (the public ZipIt!/MuDSC reference checkpoints); :func:`infer_config` reads which one a
+checkpoint has. The kernel size does not change the spec (kernel axes carry no units).
+
 Unit groups, in forward order:
 
 - ``layer{s}``: the residual stream of stage s. Written by the stem (s=1) or by block 0's projection
@@ -18,8 +22,10 @@ With ``norm='group'`` every group is normalised by a GroupNorm and gets ``num_bl
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,8 +49,9 @@ class BasicBlock(nn.Module):
         self.bn2 = _norm(config, planes)
         self.shortcut: nn.Sequential = nn.Sequential()
         if stride != 1 or in_planes != planes:
+            k = shortcut_kernel(config)
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
+                nn.Conv2d(in_planes, planes, kernel_size=k, stride=stride, padding=k // 2, bias=False),
                 _norm(config, planes),
             )
 
@@ -52,6 +59,11 @@ class BasicBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))  # (B, planes, H/stride, W/stride)
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
+
+
+def shortcut_kernel(config: ResNetConfig) -> int:
+    """Kernel size of the projection shortcuts; ``None`` (not inferred from a checkpoint) builds 1x1."""
+    return 1 if config.shortcut_kernel is None else config.shortcut_kernel
 
 
 def _stage_plan(config: ResNetConfig) -> list[tuple[int, int]]:
@@ -93,7 +105,32 @@ def build(config: ResNetConfig) -> nn.Module:
     return ResNet(config)
 
 
+_SHORTCUT_PROBE = "layer2.0.shortcut.0.weight"  # block 0 of stage 2 always projects (stride 2)
+
+
+def infer_config(config: dict[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with ``shortcut_kernel`` read from the checkpoint ``state`` when it is None or absent.
+
+    ``state`` maps entry names to tensors (or anything with a ``shape``, e.g. safetensors header
+    entries). The kernel is the last dim of ``layer2.0.shortcut.0.weight``; 1 if that entry is
+    absent. Other fields are left alone; a kernel other than 1 or 3 is rejected when the config is
+    validated. ``config`` itself is not modified.
+    """
+    if config.get("shortcut_kernel") is not None:
+        return dict(config)
+    shape = tuple(getattr(state.get(_SHORTCUT_PROBE), "shape", ()))
+    kernel = int(shape[-1]) if len(shape) == 4 else 1
+    return {**config, "shortcut_kernel": kernel}
+
+
+def example_inputs(config: ResNetConfig) -> tuple[Tensor, ...]:
+    """A batch of 2 random CIFAR-sized images, (2, in_channels, 32, 32), for tracing and self-checks."""
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(2, config.in_channels, 32, 32, generator=generator),)
+
+
 def spec(config: ResNetConfig) -> PermSpec:
+    # Same axes for both shortcut kernels: the conv helpers leave the (kh, kw) axes unit-free.
     b = SpecBuilder()
     k = blocks_per_stage(config)
     blocks_of = config.groups if config.norm == "group" else 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from torch import Tensor, nn
 
 from mudsc_core.architectures.builders import SpecBuilder
@@ -68,6 +69,12 @@ class VGG(nn.Module):
 
 def build(config: VGGConfig) -> nn.Module:
     return VGG(config)
+
+
+def example_inputs(config: VGGConfig) -> tuple[Tensor, ...]:
+    """A batch of 2 random images just large enough for every max-pool, for tracing and self-checks."""
+    size = max(8, 2 ** sum(1 for item in config.layers if item == "M"))
+    return (torch.randn(2, config.in_channels, size, size, generator=torch.Generator().manual_seed(0)),)
 
 
 def spec(config: VGGConfig) -> PermSpec:

@@ -104,6 +104,12 @@ def build(config: ViTConfig) -> nn.Module:
     return VisionTransformer(config)
 
 
+def example_inputs(config: ViTConfig) -> tuple[Tensor, ...]:
+    """A batch of 2 random images of the configured size, for tracing and self-checks."""
+    size = config.image_size
+    return (torch.randn(2, config.in_channels, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
 def spec(config: ViTConfig) -> PermSpec:
     b = SpecBuilder()
     dim, heads = config.embed_dim, config.num_heads

@@ -17,12 +17,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mudsc_core.architectures import build_model, check_checkpoint, perm_spec
+from mudsc_core.architectures import (
+    build_model,
+    check_checkpoint,
+    example_inputs,
+    infer_architecture,
+    trace_architecture,
+)
 from mudsc_core.devices import resolve_device
 from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint, MergeError
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
 from mudsc_core.permutation.similarity import activation_correlations
 from mudsc_core.permutation.spec import PermSpec
+from mudsc_core.permutation.trace import TraceResult, self_check
 from mudsc_core.progress import Progress
 from mudsc_core.schema import METHODS, ArchitectureSpec, MethodSpec
 
@@ -111,6 +118,7 @@ class PermutationReport:
     architecture: dict[str, Any]
     bn_reset: bool
     groups: dict[str, GroupReport]
+    spec: dict[str, Any]  # how the permutation spec was derived and checked (spec_summary)
     objective_per_sweep: list[float]
     sweeps: int
     timings_s: dict[str, float]
@@ -123,6 +131,8 @@ class PermutationReport:
             "sweeps": self.sweeps,
             "similarity_space": self.similarity_space,
             "bn_reset": self.bn_reset,
+            "spec_groups": len(self.groups),
+            "self_check_max_rel_error": self.spec["self_check"]["max_rel_error"],
             "timings_s": {stage: round(seconds, 4) for stage, seconds in self.timings_s.items()},
         }
 
@@ -174,11 +184,17 @@ def merge(
     params = method_spec.typed_params().to_mudsc()
     device = resolve_device(device)
     clock = _Stopwatch(progress or (lambda stage, fraction, message: None))
-    spec = perm_spec(arch)
+    if models:
+        arch = infer_architecture(arch, models[0])
+    with clock.stage("tracing"):
+        traced = trace_architecture(arch)
+    spec = traced.spec
 
     states, networks = _load_models(models, arch, spec, device)
     if calibration is not None:
         calibration = _check_calibration(calibration, networks[0], device)
+    with clock.stage("self_check"):
+        check_error = _self_check(networks, spec, arch, calibration, device)
     activation_sims = None
     if calibration is not None and params.match and params.beta < 1.0:
         with clock.stage("collecting_activations"):
@@ -218,6 +234,7 @@ def merge(
             )
             for name in spec.group_order()
         },
+        spec=spec_summary(traced, check_error),
         objective_per_sweep=outcome.objective_per_sweep,
         sweeps=outcome.sweeps,
         timings_s=clock.seconds,
@@ -225,6 +242,40 @@ def merge(
     if report.weight_space_only:
         log.info("no calibration data: matching in weight space only")
     return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, report.to_dict())
+
+
+def spec_summary(traced: TraceResult, check_error: float) -> dict[str, Any]:
+    """The report's account of the spec: derived by tracing, its groups free or pinned and why, the check."""
+    return {
+        "source": "traced",
+        "derivation_s": round(traced.seconds, 4),
+        "groups": [
+            {"name": g.name, "size": g.size, "blocks": g.num_blocks, "free": g.free, "pinned_because": list(g.reasons)}
+            for g in traced.groups
+        ],
+        "pinned_by": dict(traced.pinned_by),
+        "outputs": traced.output_note,
+        "self_check": {"max_rel_error": check_error, "tolerance": SELF_CHECK_RTOL},
+    }
+
+
+SELF_CHECK_RTOL = 1e-4
+_SELF_CHECK_SAMPLES = 8
+
+
+def _self_check(
+    networks: Sequence[nn.Module],
+    spec: PermSpec,
+    arch: ArchitectureSpec,
+    calibration: Tensor | None,
+    device: torch.device,
+) -> float:
+    """Random permutations by the spec must leave every input model's outputs unchanged (else the job fails)."""
+    if calibration is not None:
+        batch: tuple[Tensor, ...] = (calibration[:_SELF_CHECK_SAMPLES].to(device),)
+    else:
+        batch = tuple(t.to(device) for t in example_inputs(arch))
+    return max(self_check(network, spec, batch, rtol=SELF_CHECK_RTOL) for network in networks)
 
 
 _SPACE_BETA: dict[str, float | None] = {"activation": 0.0, "weight": 1.0, "none": None}

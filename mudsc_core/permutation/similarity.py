@@ -7,13 +7,14 @@ correlates 0 with everything (never NaN).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from mudsc_core.errors import SpecError, UnsupportedArchitecture
 from mudsc_core.permutation.spec import ActivationSite, PermSpec
 
 _DEAD_STD = 1e-12
@@ -75,35 +76,66 @@ def row_correlation(features: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- activations
-def _site_features(site: ActivationSite, tensor: Tensor) -> Tensor:
-    """Hooked tensor -> (units, samples): unit axis first, every other position a sample."""
+def _site_features(site: ActivationSite | None, tensor: Tensor) -> Tensor:
+    """Tensor at a site -> (units, samples): unit axis first, every other position a sample."""
+    assert site is not None  # callers keep only groups with a site
     units_first = tensor.movedim(site.unit_dim, 0)
     if site.segments:
         units_first = torch.cat([units_first[start:stop] for start, stop in site.segments], dim=1)
     return units_first.reshape(units_first.shape[0], -1)
 
 
-@contextmanager
-def _capture(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    captured: dict[str, Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = []
+class _SiteTracer(fx.Tracer):
+    """torch.fx's tracer, remembering the graph nodes of each named module call's input and output.
+
+    A leaf module (``nn.Linear``) is one ``call_module`` node; a composite one (a residual block) is
+    traced through, and its input and output are the nodes its forward received and returned. A
+    module called more than once keeps its last call.
+    """
+
+    def __init__(self, site_modules: set[str]) -> None:
+        super().__init__()
+        self.site_modules = site_modules
+        self.boundaries: dict[str, tuple[fx.Node, fx.Node]] = {}
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        result = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        if name in self.site_modules and args and isinstance(args[0], fx.Proxy) and isinstance(result, fx.Proxy):
+            self.boundaries[name] = (args[0].node, result.node)
+        return result
+
+
+def activation_taps(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> fx.GraphModule:
+    """The model's captured graph, returning the tensor at each group's activation site instead of its outputs.
+
+    One mechanism for every architecture: a site names a module call of the graph (its input or output).
+    Nodes that no site needs (the head after the last site, say) are dropped, so a calibration pass
+    computes only what the statistics use.
+    """
+    tracer = _SiteTracer({site.module for g in groups if (site := spec.groups[g].activation) is not None})
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... for what it cannot follow
+        raise UnsupportedArchitecture(f"cannot capture the forward pass of {type(model).__name__}: {exc}") from exc
+    taps: dict[str, fx.Node] = {}
     for name in groups:
         site = spec.groups[name].activation
-        assert site is not None  # callers filter
-        module = modules[site.module]
-
-        def hook(
-            _m: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, name: str = name, site: ActivationSite = site
-        ) -> None:
-            captured[name] = _site_features(site, inputs[0] if site.io == "input" else output)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+        boundary = tracer.boundaries.get(site.module) if site is not None else None
+        if site is None or boundary is None:
+            raise SpecError(
+                f"group {name}: activation site {getattr(site, 'module', None)!r} is not a module call "
+                f"of {type(model).__name__}'s forward"
+            )
+        taps[name] = boundary[1] if site.io == "output" else boundary[0]
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = (taps,)
+    graph_module = fx.GraphModule(model, graph)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
 
 
 def activation_correlations(
@@ -115,14 +147,12 @@ def activation_correlations(
 ) -> dict[str, Tensor]:
     """Pearson correlation of every group's stacked units over the calibration inputs."""
     groups = [g for g in spec.group_order() if spec.groups[g].activation is not None]
+    sites = {g: spec.groups[g].activation for g in groups}
+    taps = [activation_taps(model, spec, groups) for model in models]
     accumulators = {g: CorrelationAccumulator() for g in groups}
     with torch.no_grad():
         for index, batch in enumerate(batches):
-            per_model: list[dict[str, Tensor]] = []
-            for model in models:
-                with _capture(model, spec, groups) as captured:
-                    model(batch)
-                per_model.append(dict(captured))
+            per_model = [{g: _site_features(sites[g], t) for g, t in tap(batch).items()} for tap in taps]
             for g in groups:
                 accumulators[g].update(torch.cat([features[g] for features in per_model], dim=0))
             if progress is not None and num_batches:

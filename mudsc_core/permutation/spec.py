@@ -36,7 +36,7 @@ AxisSpec = tuple[Segment, ...] | None
 
 @dataclass(frozen=True)
 class ActivationSite:
-    """Where a group's activation is observed: a forward hook on ``module``.
+    """Where a group's activation is observed: the input or output of the call of ``module`` in the graph.
 
     ``io`` picks the module's input or output; ``unit_dim`` is the unit axis of that tensor
     (1 for NCHW convs, -1 for linear/token tensors); ``segments`` picks slices of the unit

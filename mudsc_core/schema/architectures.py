@@ -59,6 +59,13 @@ class ResNetConfig(Frozen):
     norm: Literal["batch", "group"] = "batch"
     groups: int = Field(4, ge=1, le=64, description="GroupNorm groups when norm='group'")
     in_channels: int = Field(3, ge=1, le=64)
+    shortcut_kernel: Literal[1, 3] | None = Field(
+        None,
+        description=(
+            "kernel size of the projection shortcuts (shortcut.0): 1 (ours) or 3 (the public ZipIt!/MuDSC "
+            "checkpoints, padding 1); None = infer from the checkpoint (resnet.infer_config), builds 1x1"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ResNetConfig:
@@ -67,6 +74,20 @@ class ResNetConfig(Frozen):
         if self.norm == "group" and (16 * self.width) % self.groups != 0:
             raise ValueError("16*width must be divisible by groups")
         return self
+
+
+class TorchvisionResNetConfig(Frozen):
+    """ImageNet-style ResNet with torchvision's parameter and buffer names (v1.5: stride on the 3x3 conv).
+
+    torchvision and timm ResNet checkpoints (``resnet18/34/50/101``) load unchanged. depth 18/34 use
+    BasicBlocks, 50/101 Bottlenecks (expansion 4); stem 7x7/2 conv + BN + ReLU + 3x3/2 max-pool; stage
+    widths width, 2w, 4w, 8w (times 4 at the output of a Bottleneck stage); adaptive average pool, ``fc``.
+    """
+
+    depth: Literal[18, 34, 50, 101] = 18
+    width: int = Field(64, ge=4, le=512, description="base width of layer1 (torchvision: 64)")
+    num_classes: int = Field(1000, ge=1, le=100_000)
+    in_channels: int = Field(3, ge=1, le=64)
 
 
 class ViTConfig(Frozen):
@@ -96,4 +117,5 @@ ARCHITECTURE_CONFIGS: dict[str, type[Frozen]] = {
     "vgg": VGGConfig,
     "resnet": ResNetConfig,
     "vit": ViTConfig,
+    "torchvision_resnet": TorchvisionResNetConfig,
 }

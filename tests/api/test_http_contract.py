@@ -153,3 +153,10 @@ def test_openapi_lists_every_route(client: TestClient) -> None:
 def test_api_process_does_not_import_torch() -> None:
     code = "import sys, app.main, mudsc_jobs.store, app.inputs; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_architectures_list_the_torchvision_resnet_and_say_specs_are_derived(client: TestClient) -> None:
+    data = {a["name"]: a for a in client.get("/v1/architectures", headers=auth()).json()["data"]}
+    assert data["torchvision_resnet"]["config_schema"]["properties"]["depth"]["enum"] == [18, 34, 50, 101]
+    assert data["resnet"]["config_schema"]["properties"]["shortcut_kernel"]
+    assert all("derived by tracing" in a["permutation_spec"] for a in data.values())

@@ -28,6 +28,14 @@ ARCHITECTURES = {
         },
         IMAGE,
     ),
+    "resnet_3x3": (
+        {"name": "resnet", "config": {"depth": 8, "width": 1, "in_channels": 1, "shortcut_kernel": 3}},
+        IMAGE,
+    ),
+    "torchvision_resnet": (
+        {"name": "torchvision_resnet", "config": {"depth": 18, "width": 4, "num_classes": 10, "in_channels": 1}},
+        IMAGE,
+    ),
     "vit": (
         {
             "name": "vit",
@@ -263,3 +271,45 @@ def test_one_pass_without_iteration_matches_every_group(with_calibration: bool) 
     )
     assert result.report["sweeps"] == 1
     assert set(result.report["groups"]) == set(spec.groups)
+
+
+# --------------------------------------------------------------------------- traced specs in the merge
+def test_every_merge_reports_its_traced_spec_and_self_check() -> None:
+    arch, shape = ARCHITECTURES["vit"]
+    a, b = _model(arch, 0), _model(arch, 1)
+    report = merge(
+        [a, b], arch, {"name": "mudsc", "params": {"mode": "zip"}}, calibration=torch.randn(16, *shape)
+    ).report
+    spec = report["spec"]
+    assert spec["source"] == "traced" and spec["self_check"]["max_rel_error"] <= 1e-4
+    free = [g for g in spec["groups"] if g["free"]]
+    assert {g["name"] for g in free} == set(report["groups"])
+    assert any(g["blocks"] == 4 for g in free)  # attention heads are blocks
+    assert report["metrics"]["self_check_max_rel_error"] == spec["self_check"]["max_rel_error"]
+    assert {"tracing", "self_check"} <= set(report["timings_s"])
+
+
+def test_shortcut_kernel_is_read_off_the_checkpoint() -> None:
+    built = {"name": "resnet", "config": {"depth": 8, "width": 1, "in_channels": 1, "shortcut_kernel": 3}}
+    a, b = _model(built, 0), _model(built, 1)
+    assert a["layer2.0.shortcut.0.weight"].shape == (32, 16, 3, 3)
+    given_without_kernel = {"name": "resnet", "config": {"depth": 8, "width": 1, "in_channels": 1}}
+    result = merge([a, b], given_without_kernel, {"name": "git_rebasin"})
+    assert result.report["architecture"]["config"]["shortcut_kernel"] == 3
+    assert result.state_dict["layer2.0.shortcut.0.weight"].shape == (32, 16, 3, 3)
+
+
+def test_a_spec_that_fails_the_self_check_fails_the_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mudsc_core.errors import UnsupportedArchitecture
+    from mudsc_core.permutation import merge as merge_module
+    from mudsc_core.permutation.spec import PermSpec
+
+    arch, _ = ARCHITECTURES["mlp"]
+    traced = merge_module.trace_architecture(arch)
+    # fc1.weight's input axis no longer follows group fc0: permuting fc0 now changes the outputs
+    axes = dict(traced.spec.axes)
+    axes["fc1.weight"] = (axes["fc1.weight"][0], None)
+    broken = PermSpec(traced.spec.groups, axes, traced.spec.excluded, traced.spec.head_params, traced.spec.order)
+    monkeypatch.setattr(merge_module, "trace_architecture", lambda _arch: type(traced)(broken, traced.groups))
+    with pytest.raises(UnsupportedArchitecture, match="fc0"):
+        merge([_model(arch, 0), _model(arch, 1)], arch, {"name": "git_rebasin"})
