@@ -105,9 +105,9 @@ def expected_shapes(architecture: ArchitectureLike) -> dict[str, tuple[int, ...]
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_checkpoint(architecture: ArchitectureLike, state: Mapping[str, Tensor]) -> None:
+def check_checkpoint(architecture: ArchitectureLike, state: Mapping[str, Tensor], spec: PermSpec | None = None) -> None:
     """Raise ArchitectureMismatch unless ``state`` has exactly the architecture's entries and shapes."""
-    validate_state_dict(perm_spec(architecture), state)
+    validate_state_dict(spec if spec is not None else perm_spec(architecture), state)
     for name, shape in expected_shapes(architecture).items():
         if name not in state:
             continue  # only excluded entries (e.g. num_batches_tracked) may be absent

@@ -30,6 +30,7 @@ from mudsc_core.permutation.iteration import build_merged_state, find_correspond
 from mudsc_core.permutation.similarity import activation_correlations
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.permutation.trace import TraceResult, self_check
+from mudsc_core.permutation.trace_build import GroupSummary
 from mudsc_core.progress import Progress
 from mudsc_core.schema import METHODS, ArchitectureSpec, MethodSpec
 
@@ -163,8 +164,12 @@ def merge(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     calibration_batch_size: int = 128,
+    spec: PermSpec | None = None,
 ) -> MergeResult:
     """Merge N >= 2 models of one architecture trained separately. Never mutates its inputs.
+
+    The permutation spec is derived by tracing the architecture's model unless ``spec`` gives one
+    (an integration's own, or a hand-written oracle); either way it must pass the self-check.
 
     ``progress(stage, fraction, message)`` is called between units of work; it may raise
     :class:`~mudsc_core.errors.MergeCanceled` to stop.
@@ -187,7 +192,7 @@ def merge(
     if models:
         arch = infer_architecture(arch, models[0])
     with clock.stage("tracing"):
-        traced = trace_architecture(arch)
+        traced = trace_architecture(arch) if spec is None else given_spec(spec)
     spec = traced.spec
 
     states, networks = _load_models(models, arch, spec, device)
@@ -244,10 +249,16 @@ def merge(
     return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, report.to_dict())
 
 
+def given_spec(spec: PermSpec) -> TraceResult:
+    """A caller's spec in the form of a derivation's result (every group free, nothing traced)."""
+    groups = tuple(GroupSummary(g.name, g.size, g.num_blocks, True) for g in spec.groups.values())
+    return TraceResult(spec, groups, output_note="spec given by the caller", source="given")
+
+
 def spec_summary(traced: TraceResult, check_error: float) -> dict[str, Any]:
     """The report's account of the spec: derived by tracing, its groups free or pinned and why, the check."""
     return {
-        "source": "traced",
+        "source": traced.source,
         "derivation_s": round(traced.seconds, 4),
         "groups": [
             {"name": g.name, "size": g.size, "blocks": g.num_blocks, "free": g.free, "pinned_because": list(g.reasons)}
@@ -292,7 +303,7 @@ def _load_models(
 ) -> tuple[list[dict[str, Tensor]], list[nn.Module]]:
     """Checked float32 copies of the state dicts on ``device``, and each loaded into its network (eval mode)."""
     for index, state in enumerate(models):
-        check_checkpoint(arch, state)
+        check_checkpoint(arch, state, spec)
         _check_weights(index, state, spec.excluded)
     states = [
         {

@@ -49,6 +49,7 @@ class TraceResult:
     pinned_by: dict[str, int] = field(default_factory=dict)  # op/reason -> units it pinned
     seconds: float = 0.0
     output_note: str = _OUTPUT_NOTE
+    source: str = "traced"  # "given" when a caller supplied the spec
 
     @property
     def free_groups(self) -> tuple[GroupSummary, ...]:

@@ -313,3 +313,17 @@ def test_a_spec_that_fails_the_self_check_fails_the_merge(monkeypatch: pytest.Mo
     monkeypatch.setattr(merge_module, "trace_architecture", lambda _arch: type(traced)(broken, traced.groups))
     with pytest.raises(UnsupportedArchitecture, match="fc0"):
         merge([_model(arch, 0), _model(arch, 1)], arch, {"name": "git_rebasin"})
+
+
+def test_a_given_oracle_spec_merges_exactly_as_the_traced_one() -> None:
+    from mudsc_core.architectures import oracle_spec
+
+    arch, shape = ARCHITECTURES["resnet_bn"]
+    a, b = _model(arch, 0), _model(arch, 1)
+    calibration = torch.randn(32, *shape)
+    method = {"name": "mudsc", "params": {"mode": "zip"}}
+    traced = merge([a, b], arch, method, calibration=calibration)
+    given = merge([a, b], arch, method, calibration=calibration, spec=oracle_spec(arch))
+    assert given.report["spec"]["source"] == "given" and traced.report["spec"]["source"] == "traced"
+    for name, tensor in traced.state_dict.items():
+        assert_close(given.state_dict[name], tensor, rtol=0, atol=0)
