@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mudsc_core.errors import InvalidCalibration
-from mudsc_core.output import write_sidecars
+from mudsc_core.output import carried_files, write_sidecars
 from mudsc_core.progress import Progress
 from mudsc_core.schema import METHODS, JobSpec
 
@@ -92,5 +92,14 @@ def merge_files(
         save_state_dict(result.state_dict, out_dir, spec.output.dtype, spec.output.shard_size_bytes)
         sidecars["spec"] = spec_json  # (the same-base stream writes its spec, config and card itself)
     report.setdefault("metrics", {})
-    write_sidecars(out_dir, report=report, **sidecars)
+    write_sidecars(out_dir, carried=carried_files(_tokenizer_folder(spec, inputs)), report=report, **sidecars)
     return report
+
+
+def _tokenizer_folder(spec: JobSpec, inputs: LocalInputs) -> Path | None:
+    """The input folder whose tokenizer files the result carries (``output.tokenizer_source``)."""
+    index = spec.tokenizer_folder_index()
+    if index is None:
+        return None
+    folder = inputs.base_model if index == len(spec.models) else inputs.models[index]
+    return folder if folder is not None and folder.is_dir() else None

@@ -3,9 +3,12 @@
 Every output folder holds the weights (``model.safetensors`` or shards + index, written by
 :mod:`mudsc_core.io`) and these, each written here only:
 
-- ``config.json``: the model's config, copied from the base (or the first model that has one);
+- ``config.json``: the model's config, copied from the base (or the first model that has one),
+  its dtype field (``torch_dtype`` / ``dtype``, where the config has one) set to the output dtype;
+- files carried over from one input folder so that the result loads as it is: the tokenizer's
+  files, its chat template and the generation config (``output.tokenizer_source``);
 - ``spec.json``: the job spec that produced the folder;
-- ``README.md``: a Hugging Face model card (method, parameters, models);
+- ``README.md``: a Hugging Face model card (method, parameters, models, the mergekit equivalent);
 - ``report.json``: what the merge measured (the job's ``result.metrics`` come from it).
 """
 
@@ -13,20 +16,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mudsc_core.formats.hf_folder import CONFIG_NAME
+from mudsc_core.formats.hf_folder import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
 
 SPEC_NAME = "spec.json"
 CARD_NAME = "README.md"
 REPORT_NAME = "report.json"
+_DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, 5 the second
 
 
 def write_sidecars(
     folder: Path,
     *,
     config_source: Path | None = None,
+    dtype: str | None = None,
+    carried: Sequence[Path] = (),
     spec: dict[str, Any] | None = None,
     card: str | None = None,
     report: dict[str, Any] | None = None,
@@ -34,8 +41,11 @@ def write_sidecars(
     """Write the given sidecars into ``folder``; returns the names written."""
     written = []
     if config_source is not None:
-        shutil.copyfile(config_source, folder / CONFIG_NAME)
+        _write_config(config_source, folder / CONFIG_NAME, dtype)
         written.append(CONFIG_NAME)
+    for path in carried:
+        shutil.copyfile(path, folder / path.name)
+        written.append(path.name)
     if spec is not None:
         (folder / SPEC_NAME).write_text(json.dumps(spec, indent=2, default=str) + "\n", encoding="utf-8")
         written.append(SPEC_NAME)
@@ -46,3 +56,26 @@ def write_sidecars(
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         written.append(REPORT_NAME)
     return written
+
+
+def carried_files(folder: Path | None) -> list[Path]:
+    """The files a result takes from its tokenizer source folder (tokenizer, chat template, generation config)."""
+    if folder is None or not folder.is_dir():
+        return []
+    wanted = TOKENIZER_FILES | {GENERATION_CONFIG_NAME}
+    return sorted(p for p in folder.iterdir() if p.name in wanted and p.is_file())
+
+
+def _write_config(source: Path, target: Path, dtype: str | None) -> None:
+    """Copy the config; where it names a dtype, name the output's (a config that is not JSON is copied as is)."""
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        config = None
+    keys = [k for k in _DTYPE_KEYS if isinstance(config, dict) and k in config]
+    if dtype is None or not keys or not isinstance(config, dict):
+        shutil.copyfile(source, target)
+        return
+    for key in keys:
+        config[key] = dtype
+    target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

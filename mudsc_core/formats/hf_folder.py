@@ -8,9 +8,11 @@ listing), the worker's download plan (the same listing) and the core's reader (a
   at most :data:`MAX_INDEX_BYTES` whose ``weight_map`` maps tensor names to shard names.
 - Without an index: ``model.safetensors``, else the folder's only ``*.safetensors`` file; a
   folder with several shards and no index is refused (which tensor lives where is unknown).
-- Besides the weights a folder may carry small sidecar files (``config.json``, tokenizer files,
-  ``generation_config.json``, the model card): plain names with a suffix in
-  :data:`SIDECAR_SUFFIXES`. Nothing else (pickles, code, hidden files, sub-folders) is read.
+- Besides the weights a folder may carry small sidecar files: the model config, the generation
+  config, the tokenizer's files and chat template, the model card (:data:`SIDECARS`, a fixed
+  allow-list, each at most :data:`MAX_SIDECAR_BYTES`). Nothing else (pickles, code, hidden files,
+  sub-folders) is read. :data:`TOKENIZER_FILES` are the ones a merged model takes from its
+  tokenizer source, so that ``AutoTokenizer.from_pretrained`` works on the result.
 
 Failures raise :class:`~mudsc_core.errors.InvalidCheckpoint` or
 :class:`~mudsc_core.errors.ObjectNotFound` (a shard the index names is absent), whose messages name
@@ -31,9 +33,30 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MAX_INDEX_BYTES = 16 * 1024**2
 MAX_FOLDER_OBJECTS = 10_000
-SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".md")
+GENERATION_CONFIG_NAME = "generation_config.json"
+CARD_NAME = "README.md"
+# What a tokenizer (fast or sentencepiece-based), its chat template and a processor save; never code.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "chat_template.jinja",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    }
+)
+SIDECARS = frozenset({CONFIG_NAME, GENERATION_CONFIG_NAME, CARD_NAME, INDEX_NAME, *TOKENIZER_FILES})
+MAX_SIDECAR_BYTES = 64 * 1024**2
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\.safetensors$")
-_SIDECAR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
 
 def is_shard_name(name: str) -> bool:
@@ -43,7 +66,7 @@ def is_shard_name(name: str) -> bool:
 
 def is_sidecar_name(name: str) -> bool:
     """A small non-weight file worth carrying along (config, tokenizer, model card)."""
-    return bool(_SIDECAR_NAME.match(name)) and name.endswith(SIDECAR_SUFFIXES)
+    return name in SIDECARS
 
 
 def parse_index(raw: bytes) -> dict[str, str]:
@@ -98,8 +121,13 @@ def weight_files(names: Collection[str], weight_map: Mapping[str, str] | None) -
     )
 
 
-def files_to_fetch(names: Collection[str], weight_map: Mapping[str, str] | None) -> list[str]:
-    """Everything worth downloading from a folder: its weight files, its index and its sidecars."""
-    weights = weight_files(names, weight_map)
-    sidecars = sorted(n for n in names if is_sidecar_name(n) and n not in weights)
+def files_to_fetch(sizes: Mapping[str, int], weight_map: Mapping[str, str] | None) -> list[str]:
+    """Everything worth downloading from a folder listed with its sizes: weight files, index and sidecars."""
+    weights = weight_files(sizes, weight_map)
+    sidecars = sorted(n for n in sizes if is_sidecar_name(n) and n not in weights)
+    for name in sidecars:
+        if sizes[name] > MAX_SIDECAR_BYTES:
+            raise InvalidCheckpoint(
+                f"{name} is {sizes[name]} bytes, more than the {MAX_SIDECAR_BYTES} a sidecar file may have"
+            )
     return weights + sidecars

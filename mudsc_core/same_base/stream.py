@@ -53,6 +53,7 @@ from mudsc_core.progress import Progress
 from mudsc_core.same_base.base import FirstPass, Merger, MergerFactory
 from mudsc_core.same_base.task_arithmetic import linear
 from mudsc_core.schema._base import Frozen
+from mudsc_core.schema.mergekit import to_mergekit
 from mudsc_core.schema.methods import METHODS, MethodInfo
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ def merge_checkpoints(
         files += write_sidecars(
             partial,
             config_source=config_source,
+            dtype=dtype,
             spec=spec,
             card=model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json),
         )
@@ -442,6 +444,15 @@ def model_card(
         lines.append(f"- base: `{base_name}`")
     lines += [f"- `{n}` (weight {w:g})" for n, w in zip(names, weights)]
     lines += ["", f"Output: {tensors} tensors, floating-point ones in {dtype}.", ""]
+    spec = spec_json or _default_spec(method_name, params, models, base, weights, dtype, 0)
+    equivalent = to_mergekit(spec)
+    lines += ["## mergekit equivalent", ""]
+    if equivalent.yaml is None:
+        lines += [f"None: {equivalent.reason}.", ""]
+    else:
+        lines += ["```yaml", equivalent.yaml.rstrip(), "```", ""] + (
+            [equivalent.reason + ".", ""] if equivalent.reason else []
+        )
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)

@@ -108,6 +108,12 @@ class OutputSpec(Frozen):
     uri: S3Uri | None = Field(None, description="s3://bucket/prefix/ (default: results bucket / tenant / job id)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     shard_size_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, le=50 * 1024**3)
+    tokenizer_source: Literal["auto", "base", "first"] | Annotated[int, Field(ge=0, le=63, strict=True)] | None = Field(
+        "auto",
+        description="Hugging Face folders: whose tokenizer files (and generation config) the result carries: "
+        '"base", "first", a model index, or null for none; "auto" (the default) is "base" when there is a '
+        'base model, else "first"',
+    )
 
     @field_validator("uri")
     @classmethod
@@ -146,7 +152,24 @@ class JobSpec(Frozen):
             calibration=self.calibration is not None,
             weighted=any(m.weight != 1.0 for m in self.models),
         )
+        source = self.output.tokenizer_source
+        if source == "auto":  # stored resolved, so the job record shows what the result carries
+            source = "base" if self.base_model is not None else "first"
+            object.__setattr__(self.output, "tokenizer_source", source)
+        if source == "base" and self.base_model is None:
+            raise ValueError('output.tokenizer_source "base" needs a base_model')
+        if isinstance(source, int) and source >= len(self.models):
+            raise ValueError(f"output.tokenizer_source {source} is not a model index (0..{len(self.models) - 1})")
         return self
+
+    def tokenizer_folder_index(self) -> int | None:
+        """Which input carries the tokenizer: a model index, len(models) for the base, None for none."""
+        source = self.output.tokenizer_source
+        if source is None:
+            return None
+        if source == "base":
+            return len(self.models)
+        return 0 if source in ("first", "auto") else int(source)
 
     def input_uris(self) -> list[str]:
         uris = [m.uri for m in self.models]

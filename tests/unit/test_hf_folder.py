@@ -43,20 +43,28 @@ def test_files_to_fetch_takes_weights_and_small_sidecars_only() -> None:
         "tokenizer.model",
         "README.md",
         "vocab.txt",
+        "chat_template.jinja",
+        "generation_config.json",
         "pytorch_model.bin",
         "modeling_evil.py",
         ".hidden.json",
         "other.safetensors",
         "optimizer.pt",
+        "training_args.json",
+        "notes.txt",
     }
-    assert hf_folder.files_to_fetch(names, None) == [
+    assert hf_folder.files_to_fetch(dict.fromkeys(names, 10), None) == [
         "model.safetensors",
         "README.md",
+        "chat_template.jinja",
         "config.json",
+        "generation_config.json",
         "tokenizer.json",
         "tokenizer.model",
         "vocab.txt",
     ]
+    with pytest.raises(InvalidCheckpoint, match="tokenizer.json is"):
+        hf_folder.files_to_fetch({"model.safetensors": 10, "tokenizer.json": hf_folder.MAX_SIDECAR_BYTES + 1}, None)
 
 
 @pytest.mark.parametrize(
