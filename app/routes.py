@@ -30,6 +30,7 @@ from mudsc_core.schema import ARCHITECTURE_CONFIGS, METHODS, JobSpec
 from mudsc_jobs.store import TERMINAL, CursorNotFound, EventTail, JobNotFound, TransitionConflict
 
 _JOB_ID = re.compile(r"^mrg_[0-9A-HJKMNP-TV-Z]{26}$")
+MAX_STREAM_PART = 2**64 - 1
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _ARTIFACT_SEGMENT = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
 
@@ -143,10 +144,11 @@ def cancel_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
 def _event_cursor(value: str | None, loc: list[str]) -> str | None:
     if value is None or value == "":
         return None
-    if not _EVENT_ID.match(value):
+    # A Redis stream id is two unsigned 64-bit integers: a larger one is the client's error, not an outage.
+    if not _EVENT_ID.match(value) or any(int(part) > MAX_STREAM_PART for part in value.split("-")):
         raise ApiProblem(
             422,
-            f"event id {value!r} is malformed (expected <ms>-<seq>)",
+            f"event id {value[:64]!r} is malformed (expected <ms>-<seq>, each at most 2^64-1)",
             code="validation_error",
             errors=[{"loc": loc, "msg": "malformed event id"}],
         )

@@ -69,3 +69,9 @@ class UnsupportedArchitecture(MergeError):
     that changes the model's outputs under permutation)."""
 
     code = "unsupported_architecture"
+
+
+class OutputOverflow(MergeError):
+    """A merged tensor holds values the output dtype cannot represent (finite inputs, inf after the cast)."""
+
+    code = "output_overflow"

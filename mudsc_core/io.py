@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound
+from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound, OutputOverflow
 from mudsc_core.formats import hf_folder
 from mudsc_core.formats.hf_folder import INDEX_NAME, SINGLE_NAME
 from mudsc_core.formats.safetensors import InvalidSafetensors, header_length, parse_header
@@ -163,9 +163,14 @@ class Checkpoint:
         A tensor stored as float32 is returned as read (no copy; a view of ``out`` if given);
         another dtype is converted into a fresh tensor.
         """
-        tensor = self.get(name, out=out)
-        tensor = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+        stored = self.get(name, out=out)
+        tensor = stored if stored.dtype == torch.float32 else stored.to(torch.float32)
         if check_finite and not _all_finite(tensor):
+            if stored.dtype == torch.float64 and _all_finite(stored):
+                raise OutputOverflow(
+                    f"{self.path.name}: tensor {name!r} holds float64 values beyond the float32 range the merge "
+                    "computes in"
+                )
             raise InvalidCheckpoint(f"{self.path.name}: tensor {name!r} contains NaN or Inf")
         return tensor
 
@@ -285,11 +290,20 @@ class _ShardWriterBase:
         """Floating-point tensors are written in the output dtype; others keep their own."""
         return self.dtype if dtype.is_floating_point else dtype
 
-    def _prepare(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """The tensor as written (output dtype, contiguous, on CPU) and its bytes."""
+    def _prepare(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The tensor as written (output dtype, contiguous, on CPU) and its bytes.
+
+        Finiteness is checked after the cast: float64 (or float32) values beyond the output dtype's
+        range become inf only here, and a result must never hold inf or NaN.
+        """
         if self._closed:
             raise ValueError("shard writer is closed")
         tensor = tensor.detach().to("cpu", self.out_dtype(tensor.dtype)).contiguous()
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise OutputOverflow(
+                f"tensor {name!r}: merged values do not fit the output dtype {str(tensor.dtype).removeprefix('torch.')}"
+                " (they overflow to inf or are NaN); choose a wider output dtype"
+            )
         data = tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B") if tensor.numel() else b""
         return tensor, data
 
@@ -339,7 +353,7 @@ class PlannedShardWriter(_ShardWriterBase):
                 self._total += nbytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor, data = self._prepare(tensor)
+        tensor, data = self._prepare(name, tensor)
         if name not in self._pending:
             raise ValueError(f"tensor {name!r} is not in the planned layout or was already written")
         dtype, shape = self._layout[name]
@@ -386,7 +400,7 @@ class SpooledShardWriter(_ShardWriterBase):
         self._names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor, data = self._prepare(tensor)
+        tensor, data = self._prepare(name, tensor)
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         self._names.add(name)

@@ -39,6 +39,7 @@ TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "canceled")
 ACTIVE: tuple[JobStatus, ...] = ("queued", "running", "canceling")
 STATUSES: tuple[JobStatus, ...] = ACTIVE + TERMINAL
 EVENTS_MAXLEN = 10_000
+LAST_STREAM_ID = f"{2**64 - 1}-{2**64 - 1}"
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -488,6 +489,8 @@ class JobStore:
         return bool(self.redis.set(self.keys.output(uri), job_id, nx=True, ex=self.job_ttl_s))
 
     def events(self, job_id: str, *, after: str | None = None, count: int | None = None) -> list[dict[str, Any]]:
+        if after == LAST_STREAM_ID:  # nothing can follow it (and Redis refuses an exclusive start there)
+            return []
         start = f"({after}" if after else "-"
         return [decode_event(i, f) for i, f in self.redis.xrange(self.events_key(job_id), start, "+", count=count)]
 

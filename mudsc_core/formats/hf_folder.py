@@ -21,12 +21,12 @@ the file; callers prefix the location (an S3 URI or a local path).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound
+from mudsc_core.formats import json_limits
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -71,12 +71,10 @@ def is_sidecar_name(name: str) -> bool:
 
 def parse_index(raw: bytes) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of an index file, validated."""
-    if len(raw) > MAX_INDEX_BYTES:
-        raise InvalidCheckpoint(f"{INDEX_NAME}: index file is larger than {MAX_INDEX_BYTES} bytes")
     try:
-        data: Any = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidCheckpoint(f"{INDEX_NAME}: unreadable index ({type(exc).__name__})") from None
+        data: Any = json_limits.loads(raw, max_bytes=MAX_INDEX_BYTES, max_depth=8, what="index file")
+    except json_limits.UntrustedJsonError as exc:
+        raise InvalidCheckpoint(f"{INDEX_NAME}: {exc}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if (
         not isinstance(weight_map, dict)

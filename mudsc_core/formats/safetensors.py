@@ -8,11 +8,12 @@ the header (two ranged GETs in the API) and needs the object's total size.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+from mudsc_core.formats import json_limits
 
 # Bytes per element of every dtype the safetensors format defines (sub-byte ones as fractions).
 DTYPE_SIZES: dict[str, float] = {
@@ -38,6 +39,8 @@ DTYPE_SIZES: dict[str, float] = {
     "C64": 8,
 }
 MAX_TENSORS = 1_000_000
+MAX_DIMS = 64
+MAX_DIM = 2**63 - 1  # what torch (int64 sizes) can represent
 # Merging averages, permutes and scales weights: they must be floating point. Integer bookkeeping tensors
 # (BatchNorm's step counter) are carried over as they are.
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
@@ -61,6 +64,12 @@ class TensorInfo:
     end: int
 
 
+def _short(value: object, limit: int = 60) -> str:
+    """A bounded repr for messages (an attacker's name or dtype may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
 def header_length(prefix: bytes, *, object_size: int, max_header_bytes: int) -> int:
     """The JSON header's length from the first 8 bytes, checked against the object size and a bound."""
     if object_size < 8 or len(prefix) < 8:
@@ -79,9 +88,10 @@ def header_length(prefix: bytes, *, object_size: int, max_header_bytes: int) -> 
 def parse_header(header: bytes, *, object_size: int) -> dict[str, TensorInfo]:
     """Validate the header JSON against the object size; returns the tensors by name."""
     try:
-        decoded: Any = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidSafetensors(f"header is not valid UTF-8 JSON: {exc}") from None
+        # A valid header nests 3 deep ({name: {"shape": [...]}}); anything deeper is refused unparsed.
+        decoded: Any = json_limits.loads(header, max_bytes=len(header), max_depth=4, what="header")
+    except json_limits.UntrustedJsonError as exc:
+        raise InvalidSafetensors(str(exc)) from None
     if not isinstance(decoded, dict):
         raise InvalidSafetensors("header is not a JSON object")
     buffer_size = object_size - 8 - len(header)
@@ -96,36 +106,42 @@ def parse_header(header: bytes, *, object_size: int) -> dict[str, TensorInfo]:
     spans: list[tuple[int, int, str]] = []
     for name, entry in decoded.items():
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-            raise InvalidSafetensors(f"tensor {name!r}: entry must be {{dtype, shape, data_offsets}}")
+            raise InvalidSafetensors(f"tensor {_short(name)}: entry must be {{dtype, shape, data_offsets}}")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
-            raise InvalidSafetensors(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise InvalidSafetensors(f"tensor {_short(name)}: unknown dtype {_short(dtype)}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
         ):
-            raise InvalidSafetensors(f"tensor {name!r}: shape must be a list of non-negative integers")
+            raise InvalidSafetensors(
+                f"tensor {_short(name)}: shape must be a list of at most {MAX_DIMS} non-negative integers (each at most 2^63-1)"
+            )
+        if math.prod(shape) > MAX_DIM:
+            raise InvalidSafetensors(f"tensor {_short(name)}: {math.prod(shape)} elements exceed 2^63-1")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
-            raise InvalidSafetensors(f"tensor {name!r}: data_offsets must be two integers")
+            raise InvalidSafetensors(f"tensor {_short(name)}: data_offsets must be two integers")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise InvalidSafetensors(f"tensor {name!r}: data_offsets {offsets} are not an ordered pair")
+            raise InvalidSafetensors(f"tensor {_short(name)}: data_offsets {offsets} are not an ordered pair")
         if end > buffer_size:
             raise InvalidSafetensors(
-                f"tensor {name!r}: data ends at byte {end} but the data buffer holds {buffer_size} bytes (truncated?)"
+                f"tensor {_short(name)}: data ends at byte {end} but the data buffer holds {buffer_size} bytes (truncated?)"
             )
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if expected != end - begin:
             raise InvalidSafetensors(
-                f"tensor {name!r}: {dtype}{shape} needs {expected:g} bytes, data_offsets span {end - begin}"
+                f"tensor {_short(name)}: {dtype}{shape} needs {expected:g} bytes, data_offsets span {end - begin}"
             )
         tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
         spans.append((begin, end, name))
     spans.sort()
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
-            raise InvalidSafetensors(f"tensors {prev!r} and {name!r} overlap in the data buffer")
+            raise InvalidSafetensors(f"tensors {_short(prev)} and {_short(name)} overlap in the data buffer")
     return tensors

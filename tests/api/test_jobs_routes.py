@@ -6,6 +6,8 @@ import json
 from urllib.parse import parse_qs, urlparse
 
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mudsc_jobs.store import JobStore
 from tests.api.conftest import auth, seed_job
@@ -181,3 +183,29 @@ def test_other_tenant_sees_404_everywhere(client: TestClient, store: JobStore) -
     listed = client.get("/v1/merges", params={"limit": 100}, headers=rival).json()["data"]
     assert job["id"] not in [j["id"] for j in listed]
     assert_problem(client.get("/v1/merges", params={"after": job["id"]}, headers=rival), 422)
+
+
+_CURSORS = st.one_of(
+    st.from_regex(r"\A[0-9]{1,20}-[0-9]{1,20}\Z"),
+    st.sampled_from([f"{2**64 - 1}-{2**64 - 1}", f"{2**64}-0", f"0-{2**64}", "99999999999999999999-0", "0-0"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cursor=_CURSORS)
+def test_any_event_cursor_is_answered_without_a_server_error(client: TestClient, store: JobStore, cursor: str) -> None:
+    """Cursors that match the pattern but not a Redis stream id are the client's error, never a 503."""
+    job = _succeed(store, seed_job(store))
+    fits = all(int(part) < 2**64 for part in cursor.split("-"))
+    listed = client.get(f"/v1/merges/{job['id']}/events", params={"after": cursor}, headers=auth())
+    assert listed.status_code == (200 if fits else 422), listed.text
+    stream = f"/v1/merges/{job['id']}/events/stream"
+    if fits:
+        streamed = _sse_events(client, stream, {**auth(), "Last-Event-ID": cursor})
+        assert all(_stream_order(e["id"]) > _stream_order(cursor) for e in streamed)
+    else:
+        assert client.get(stream, headers={**auth(), "Last-Event-ID": cursor}).status_code == 422
+
+
+def _stream_order(event_id: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in event_id.split("-"))

@@ -90,3 +90,58 @@ def test_arbitrary_bytes_never_crash_the_check(blob: bytes) -> None:
         parse_header(header, object_size=len(blob))
     except InvalidSafetensors:
         pass
+
+
+# --------------------------------------------------------------------------- hostile headers, generated
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+# Entries shaped like tensors, with every field of any JSON type: the parser must never trip over a type.
+_ENTRY = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.one_of(st.sampled_from(["F32", "BF16", "I64", "XX"]), _ANY_JSON),
+        "shape": st.one_of(st.lists(st.integers(min_value=-2, max_value=2**65), max_size=4), _ANY_JSON),
+        "data_offsets": st.one_of(st.lists(st.integers(min_value=-2, max_value=2**65), max_size=3), _ANY_JSON),
+    },
+)
+_HEADER = st.one_of(
+    _ANY_JSON,
+    st.dictionaries(st.text(max_size=8), st.one_of(_ENTRY, _ANY_JSON), max_size=4),
+    st.dictionaries(st.just("__metadata__"), _ANY_JSON, max_size=1),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(header=_HEADER, padding=st.integers(min_value=0, max_value=64))
+def test_any_json_header_parses_or_is_refused_as_invalid(header: object, padding: int) -> None:
+    blob = _raw(header, b"\0" * padding)
+    try:
+        length = header_length(blob[:8], object_size=len(blob), max_header_bytes=1 << 20)
+        tensors = parse_header(blob[8 : 8 + length], object_size=len(blob))
+    except InvalidSafetensors:
+        return
+    for info in tensors.values():
+        assert info.dtype in {"F32", "BF16", "I64"} and all(0 <= d < 2**63 for d in info.shape)
+
+
+@pytest.mark.parametrize("depth", [5, 1000, 100_000])
+def test_deeply_nested_headers_are_refused_unparsed(depth: int) -> None:
+    raw = b"[" * depth + b"]" * depth
+    with pytest.raises(InvalidSafetensors, match="nested"):
+        parse_header(raw, object_size=8 + len(raw))
+
+
+def test_a_zero_element_tensor_with_a_dimension_beyond_int64_is_refused() -> None:
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}).encode()
+    with pytest.raises(InvalidSafetensors, match="2\\^63-1"):
+        parse_header(raw, object_size=8 + len(raw))
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"a": 1}, 3, None])
+def test_a_dtype_of_any_other_type_is_refused(dtype: object) -> None:
+    raw = json.dumps({"w": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}).encode()
+    with pytest.raises(InvalidSafetensors, match="unknown dtype"):
+        parse_header(raw, object_size=8 + len(raw) + 4)

@@ -1,0 +1,34 @@
+"""Values the output dtype cannot hold are refused after the cast (never an inf in a result)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mudsc_core.errors import OutputOverflow
+from mudsc_core.io import save_state_dict
+from mudsc_core.same_base.stream import merge_checkpoints
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(1e39, "float32"), (1e5, "float16"), (3.5e38, "bfloat16")])
+def test_finite_inputs_that_overflow_the_output_dtype_fail_with_output_overflow(
+    tmp_path: Path, value: float, dtype: str
+) -> None:
+    models = []
+    for i in range(2):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({"w": torch.full((4,), value, dtype=torch.float64), "ok": torch.ones(2, dtype=torch.float64)}, path)
+        models.append(path)
+    out = tmp_path / "out"
+    with pytest.raises(OutputOverflow, match="'w'"):
+        merge_checkpoints("linear", {}, models, None, [1.0, 1.0], out, dtype=dtype, shard_size_bytes=1 << 30)
+    assert not any(p.suffix == ".safetensors" for p in out.rglob("*"))  # nothing half-written is left
+
+
+def test_the_writer_checks_every_float_tensor_after_the_cast(tmp_path: Path) -> None:
+    with pytest.raises(OutputOverflow):
+        save_state_dict({"w": torch.tensor([1e300], dtype=torch.float64)}, tmp_path / "o", "float32")
+    save_state_dict({"steps": torch.tensor([2**40])}, tmp_path / "p", "float16")  # integers are never cast
