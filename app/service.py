@@ -18,7 +18,7 @@ from app.problems import ApiProblem
 from mudsc_core.schema import JobSpec
 from mudsc_jobs.dispatch import send_merge
 from mudsc_jobs.settings import Settings
-from mudsc_jobs.store import IdempotencyConflict, JobNotFound, JobStore, TenantLimitReached, new_job_id
+from mudsc_jobs.store import IdempotencyConflict, JobNotFound, JobStore, OutputTaken, TenantLimitReached, new_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ def submit(
         checker.check(spec)
         if spec.output.uri is not None:
             checker.check_output_empty(output_uri)
-            # Two submissions racing for one empty prefix: the first to reserve it wins.
-            if not services.store.reserve_output(output_uri, job_id):
-                raise ApiProblem(
-                    409,
-                    f"{output_uri} is already the output of another job",
-                    code="output_conflict",
-                    uri=output_uri,
-                    errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is taken"}],
-                )
     except ApiProblem as problem:
         metrics.JOBS_REJECTED.labels(problem.code or str(problem.status)).inc()
         raise
@@ -112,9 +103,19 @@ def submit(
             max_active=settings.limits.max_concurrent_jobs_per_tenant,
             idempotency_key=idempotency_key,
             body_hash=digest,
+            output_uri=spec.output.uri,  # reserved in the same atomic step (racing submissions: the first wins)
         )
     except IdempotencyConflict as conflict:
         raise _idempotency_conflict(conflict.job_id) from None
+    except OutputTaken:
+        metrics.JOBS_REJECTED.labels("output_conflict").inc()
+        raise ApiProblem(
+            409,
+            f"{output_uri} is already the output of another job",
+            code="output_conflict",
+            uri=output_uri,
+            errors=[{"loc": ["body", "output", "uri"], "msg": "output prefix is taken"}],
+        ) from None
     except TenantLimitReached:
         metrics.JOBS_REJECTED.labels("too_many_jobs").inc()
         raise ApiProblem(

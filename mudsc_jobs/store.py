@@ -110,8 +110,10 @@ local function end_worker_lost(job, events, active, id, attempt, max_attempts, s
 end
 """.replace("@EVENTS_MAXLEN@", str(EVENTS_MAXLEN))
 
-# KEYS: job, events, index, active, idem
-# ARGV: id, score, max_active, use_idem, body_hash, idem_ttl, event, job key prefix, field/value pairs...
+# One atomic decision per submission: an idempotent replay returns the original job; else the tenant's
+# limit, then the explicit output prefix (reserved for the job's TTL), then the job is created.
+# KEYS: job, events, index, active, idem, output
+# ARGV: id, score, max_active, use_idem, body_hash, ttl, event, job key prefix, use_output, field/value pairs...
 _LUA_CREATE = (
     _LUA_COMMON
     + """
@@ -128,8 +130,11 @@ if ARGV[4] == '1' then
   end
 end
 if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'limit', ''} end
+if ARGV[9] == '1' and not redis.call('SET', KEYS[6], ARGV[1], 'NX', 'EX', ARGV[6]) then
+  return {'output_taken', redis.call('GET', KEYS[6]) or ''}
+end
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -244,6 +249,13 @@ return {'requeued', 'queued'}
 )
 
 
+# KEYS: output; ARGV: job id. Compare-and-delete: a reservation taken over by another job is left alone.
+_LUA_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 # ------------------------------------------------------------------------------------ API
 class StoreError(Exception):
     """Base of job-store outcomes the callers map to HTTP answers or task decisions."""
@@ -268,6 +280,12 @@ class TenantLimitReached(StoreError):
 
 
 class IdempotencyConflict(StoreError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class OutputTaken(StoreError):
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id)
         self.job_id = job_id
@@ -365,6 +383,7 @@ class JobStore:
         self._claim = client.register_script(_LUA_CLAIM)
         self._heartbeat = client.register_script(_LUA_HEARTBEAT)
         self._reap = client.register_script(_LUA_REAP)
+        self._release = client.register_script(_LUA_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> JobStore:
@@ -484,9 +503,9 @@ class JobStore:
         job_id, _, digest = str(stored).partition(" ")
         return job_id, digest
 
-    def reserve_output(self, uri: str, job_id: str) -> bool:
-        """Reserve an explicit output prefix for ``job_id``; False when another job holds it."""
-        return bool(self.redis.set(self.keys.output(uri), job_id, nx=True, ex=self.job_ttl_s))
+    def release_output(self, uri: str, job_id: str) -> None:
+        """Free the output prefix ``job_id`` reserved (only if it is still that job's)."""
+        self._release(keys=[self.keys.output(uri)], args=[job_id])
 
     def events(self, job_id: str, *, after: str | None = None, count: int | None = None) -> list[dict[str, Any]]:
         if after == LAST_STREAM_ID:  # nothing can follow it (and Redis refuses an exclusive start there)
@@ -505,8 +524,13 @@ class JobStore:
         idempotency_key: str | None = None,
         body_hash: str = "",
         job_id: str | None = None,
+        output_uri: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Create a queued job. Returns (job, created); created=False for an idempotent replay."""
+        """Create a queued job. Returns (job, created); created=False for an idempotent replay.
+
+        ``output_uri``: an explicit output prefix, reserved for the job in the same atomic step
+        (``OutputTaken`` when another job holds it; an idempotent replay wins over that).
+        """
         job_id = job_id or new_job_id()
         now = utcnow()
         fields = {
@@ -536,6 +560,7 @@ class JobStore:
                 self.index_key(tenant),
                 self.active_key(tenant),
                 idem_key,
+                self.keys.output(output_uri) if output_uri else f"{self.prefix}output:-",
             ],
             args=[
                 job_id,
@@ -546,9 +571,12 @@ class JobStore:
                 self.job_ttl_s,
                 event_payload("status", {"status": "queued", "attempt": 0}, now),
                 f"{self.prefix}job:",
+                "1" if output_uri else "0",
                 *pairs,
             ],
         )
+        if outcome == "output_taken":
+            raise OutputTaken(other)
         if outcome == "existing":
             return self.get(other, tenant), False
         if outcome == "conflict":
@@ -596,6 +624,10 @@ class JobStore:
                 event=event_payload("status", {"status": "canceled", "attempt": 0}, now),
                 fields={"cancel": "1", "finished_at": now, "updated_at": now},
             )
+            # Canceled before it ran: nothing was written, so its explicit output prefix is free again.
+            output_uri = ((self.get(job_id)["spec"] or {}).get("output") or {}).get("uri")
+            if output_uri:
+                self.release_output(output_uri, job_id)
         except TransitionConflict as conflict:
             if conflict.status in TERMINAL:
                 raise

@@ -28,10 +28,11 @@ from mudsc_jobs.dispatch import TASK_NAME
 from mudsc_jobs.store import TERMINAL, Claim, JobNotFound, StaleAttempt, TransitionConflict
 from worker import context
 from worker.celery_app import app
-from worker.transfer import Transfers
+from worker.transfer import Transfers, describe_outputs
 
 logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
+MANIFEST_NAME = "manifest.json"
 
 
 class LeaseLost(Exception):
@@ -92,6 +93,7 @@ class JobRunner:
         self._stage_started = time.monotonic()
         self._task_thread = threading.get_ident()
         self._delayed_stages: set[str] = set()
+        self.committed = False  # the result is promoted: nothing can take the success back
 
     # ------------------------------------------------------------------ state helpers
     def observe(self, status: str) -> None:
@@ -99,10 +101,10 @@ class JobRunner:
             self.cancel_requested.set()
 
     def cancellation_point(self) -> None:
-        """Between units of work: stop on cancel or on a lost lease."""
+        """Between units of work: stop on cancel or on a lost lease (a cancel after promotion is too late)."""
         if self.lease_lost.is_set():
             raise LeaseLost(self.job_id)
-        if self.cancel_requested.is_set():
+        if self.cancel_requested.is_set() and not self.committed:
             raise MergeCanceled("canceled on request", stage=self.stage)
 
     def progress(self, stage: str, fraction: float, message: str = "") -> None:
@@ -297,17 +299,7 @@ class JobRunner:
         # ---- outputs
         self.progress("uploading", 0.0, "uploading results")
         output_uri = spec.output.uri or job["spec"]["output"]["uri"]
-        out_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-        # Staged under a per-attempt prefix; promoted only if this attempt still owns the job and was not
-        # canceled (a stale worker that wakes up late never overwrites a newer attempt's outputs).
-        artifacts = transfers.upload_staged(
-            out_dir,
-            output_uri,
-            f".staging-{self.job_id}-a{self.attempt}",
-            self.byte_progress("uploading", out_bytes, "uploaded"),
-            before_promote=self.fence,
-        )
-        self.cancellation_point()
+        artifacts = self.publish(out_dir, output_uri, job, transfers)
         self.progress("uploading", 1.0, f"{len(artifacts)} files")
         self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self._stage_started
         metrics = dict(report.get("metrics") or {})
@@ -315,8 +307,31 @@ class JobRunner:
         if isinstance(metrics["timings_s"], dict):
             metrics["timings_s"] = {**{k: round(v, 3) for k, v in self.timings.items()}, **metrics["timings_s"]}
         metrics["device"] = device
-        manifest = transfers.put_json(output_uri + "manifest.json", self._manifest(job, "succeeded", artifacts, None))
-        self.finish("succeeded", result={"artifacts": [*artifacts, manifest], "metrics": metrics})
+        self.finish("succeeded", result={"artifacts": artifacts, "metrics": metrics})
+
+    def publish(
+        self, out_dir: Path, output_uri: str, job: dict[str, Any], transfers: Transfers
+    ) -> list[dict[str, Any]]:
+        """Upload the result with its manifest, then promote it: the cut-over point of the job.
+
+        Everything (the manifest included) is staged under a per-attempt prefix and promoted only if this
+        attempt still owns the job and was not canceled (a stale worker that wakes up late never overwrites a
+        newer attempt's outputs). Once promoted the job has succeeded: a cancel that arrives later loses, so a
+        job never ends canceled with a complete result under its output prefix.
+        """
+        results = describe_outputs(out_dir, output_uri)
+        (out_dir / MANIFEST_NAME).write_bytes(self._manifest(job, "succeeded", results, None))
+        artifacts = describe_outputs(out_dir, output_uri)  # the results and the manifest listing them
+        out_bytes = sum(a["size"] for a in artifacts)
+        transfers.upload_staged(
+            out_dir,
+            output_uri,
+            f".staging-{self.job_id}-a{self.attempt}",
+            self.byte_progress("uploading", out_bytes, "uploaded"),
+            before_promote=self.fence,
+        )
+        self.committed = True
+        return artifacts
 
     def _manifest(
         self, job: dict[str, Any], status: str, artifacts: list[dict[str, Any]] | None, error: dict[str, Any] | None
@@ -340,7 +355,7 @@ class JobRunner:
             return
         try:
             Transfers(self.ctx.s3, self.ctx.settings).put_json(
-                job["spec"]["output"]["uri"] + "manifest.json", self._manifest(job, status, artifacts, error)
+                job["spec"]["output"]["uri"] + MANIFEST_NAME, self._manifest(job, status, artifacts, error)
             )
         except Exception as exc:  # noqa: BLE001 - best effort: never mask the real outcome
             logger.warning("job %s: could not write the %s manifest: %s", self.job_id, status, exc)

@@ -114,12 +114,13 @@ class Transfers:
         staging: str,
         on_bytes: ProgressBytes,
         before_promote: Callable[[], None] | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[str]:
         """Upload every file of ``out_dir`` under ``staging`` (a sub-prefix), then promote to ``output_uri``.
 
         ``before_promote`` runs once everything is staged and may raise (cancellation, a lost lease): nothing
         is promoted then. Whatever goes wrong, the staged copies are deleted, and so are final keys promoted
-        before a failure, so a failed or canceled job never leaves a partial result behind.
+        before a failure, so a failed or canceled job never leaves a partial result behind. Returns the
+        final keys.
         """
         bucket, prefix = split_uri(output_uri)
         files = sorted(p for p in out_dir.rglob("*") if p.is_file())
@@ -134,21 +135,12 @@ class Transfers:
                 staged.append((name, temp_key, path))
             if before_promote is not None:
                 before_promote()
-            artifacts = []
-            for name, temp_key, path in staged:
+            for name, temp_key, _ in staged:
                 final_key = prefix + name
                 promoted.append(final_key)
                 self.client.copy({"Bucket": bucket, "Key": temp_key}, bucket, final_key, Config=self.config)
-                artifacts.append(
-                    {
-                        "name": name,
-                        "uri": f"s3://{bucket}/{final_key}",
-                        "size": path.stat().st_size,
-                        "sha256": sha256_file(path),
-                    }
-                )
             done = True
-            return artifacts
+            return promoted
         except STORAGE_ERRORS as exc:
             raise write_failure(output_uri, exc) from None
         finally:
@@ -176,6 +168,20 @@ class Transfers:
                 )
             except STORAGE_ERRORS as exc:  # leftovers under the staging prefix are harmless; say so
                 logger.warning("could not delete %d staged objects in %s: %s", len(chunk), bucket, exc)
+
+
+def describe_outputs(out_dir: Path, output_uri: str) -> list[dict[str, Any]]:
+    """The artifact entries (name, final URI, size, sha256) of every file of ``out_dir``, computed locally."""
+    bucket, prefix = split_uri(output_uri)
+    return [
+        {
+            "name": (name := path.relative_to(out_dir).as_posix()),
+            "uri": f"s3://{bucket}/{prefix}{name}",
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
+        for path in sorted(p for p in out_dir.rglob("*") if p.is_file())
+    ]
 
 
 def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:

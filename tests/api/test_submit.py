@@ -10,6 +10,7 @@ import json
 import struct
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -222,3 +223,28 @@ def test_tenant_concurrency_limit_is_429(
         response = client.post("/v1/merges", json=_spec(objects), headers=auth())
     body = assert_problem(response, 429)
     assert body["code"] == "too_many_jobs" and response.headers["retry-after"] == "30"
+
+
+def test_concurrent_retries_with_an_explicit_output_all_get_the_original_job(
+    s3_client: TestClient, objects: dict[str, str]
+) -> None:
+    """30 retries of one submission racing each other: one 202, the others the same job (never 409)."""
+    output = f"s3://models/acme/{RUN}/retried-output/"
+    headers = {**auth(), "Idempotency-Key": f"retry-{RUN}"}
+    spec = _spec(objects, output={"uri": output})
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        answers = list(pool.map(lambda _: s3_client.post("/v1/merges", json=spec, headers=headers), range(30)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] * 29 + [202], [a.text for a in answers if a.status_code not in (200, 202)][:2]
+    assert len({a.json()["id"] for a in answers}) == 1
+
+
+def test_a_job_canceled_while_queued_frees_its_explicit_output(s3_client: TestClient, objects: dict[str, str]) -> None:
+    output = f"s3://models/acme/{RUN}/freed-output/"
+    first = s3_client.post("/v1/merges", json=_spec(objects, output={"uri": output}), headers=auth())
+    assert first.status_code == 202, first.text
+    taken = s3_client.post("/v1/merges", json=_spec(objects, output={"uri": output}, labels={"n": "2"}), headers=auth())
+    assert assert_problem(taken, 409)["code"] == "output_conflict"
+    assert s3_client.post(f"/v1/merges/{first.json()['id']}/cancel", headers=auth()).json()["status"] == "canceled"
+    again = s3_client.post("/v1/merges", json=_spec(objects, output={"uri": output}, labels={"n": "3"}), headers=auth())
+    assert again.status_code == 202, again.text
