@@ -75,3 +75,10 @@ class OutputOverflow(MergeError):
     """A merged tensor holds values the output dtype cannot represent (finite inputs, inf after the cast)."""
 
     code = "output_overflow"
+
+
+class InvalidParameters(MergeError):
+    """Method or per-model parameters that do not fit the checkpoints (e.g. a per-tensor value out of
+    the method's range once resolved for a tensor)."""
+
+    code = "invalid_params"

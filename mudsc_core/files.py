@@ -69,6 +69,7 @@ def merge_files(
             shard_size_bytes=spec.output.shard_size_bytes,
             spec_json=spec_json,
             progress=progress,
+            model_parameters=[m.parameters for m in spec.models],
         )
     else:
         from mudsc_core.io import load_state_dict, save_state_dict

@@ -8,6 +8,13 @@ lazily, so a merger holds no more task vectors than its rule needs. The tensors 
 merger's to overwrite (they live in read buffers reused for the next tensor); a merger may return
 one but must not keep any.
 
+Per-tensor and per-model parameters (gradients over the layers, filter lists, ``models[i].parameters``)
+are resolved by the stream for each tensor and handed over as ``values``
+(:class:`~mudsc_core.schema.parameters.TensorValues`): ``values.get(key)`` is the method's value for this
+tensor, ``values.get(key, model_id)`` that model's (falling back to the method's). ``weights`` are
+already each model's resolved weight. Without ``values`` (a whole-tensor call) a merger uses its
+params' numbers.
+
 A merger whose rule needs statistics over the whole model first (whole-model TIES: one
 magnitude threshold per model) returns a :class:`FirstPass` from ``first_pass()``: the stream then
 shows it every task vector once before merging, and ``finish()`` returns notes for the report.
@@ -19,6 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
+
+from mudsc_core.schema.parameters import TensorValues
 
 
 class FirstPass(Protocol):
@@ -32,7 +41,12 @@ class Merger(Protocol):
     def needs_base(self) -> bool: ...
 
     def merge(
-        self, name: str, inputs: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        inputs: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor: ...
 
     def first_pass(self) -> FirstPass | None: ...

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mudsc_core.same_base.base import SinglePass
+from mudsc_core.schema.parameters import TensorValues
 from mudsc_core.schema.same_base_params import ModelStockParams
 
 
@@ -28,7 +29,12 @@ class ModelStock(SinglePass):
         return cls(filter_wise=params.filter_wise)
 
     def merge(
-        self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        deltas: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor:
         return model_stock_delta(list(deltas), filter_wise=self.filter_wise)
 

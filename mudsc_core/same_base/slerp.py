@@ -18,6 +18,7 @@ import torch
 
 from mudsc_core.errors import IncompatibleModels
 from mudsc_core.same_base.base import SinglePass
+from mudsc_core.schema.parameters import ParameterValue, TensorValues, scalar
 from mudsc_core.schema.same_base_params import MultislerpParams, SlerpParams
 
 DOT_THRESHOLD = 0.9995
@@ -26,7 +27,7 @@ EPS = 1e-8
 
 @dataclass(frozen=True)
 class Slerp(SinglePass):
-    t: float
+    t: ParameterValue  # a number, or a gradient / filter list the stream resolves per tensor (``values``)
     needs_base: bool = False
 
     @classmethod
@@ -34,12 +35,18 @@ class Slerp(SinglePass):
         return cls(t=params.t)
 
     def merge(
-        self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        tensors: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor:
         pair = list(tensors)
         if len(pair) == 1:  # the tensor is in one model only: take it
             return pair[0].clone()
-        return slerp(self.t, pair[0], pair[1])
+        t = values.get("t") if values is not None else None
+        return slerp(scalar(self.t, "t") if t is None else t, pair[0], pair[1])
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,12 @@ class Multislerp(SinglePass):
         return cls(normalize_weights=params.normalize_weights)
 
     def merge(
-        self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        tensors: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor:
         try:
             return multislerp(list(tensors), weights, normalize_weights=self.normalize_weights)

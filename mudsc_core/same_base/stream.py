@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from mudsc_core.errors import IncompatibleModels
+from mudsc_core.errors import IncompatibleModels, InvalidParameters
 from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, PlannedShardWriter, open_checkpoint
 from mudsc_core.output import write_sidecars
 from mudsc_core.progress import Progress
@@ -55,6 +55,14 @@ from mudsc_core.same_base.task_arithmetic import linear
 from mudsc_core.schema._base import Frozen
 from mudsc_core.schema.mergekit import to_mergekit
 from mudsc_core.schema.methods import METHODS, MethodInfo
+from mudsc_core.schema.parameters import (
+    ParameterResolver,
+    ParameterValue,
+    dump_value,
+    layer_count,
+    validate_model_parameters,
+)
+from mudsc_core.schema.same_base_params import TensorParams
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +154,14 @@ def merge_checkpoints(
     shard_size_bytes: int,
     spec_json: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Merge same-base checkpoints tensor by tensor into ``out_dir``; return the report."""
+    """Merge same-base checkpoints tensor by tensor into ``out_dir``; return the report.
+
+    ``model_parameters``: per model, mergekit's ``models[i].parameters`` (``weight``, ``density``,
+    ``gamma``, ``epsilon``: numbers, gradients over the layers or filter lists); they override the
+    method's values for that model, and ``parameters["weight"]`` overrides ``weights[i]``.
+    """
     started = time.perf_counter()
     info = same_base_method(method_name)
     if not isinstance(params, info.params):
@@ -157,10 +171,12 @@ def merge_checkpoints(
     info.check_inputs(models=len(models), base=base is not None, architecture=False, calibration=False)
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}")
+    per_model = _model_parameters(params, model_parameters, len(models))
 
     checkpoints = [open_checkpoint(Path(m)) for m in models]
     base_ckpt = open_checkpoint(Path(base)) if base is not None else None
     plan, notes = _plan(checkpoints, base_ckpt)
+    resolver = _resolver(params, per_model, weights, [p.name for p in plan])
     timer = _Timer()
     buffers = _ReadBuffers(max((math.prod(p.shape) * p.dtype.itemsize for p in plan), default=0))
     metrics: dict[str, float] = {"plan_s": time.perf_counter() - started}
@@ -191,7 +207,7 @@ def merge_checkpoints(
                     if progress is not None:
                         progress("merging", (done_before + step) / total_steps, entry.name)
                     buffers.next_step()
-                    tensor = _merge_one(entry, merger, checkpoints, base_ckpt, weights, timer, buffers)
+                    tensor = _merge_one(entry, merger, checkpoints, base_ckpt, resolver, timer, buffers)
                     t0 = time.perf_counter()
                     if pending is not None:
                         pending.result()  # the previous write (raises its error, if any)
@@ -216,14 +232,14 @@ def merge_checkpoints(
         spec = (
             spec_json
             if spec_json is not None
-            else _default_spec(method_name, params, models, base, weights, dtype, shard_size_bytes)
+            else _default_spec(method_name, params, models, base, weights, dtype, shard_size_bytes, per_model)
         )
         files += write_sidecars(
             partial,
             config_source=config_source,
             dtype=dtype,
             spec=spec,
-            card=model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json),
+            card=model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json, per_model),
         )
         for name in files:
             os.replace(partial / name, out_dir / name)
@@ -240,6 +256,40 @@ def merge_checkpoints(
         "notes": notes,
         "params": params.model_dump(mode="json"),
     }
+
+
+# --------------------------------------------------------------------------- parameters
+def _model_parameters(
+    params: Frozen, raw: Sequence[Mapping[str, Any]] | None, models: int
+) -> list[dict[str, ParameterValue]]:
+    """The models' parameters, typed and checked against the method (``invalid_params`` otherwise)."""
+    if raw is None:
+        return [{} for _ in range(models)]
+    if len(raw) != models:
+        raise ValueError("give one parameters mapping per model")
+    try:
+        typed = [validate_model_parameters(own) for own in raw]
+    except ValueError as exc:
+        raise InvalidParameters(f"per-model parameters: {exc}") from exc
+    if any(typed):
+        problems = (
+            params.model_parameter_problems(typed)
+            if isinstance(params, TensorParams)
+            else ["this method takes no per-model parameters"]
+        )
+        if problems:
+            raise InvalidParameters(problems[0])
+    return typed
+
+
+def _resolver(
+    params: Frozen, per_model: Sequence[Mapping[str, ParameterValue]], weights: Sequence[float], names: Sequence[str]
+) -> ParameterResolver:
+    """Per tensor: the method's knobs and each model's (its weight always), over the checkpoint's layers."""
+    shared: tuple[str, ...] = params.TENSOR_PARAMETERS if isinstance(params, TensorParams) else ()
+    own: tuple[str, ...] = params.PER_MODEL_PARAMETERS if isinstance(params, TensorParams) else ()
+    model_keys = ("weight", *(k for k in own if k != "weight"))
+    return ParameterResolver(params, shared, model_keys, per_model, weights, layer_count(names))
 
 
 # --------------------------------------------------------------------------- planning
@@ -319,7 +369,7 @@ def _merge_one(
     merger: Merger,
     checkpoints: Sequence[Checkpoint],
     base: Checkpoint | None,
-    weights: Sequence[float],
+    resolver: ParameterResolver,
     timer: _Timer,
     buffers: _ReadBuffers,
 ) -> torch.Tensor:
@@ -331,13 +381,18 @@ def _merge_one(
         tensor = read(entry.name, out=buffers(0))
         timer.add("read_s", t0)
         return tensor
-    holder_weights = [weights[i] for i in entry.holders]
+    values = resolver.at(entry.name)  # this tensor's knobs: the method's and each model's
+    holder_weights = [values.per_model[i]["weight"] for i in entry.holders]
     if entry.action == "mean":
         return linear(_reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights, normalize=True)
     reads_before = timer.seconds["read_s"]
     if not merger.needs_base:
         out = merger.merge(
-            entry.name, _reads(entry.name, checkpoints, entry.holders, timer, buffers), holder_weights, entry.holders
+            entry.name,
+            _reads(entry.name, checkpoints, entry.holders, timer, buffers),
+            holder_weights,
+            entry.holders,
+            values,
         )
     else:
         assert base is not None
@@ -348,6 +403,7 @@ def _merge_one(
             _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers),
             holder_weights,
             entry.holders,
+            values,
         )
         out = base_tensor.add_(delta)  # the base buffer becomes the output
         del delta
@@ -393,10 +449,15 @@ def _default_spec(
     weights: Sequence[float],
     dtype: str,
     shard_size_bytes: int,
+    per_model: Sequence[Mapping[str, ParameterValue]] = (),
 ) -> dict[str, Any]:
+    own = list(per_model) or [{} for _ in models]
     return {
         "method": {"name": method_name, "params": params.model_dump(mode="json")},
-        "models": [{"uri": Path(m).name, "weight": w} for m, w in zip(models, weights)],
+        "models": [
+            {"uri": Path(m).name, "weight": w, "parameters": {k: dump_value(v) for k, v in p.items()}}
+            for m, w, p in zip(models, weights, own)
+        ],
         "base_model": {"uri": Path(base).name} if base is not None else None,
         "output": {"dtype": dtype, "shard_size_bytes": shard_size_bytes},
     }
@@ -412,6 +473,7 @@ def model_card(
     tensors: int,
     notes: Sequence[str],
     spec_json: dict[str, Any] | None = None,
+    per_model: Sequence[Mapping[str, ParameterValue]] = (),
 ) -> str:
     """A Hugging Face style model card naming the method, its parameters and the models."""
     names = [Path(m).name for m in models]
@@ -442,9 +504,14 @@ def model_card(
     ]
     if base_name:
         lines.append(f"- base: `{base_name}`")
-    lines += [f"- `{n}` (weight {w:g})" for n, w in zip(names, weights)]
+    own = list(per_model) or [{} for _ in names]
+    lines += [
+        f"- `{n}` (weight {w:g})"
+        + (f", parameters `{json.dumps({k: dump_value(v) for k, v in p.items()})}`" if p else "")
+        for n, w, p in zip(names, weights, own)
+    ]
     lines += ["", f"Output: {tensors} tensors, floating-point ones in {dtype}.", ""]
-    spec = spec_json or _default_spec(method_name, params, models, base, weights, dtype, 0)
+    spec = spec_json or _default_spec(method_name, params, models, base, weights, dtype, 0, per_model)
     equivalent = to_mergekit(spec)
     lines += ["## mergekit equivalent", ""]
     if equivalent.yaml is None:

@@ -27,6 +27,7 @@ from typing import Literal, cast
 import torch
 
 from mudsc_core.same_base.base import SinglePass
+from mudsc_core.schema.parameters import ParameterValue, TensorValues, scalar
 from mudsc_core.schema.same_base_params import IsoCParams, IsoCtsParams, TsvParams
 
 SvdRule = Literal["tsv", "iso_c", "iso_cts"]
@@ -35,7 +36,7 @@ SvdRule = Literal["tsv", "iso_c", "iso_cts"]
 @dataclass(frozen=True)
 class SvdMerge(SinglePass):
     rule: SvdRule
-    scaling_factor: float = 1.0
+    scaling_factor: ParameterValue = 1.0  # resolved per tensor by the stream (``values``)
     common_space_fraction: float = 0.8
     needs_base: bool = True
 
@@ -53,7 +54,12 @@ class SvdMerge(SinglePass):
         return cls("iso_cts", params.scaling_factor, params.common_space_fraction)
 
     def merge(
-        self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        deltas: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor:
         weighted = (d.mul(w) if w != 1.0 else d for d, w in zip(deltas, weights))
         if self.rule == "tsv":
@@ -62,7 +68,10 @@ class SvdMerge(SinglePass):
             merged = iso_c(weighted)
         else:
             merged = iso_cts(list(weighted), self.common_space_fraction)
-        return merged.mul_(self.scaling_factor) if self.scaling_factor != 1.0 else merged
+        lam = values.get("scaling_factor") if values is not None else None
+        if lam is None:
+            lam = scalar(self.scaling_factor, "scaling_factor")
+        return merged.mul_(lam) if lam != 1.0 else merged
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,10 @@ and della_linear are configurations of :class:`TaskArithmeticFamily` (see
     mixed /= sum_i w_i [* agree_i]               (normalize; 1 where nothing agrees)
     theta  = theta_0 + lambda * mixed
 
+Per-model knobs (density, gamma, epsilon) and per-tensor ones (lambda too) come resolved for
+the tensor in ``values`` (see :mod:`mudsc_core.same_base.base`); each task vector is sparsified
+with its own model's values.
+
 Memory: without a sign rule the task vectors are summed as they arrive (one at a time);
 with one, the N sparsified task vectors are held and mixed in blocks into one output. The
 task vectors passed to ``merge`` are its own: it may overwrite them.
@@ -21,9 +25,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mudsc_core.errors import InvalidParameters
 from mudsc_core.same_base import sparsify as sp
 from mudsc_core.same_base.base import FirstPass, SinglePass
-from mudsc_core.schema.same_base_params import GeneralizedTaskArithmeticParams, GtaPreset, LinearParams
+from mudsc_core.schema.parameters import TensorValues, scalar
+from mudsc_core.schema.same_base_params import (
+    GeneralizedTaskArithmeticParams,
+    GtaPreset,
+    LinearParams,
+    check_della_band,
+)
 
 
 @dataclass(frozen=True)
@@ -42,33 +53,52 @@ class TaskArithmeticFamily:
     def first_pass(self) -> FirstPass | None:
         if self.params.topk_scope != "model":
             return None
-        return WholeModelThresholds(self.params.density, self.thresholds)
+        return WholeModelThresholds(scalar(self.params.density, "density"), self.thresholds)
 
-    def sparsify(self, name: str, delta: torch.Tensor, model_id: int) -> torch.Tensor:
+    def value(self, key: str, values: TensorValues | None, model_id: int | None = None) -> float:
+        """A knob for this tensor (and model): resolved by the stream, else the params' number."""
+        resolved = values.get(key, model_id) if values is not None else None
+        return scalar(getattr(self.params, key), key) if resolved is None else resolved
+
+    def sparsify(
+        self, name: str, delta: torch.Tensor, model_id: int, values: TensorValues | None = None
+    ) -> torch.Tensor:
         p = self.params
         if p.sparsifier == "none":
             return delta.clone()
+        if p.sparsifier == "magnitude" and p.topk_scope == "model":
+            return sp.magnitude_above(delta, self.thresholds[model_id], rescale=p.rescale)
+        density = self.value("density", values, model_id)
         if p.sparsifier == "magnitude":
-            if p.topk_scope == "model":
-                return sp.magnitude_above(delta, self.thresholds[model_id], rescale=p.rescale)
-            return sp.magnitude(delta, p.density, rescale=p.rescale)
+            return sp.magnitude(delta, density, rescale=p.rescale)
         if p.sparsifier == "breadcrumbs":
-            return sp.breadcrumbs(delta, p.density, p.gamma, rescale=p.rescale)
+            return sp.breadcrumbs(delta, density, self.value("gamma", values, model_id), rescale=p.rescale)
         generator = sp.rng_for(p.seed, name, model_id)
         if p.sparsifier == "random":
-            return sp.random_drop(delta, p.density, generator, rescale=p.rescale)
-        return sp.della(delta, p.density, p.epsilon, generator, rescale=p.rescale)
+            return sp.random_drop(delta, density, generator, rescale=p.rescale)
+        epsilon = self.value("epsilon", values, model_id)
+        try:
+            check_della_band(density, epsilon)
+        except ValueError as exc:
+            raise InvalidParameters(f"tensor {name!r}, model {model_id}: {exc}") from exc
+        return sp.della(delta, density, epsilon, generator, rescale=p.rescale)
 
     def merge(
-        self, name: str, deltas: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        deltas: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor:
         p = self.params
+        lam = self.value("scaling_factor", values)
         if p.consensus == "none":
             mixed: torch.Tensor | None = None
             for delta, weight, model_id in zip(deltas, weights, model_ids):
                 # Without a sparsifier, accumulate straight into the first input (the task vectors
                 # are the merger's to overwrite): no allocation at all.
-                part = delta if p.sparsifier == "none" else self.sparsify(name, delta, model_id)
+                part = delta if p.sparsifier == "none" else self.sparsify(name, delta, model_id, values)
                 del delta
                 if mixed is None:
                     mixed = part.mul_(weight)
@@ -82,10 +112,10 @@ class TaskArithmeticFamily:
         else:
             weighted = []
             for delta, weight, model_id in zip(deltas, weights, model_ids):
-                weighted.append(self.sparsify(name, delta, model_id).mul_(weight))
+                weighted.append(self.sparsify(name, delta, model_id, values).mul_(weight))
                 del delta
             mixed = sp.elect_and_merge(weighted, weights, p.consensus, p.normalize)
-        return mixed.mul_(p.scaling_factor) if p.scaling_factor != 1.0 else mixed
+        return mixed.mul_(lam) if lam != 1.0 else mixed
 
 
 class WholeModelThresholds:
@@ -121,7 +151,12 @@ class Linear(SinglePass):
         return cls(normalize=params.normalize)
 
     def merge(
-        self, name: str, tensors: Iterable[torch.Tensor], weights: Sequence[float], model_ids: Sequence[int]
+        self,
+        name: str,
+        tensors: Iterable[torch.Tensor],
+        weights: Sequence[float],
+        model_ids: Sequence[int],
+        values: TensorValues | None = None,
     ) -> torch.Tensor:
         return linear(tensors, weights, self.normalize)
 
@@ -133,10 +168,13 @@ def task_arithmetic(
     params: GeneralizedTaskArithmeticParams,
     name: str = "tensor",
     thresholds: Mapping[int, float] | None = None,
+    values: TensorValues | None = None,
 ) -> torch.Tensor:
-    """Whole-tensor convenience: theta_0 + family(theta_i - theta_0) (inputs untouched)."""
+    """Whole-tensor convenience: theta_0 + family(theta_i - theta_0) (inputs untouched).
+
+    ``values``: per-model (by index) and per-tensor knobs, as the stream resolves them."""
     family = TaskArithmeticFamily(params, dict(thresholds or {}))
-    merged = family.merge(name, (t - base for t in tensors), weights, range(len(tensors)))
+    merged = family.merge(name, (t - base for t in tensors), weights, range(len(tensors)), values)
     return merged.add_(base)
 
 

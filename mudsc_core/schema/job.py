@@ -10,6 +10,8 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from mudsc_core.schema._base import Frozen
 from mudsc_core.schema.architectures import ARCHITECTURE_CONFIGS
 from mudsc_core.schema.methods import METHODS
+from mudsc_core.schema.parameters import ParameterValue, check_model_parameter_values
+from mudsc_core.schema.same_base_params import TensorParams
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _SAFE_KEY_CHARS = re.compile(r"^[A-Za-z0-9!\-_.*'()/=+@,:~ ]*$")
@@ -55,6 +57,17 @@ def _checkpoint_uri(uri: str) -> str:
 class ModelRef(Frozen):
     uri: Annotated[S3Uri, AfterValidator(_checkpoint_uri)]
     weight: float = Field(1.0, gt=0.0, le=1e6)
+    parameters: Annotated[dict[str, ParameterValue], AfterValidator(check_model_parameter_values)] = Field(
+        default_factory=dict,
+        description="mergekit's models[i].parameters: weight, density, gamma, epsilon for this model "
+        "(each a number, a gradient over the layers or a filter list); they override the method's values",
+    )
+
+    @model_validator(mode="after")
+    def _one_weight(self) -> ModelRef:
+        if "weight" in self.parameters and self.weight != 1.0:
+            raise ValueError("give the model's weight once: either weight or parameters.weight")
+        return self
 
 
 class MethodSpec(Frozen):
@@ -152,6 +165,16 @@ class JobSpec(Frozen):
             calibration=self.calibration is not None,
             weighted=any(m.weight != 1.0 for m in self.models),
         )
+        if any(m.parameters for m in self.models):
+            typed = self.method.typed_params()
+            if not isinstance(typed, TensorParams):
+                raise ValueError(
+                    f"method {self.method.name!r} takes no per-model parameters (models[i].parameters are "
+                    "used by same-base methods)"
+                )
+            problems = typed.model_parameter_problems([m.parameters for m in self.models])
+            if problems:
+                raise ValueError(f"method {self.method.name!r}: {problems[0]}")
         source = self.output.tokenizer_source
         if source == "auto":  # stored resolved, so the job record shows what the result carries
             source = "base" if self.base_model is not None else "first"

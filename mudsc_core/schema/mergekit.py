@@ -4,6 +4,11 @@ mergekit (``merge_method``, ``base_model``, ``models: [{model, parameters}]``, `
 ``dtype``) names some of our parameters differently (``scaling_factor`` is its ``lambda``) and has
 no counterpart for others (our ``seed``; TIES's ``consensus: count`` and ``topk_scope: model``). A
 method whose configuration mergekit cannot express gets no YAML, with the reason.
+
+Per-model parameters (``models[i].parameters``) go to mergekit's ``models[i].parameters``, where
+they override the method's per-model knobs given in ``method.params`` (which are written into every
+model's parameters, as before); gradients stay lists of numbers and filter lists stay lists of
+``{filter, value}`` (an entry without a filter is written as ``{value: ...}``), as mergekit reads them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,22 @@ class MergekitConfig:
         return None if self.config is None else yaml.safe_dump(self.config, sort_keys=False)
 
 
+def _setting(value: Any) -> Any:
+    """A parameter value as mergekit writes it: filter entries without a filter lose the null key."""
+    if isinstance(value, list):
+        return [
+            {k: v for k, v in entry.items() if not (k == "filter" and v is None)} if isinstance(entry, dict) else entry
+            for entry in value
+        ]
+    return value
+
+
+def _model_parameters(model: dict[str, Any], per_model: dict[str, Any]) -> dict[str, Any]:
+    own = dict(model.get("parameters") or {})
+    weight = own.pop("weight", model.get("weight", 1.0))
+    return {k: _setting(v) for k, v in {"weight": weight, **per_model, **own}.items()}
+
+
 def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
     """The mergekit configuration of a job spec (as ``JobSpec.model_dump(mode="json")`` gives it)."""
     method = spec["method"]["name"]
@@ -65,7 +86,8 @@ def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
         params.pop("rescale", None)
     per_model = {k: v for k, v in params.items() if k in _PER_MODEL}
     shared = {_RENAMED.get(k, k): v for k, v in params.items() if k not in _PER_MODEL}
-    models = [{"model": m["uri"], "parameters": {"weight": m.get("weight", 1.0), **per_model}} for m in spec["models"]]
+    shared = {k: _setting(v) for k, v in shared.items()}
+    models = [{"model": m["uri"], "parameters": _model_parameters(m, per_model)} for m in spec["models"]]
     config: dict[str, Any] = {"merge_method": method}
     if method == "slerp":  # mergekit interpolates from its base model (t = 0) to the other model
         config["base_model"] = spec["models"][0]["uri"]

@@ -10,28 +10,69 @@ Defaults follow mergekit's registry (normalize/rescale per method) and the paper
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Annotated, ClassVar, Literal, Protocol
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from mudsc_core.schema._base import Frozen
+from mudsc_core.schema.parameters import ParameterValue, checker
 
 Fraction = float  # documented alias: fractions are fractions (0..1), never percentages
 Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs", "della"]
 Consensus = Literal["sum", "count", "none"]
 
+# Knobs that may vary per tensor: a number, a gradient over the layers or a filter list
+# (``parameters.py``); every number in them is checked against the scalar bounds.
+_VARIES = "; a number, a gradient over the layers (list of numbers) or a filter list [{filter, value}]"
+Density = Annotated[ParameterValue, AfterValidator(checker("density"))]
+Gamma = Annotated[ParameterValue, AfterValidator(checker("gamma"))]
+Epsilon = Annotated[ParameterValue, AfterValidator(checker("epsilon"))]
+Lambda = Annotated[ParameterValue, AfterValidator(checker("scaling_factor"))]
+Position = Annotated[ParameterValue, AfterValidator(checker("t"))]
 
-class _Scaled(Frozen):
-    scaling_factor: float = Field(1.0, ge=-100.0, le=100.0, description="lambda: theta_0 + lambda * merged task vector")
+
+class TensorParams(Frozen):
+    """Params of a same-base method: which knobs vary per tensor and which a model may carry.
+
+    ``TENSOR_PARAMETERS``: the method's params resolved per tensor (they may be gradients or
+    filter lists); ``PER_MODEL_PARAMETERS``: the names allowed in ``models[i].parameters``
+    (mergekit's tensor parameters of the method).
+    """
+
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ()
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def model_parameter_problems(self, per_model: Sequence[Mapping[str, ParameterValue]]) -> list[str]:
+        """Every way the models' ``parameters`` do not fit these params (empty when they fit)."""
+        allowed = ", ".join(self.PER_MODEL_PARAMETERS) or "none"
+        return [
+            f"models[{i}].parameters: no per-model parameter {key!r} for this method (it takes: {allowed})"
+            for i, own in enumerate(per_model)
+            for key in own
+            if key not in self.PER_MODEL_PARAMETERS
+        ]
+
+
+class _Scaled(TensorParams):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("scaling_factor",)
+    scaling_factor: Lambda = Field(
+        1.0, description="lambda: theta_0 + lambda * merged task vector, in [-100, 100]" + _VARIES
+    )
 
 
 class GeneralizedTaskArithmeticParams(_Scaled):
     """Every option of the task-arithmetic family (what each named method's ``to_gta`` returns)."""
 
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "gamma", "epsilon", "scaling_factor")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "epsilon")
+
     sparsifier: Sparsifier = "none"
-    density: Fraction = Field(1.0, gt=0.0, le=1.0, description="fraction of each task vector's entries kept")
-    gamma: Fraction = Field(0.01, ge=0.0, lt=1.0, description="breadcrumbs: fraction of largest magnitudes removed")
-    epsilon: Fraction = Field(0.15, ge=0.0, lt=1.0, description="della: keep probabilities span density +/- epsilon")
+    density: Density = Field(1.0, description="fraction of each task vector's entries kept, in (0, 1]" + _VARIES)
+    gamma: Gamma = Field(0.01, description="breadcrumbs: fraction of largest magnitudes removed, in [0, 1)" + _VARIES)
+    epsilon: Epsilon = Field(
+        0.15, description="della: keep probabilities span density +/- epsilon, in [0, 1)" + _VARIES
+    )
     consensus: Consensus = Field(
         "none",
         description="sign election: 'sum' (TIES: sign of the weighted sum), "
@@ -50,18 +91,46 @@ class GeneralizedTaskArithmeticParams(_Scaled):
 
     @model_validator(mode="after")
     def _della_band(self) -> GeneralizedTaskArithmeticParams:
-        if (
-            self.sparsifier == "della"
-            and self.density < 1.0
-            and not (0.0 < self.density - self.epsilon and self.density + self.epsilon < 1.0)
-        ):
-            raise ValueError("della: density +/- epsilon must lie inside (0, 1)")
+        if self.sparsifier == "della":
+            check_della_band(self.density, self.epsilon)
         if self.topk_scope == "model" and self.sparsifier != "magnitude":
             raise ValueError("topk_scope='model' applies to magnitude trimming (ties) only")
+        if self.topk_scope == "model" and not isinstance(self.density, (int, float)):
+            raise ValueError(
+                "topk_scope='model' needs one number as density (one threshold over the whole model); "
+                "a gradient or filter list varies it per tensor: use topk_scope='tensor'"
+            )
         return self
 
     def to_gta(self) -> GeneralizedTaskArithmeticParams:
         return self
+
+    def gta_model_problems(self, per_model: Sequence[Mapping[str, ParameterValue]]) -> list[str]:
+        """What per-model values cannot do with this configuration (beyond unknown names)."""
+        problems = []
+        for i, own in enumerate(per_model):
+            if self.topk_scope == "model" and "density" in own:
+                problems.append(
+                    f"models[{i}].parameters: per-model density does not fit topk_scope='model' "
+                    "(one threshold over the whole model from the method's density); use topk_scope='tensor'"
+                )
+            if self.sparsifier == "della":
+                try:
+                    check_della_band(own.get("density", self.density), own.get("epsilon", self.epsilon))
+                except ValueError as exc:
+                    problems.append(f"models[{i}].parameters: {exc}")
+        return problems
+
+
+def check_della_band(density: ParameterValue | float, epsilon: ParameterValue | float) -> None:
+    """DELLA's keep probabilities density +/- epsilon must lie inside (0, 1) (numbers only; the
+    merge checks the values it resolves per tensor)."""
+    if not (isinstance(density, (int, float)) and isinstance(epsilon, (int, float))):
+        return
+    if density < 1.0 and not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(
+            f"della: density +/- epsilon must lie inside (0, 1) (density {density:g}, epsilon {epsilon:g})"
+        )
 
 
 class GtaPreset(Protocol):
@@ -74,19 +143,37 @@ def _gta(params: Frozen, **fixed: object) -> GeneralizedTaskArithmeticParams:
     return GeneralizedTaskArithmeticParams(**{**params.model_dump(), **fixed})
 
 
-class LinearParams(Frozen):
+class _GtaFamily(_Scaled):
+    """A named method of the task-arithmetic family: defaults and knobs over the general configuration."""
+
+    @abstractmethod
+    def to_gta(self) -> GeneralizedTaskArithmeticParams: ...
+
+    @model_validator(mode="after")
+    def _general_checks(self) -> _GtaFamily:
+        self.to_gta()  # the checks live on the general model
+        return self
+
+    def model_parameter_problems(self, per_model: Sequence[Mapping[str, ParameterValue]]) -> list[str]:
+        return super().model_parameter_problems(per_model) + self.to_gta().gta_model_problems(per_model)
+
+
+class LinearParams(TensorParams):
     normalize: bool = Field(True, description="divide by the sum of the weights (a weighted mean)")
 
 
-class TaskArithmeticParams(_Scaled):
+class TaskArithmeticParams(_GtaFamily):
     normalize: bool = Field(False, description="divide the summed task vectors by the sum of the weights")
 
     def to_gta(self) -> GeneralizedTaskArithmeticParams:
         return _gta(self)
 
 
-class TiesParams(_Scaled):
-    density: Fraction = Field(0.2, gt=0.0, le=1.0, description="top fraction kept by magnitude (paper: k=20%)")
+class TiesParams(_GtaFamily):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "scaling_factor")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density")
+
+    density: Density = Field(0.2, description="top fraction kept by magnitude (paper: k=20%), in (0, 1]" + _VARIES)
     topk_scope: Literal["tensor", "model"] = "tensor"
     consensus: Consensus = "sum"
     normalize: bool = True
@@ -96,8 +183,11 @@ class TiesParams(_Scaled):
         return _gta(self, sparsifier="magnitude")
 
 
-class _DareKnobs(_Scaled):
-    density: Fraction = Field(0.5, gt=0.0, le=1.0, description="keep probability 1-p (p: drop rate)")
+class _DareKnobs(_GtaFamily):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "scaling_factor")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density")
+
+    density: Density = Field(0.5, description="keep probability 1-p (p: drop rate), in (0, 1]" + _VARIES)
     rescale: bool = True
     normalize: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -115,9 +205,12 @@ class DareTiesParams(_DareKnobs):
         return _gta(self, sparsifier="random")
 
 
-class _BreadcrumbsKnobs(_Scaled):
-    density: Fraction = Field(0.9, gt=0.0, le=1.0, description="fraction kept between the two cuts")
-    gamma: Fraction = Field(0.01, ge=0.0, lt=1.0, description="fraction of largest magnitudes removed")
+class _BreadcrumbsKnobs(_GtaFamily):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "gamma", "scaling_factor")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma")
+
+    density: Density = Field(0.9, description="fraction kept between the two cuts, in (0, 1]" + _VARIES)
+    gamma: Gamma = Field(0.01, description="fraction of largest magnitudes removed, in [0, 1)" + _VARIES)
     normalize: bool = False
     rescale: bool = False
 
@@ -134,24 +227,18 @@ class BreadcrumbsTiesParams(_BreadcrumbsKnobs):
         return _gta(self, sparsifier="breadcrumbs")
 
 
-class _DellaKnobs(_Scaled):
-    density: Fraction = Field(0.5, gt=0.0, le=1.0, description="mean keep probability")
-    epsilon: Fraction = Field(
+class _DellaKnobs(_GtaFamily):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "epsilon", "scaling_factor")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "epsilon")
+
+    density: Density = Field(0.5, description="mean keep probability, in (0, 1]" + _VARIES)
+    epsilon: Epsilon = Field(
         0.15,
-        ge=0.0,
-        lt=1.0,
-        description="keep probabilities run from density-eps (smallest magnitude) to density+eps (largest)",
+        description="keep probabilities run from density-eps (smallest magnitude) to density+eps (largest), "
+        "in [0, 1)" + _VARIES,
     )
     rescale: bool = True
     seed: int = Field(0, ge=0, le=2**31 - 1)
-
-    @abstractmethod
-    def to_gta(self) -> GeneralizedTaskArithmeticParams: ...
-
-    @model_validator(mode="after")
-    def _band(self) -> _DellaKnobs:
-        self.to_gta()  # the one check lives on the general model
-        return self
 
 
 class DellaParams(_DellaKnobs):
@@ -169,15 +256,20 @@ class DellaLinearParams(_DellaKnobs):
         return _gta(self, sparsifier="della", consensus="none")
 
 
-class SlerpParams(Frozen):
-    t: Fraction = Field(0.5, ge=0.0, le=1.0, description="0 returns the first model, 1 the second")
+class SlerpParams(TensorParams):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("t",)
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ()  # mergekit's slerp has no per-model parameter
+
+    t: Position = Field(0.5, description="0 returns the first model, 1 the second, in [0, 1]" + _VARIES)
 
 
-class MultislerpParams(Frozen):
+class MultislerpParams(TensorParams):
     normalize_weights: bool = Field(True, description="weights / sum(weights)")
 
 
-class ModelStockParams(Frozen):
+class ModelStockParams(TensorParams):
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ()  # mergekit's model_stock uses no weights
+
     filter_wise: bool = Field(False, description="one interpolation ratio per row (output unit) instead of per tensor")
 
 
