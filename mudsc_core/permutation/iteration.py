@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mudsc_core.errors import SpecError
 from mudsc_core.permutation.matching import MATCHERS, Match
+from mudsc_core.permutation.permute import expand_index, expand_matrix
 from mudsc_core.permutation.similarity import Correspondence, dual_similarity, weight_similarity
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.progress import StageProgress
@@ -61,21 +62,44 @@ def pair_score(correspondence: Correspondence, similarity: Tensor) -> float:
     return float((totals[merged] / pairs[merged]).mean())
 
 
-def _identity(num_models: int, size: int) -> Correspondence:
+def _identity(num_models: int, size: int, blocks: int = 1) -> Correspondence:
     eye = torch.eye(size)
     return Correspondence(
-        merge=[eye / num_models] * num_models, unmerge=[eye] * num_models, index=[torch.arange(size)] * num_models
+        merge=[eye / num_models] * num_models,
+        unmerge=[eye] * num_models,
+        index=[torch.arange(size)] * num_models,
+        blocks=blocks,
     )
 
 
 def _from_match(match: Match) -> Correspondence:
-    return Correspondence(merge=match.merge, unmerge=match.unmerge, index=match.index)
+    return Correspondence(merge=match.merge, unmerge=match.unmerge, index=match.index, blocks=match.merged_blocks)
+
+
+@dataclass
+class _Blocks:
+    """The block structure a tied group inherits from its root's match (None for the root itself)."""
+
+    pairing: Tensor | None = None
+    labels: Tensor | None = None
+
+    def update(self, match: Match) -> None:
+        self.pairing, self.labels = match.block_pairing, match.block_labels
 
 
 def _run_matcher(
-    params: MudscParams, similarity: Tensor, num_models: int, num_blocks: int, block_pairing: Tensor | None
+    params: MudscParams, similarity: Tensor, num_models: int, spec: PermSpec, group: str, blocks: _Blocks
 ) -> Match:
-    return MATCHERS[params.mode](similarity, num_models, params, num_blocks=num_blocks, block_pairing=block_pairing)
+    unit_group = spec.groups[group]
+    return MATCHERS[params.mode](
+        similarity,
+        num_models,
+        params,
+        num_blocks=unit_group.num_blocks,
+        block_pairing=blocks.pairing,
+        whole_blocks=unit_group.whole_blocks,
+        block_labels=blocks.labels,
+    )
 
 
 def find_correspondences(
@@ -90,7 +114,9 @@ def find_correspondences(
     clusters = match_clusters(spec)
     beta = params.beta if activation_sims else 1.0
     if not params.match:
-        correspondences = {g: _identity(num_models, spec.groups[g].size) for g in spec.groups}
+        correspondences = {
+            g: _identity(num_models, spec.groups[g].size, spec.groups[g].num_blocks) for g in spec.groups
+        }
         return MatchingOutcome(correspondences, {g: 0.0 for g in spec.groups})
 
     def similarity(group: str, current: Mapping[str, Correspondence]) -> Tensor:
@@ -99,12 +125,10 @@ def find_correspondences(
         return dual_similarity(weight_similarity(states, spec, group, current), act, beta if act is not None else 1.0)
 
     def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> None:
-        block_pairing: Tensor | None = None  # a tied group reuses its root's head pairing
+        blocks = _Blocks()  # a tied group reuses its root's head pairing
         for group in cluster:
-            match = _run_matcher(
-                params, similarity(group, current), num_models, spec.groups[group].num_blocks, block_pairing
-            )
-            block_pairing = match.block_pairing
+            match = _run_matcher(params, similarity(group, current), num_models, spec, group, blocks)
+            blocks.update(match)
             current[group] = _from_match(match)
 
     current: dict[str, Correspondence] = {}
@@ -113,13 +137,13 @@ def find_correspondences(
     if activation_sims:
         # Initial correspondences: every group matched on its activation similarity alone.
         for cluster in clusters:
-            block_pairing = None
+            blocks = _Blocks()
             for group in cluster:
                 sim = activation_sims.get(group)
                 if sim is None:
                     continue
-                match = _run_matcher(params, sim, num_models, spec.groups[group].num_blocks, block_pairing)
-                block_pairing = match.block_pairing
+                match = _run_matcher(params, sim, num_models, spec, group, blocks)
+                blocks.update(match)
                 current[group] = _from_match(match)
                 scores[group] = pair_score(current[group], sim)
             steps_done += 1
@@ -179,7 +203,8 @@ def _plan(
 
     Out axes go through the merge matrix M_i, in axes through the unmerge matrix U_i. For
     align both are one-hot (M_i = P_i / N), so the map is a gather by index (times 1/N on
-    the out axis), never a dense matmul.
+    the out axis), never a dense matmul. A segment carrying its group ``expand`` times per
+    block is gathered with the expanded index, or mapped by the matrix block-diagonal per copy.
     """
     plan: AxisPlan = []
     for axis, axis_spec in enumerate(spec.axes[param]):
@@ -189,13 +214,14 @@ def _plan(
         offset = 0
         for seg in axis_spec:
             corr = correspondences[seg.group]
+            group = spec.groups[seg.group]
             out = seg.role == "out"
             if corr.index is not None:
-                segments.append(
-                    (offset, offset + seg.length, corr.index[model], None, 1.0 / num_models if out else 1.0)
-                )
+                index = expand_index(corr.index[model], group.block_size, seg.expand)
+                segments.append((offset, offset + seg.length, index, None, 1.0 / num_models if out else 1.0))
             else:
                 matrix = corr.merge[model] if out else corr.unmerge[model]
+                matrix = expand_matrix(matrix, group.num_blocks, corr.blocks, seg.expand)
                 segments.append((offset, offset + seg.length, None, matrix, 1.0))
             offset += seg.length
         plan.append((axis, segments))

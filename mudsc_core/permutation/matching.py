@@ -46,6 +46,16 @@ blocks of ``n/G`` (attention heads). Blocks of model ``i`` are paired with model
 (scored by the mean of each block pair's own optimal unit assignment, then assigned), or a
 given ``block_pairing`` is reused (tied groups); units are matched only inside paired
 blocks, and merged block ``g`` holds ``m/G`` units in model 0's block order.
+
+Whole blocks (``whole_blocks=True``: rotary q/k heads, whose dims are fixed by the cos/sin
+tables): blocks move only as wholes and unit ``t`` of a block only ever meets unit ``t`` of
+another block. Two blocks are compared by the mean of their position-aligned similarities
+(unit ``t`` with unit ``t``). Align assigns blocks against model 0 on those means, identity
+inside; zip runs the greedy zip above on the ``(N*G, N*G)`` block similarity and expands the
+block labels to units (unit ``t`` of block ``b`` joins merged unit ``label(b) * n/G + t``).
+Such a zip need not pair blocks one per model, so its result carries ``block_labels`` (the
+merged block of every stacked block) instead of a ``block_pairing``; a group tied to it zips
+inside each merged block's set of blocks (every set's blocks acting as the "models").
 """
 
 from __future__ import annotations
@@ -90,6 +100,9 @@ class Match:
     score: float  # mean, over merged units of >= 2 units, of their mean pairwise similarity
     block_pairing: torch.Tensor | None  # (N, G) long; None when num_blocks == 1
     index: list[torch.Tensor] | None  # align only: per model (m,) long source unit of merged unit j
+    # (N*G,) long merged block of every stacked block; None when num_blocks == 1 (and no whole blocks)
+    block_labels: torch.Tensor | None = None
+    merged_blocks: int = 1  # number of blocks of the merged group (merged block size = m / merged_blocks)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -178,6 +191,44 @@ def _pair_blocks(
     return pairing, inner
 
 
+def _block_similarity(sim: np.ndarray, num_models: int, n: int, num_blocks: int) -> np.ndarray:
+    """(N*G, N*G): mean over t of the similarity of unit t of one block with unit t of another."""
+    size = n // num_blocks
+    total = num_models * num_blocks
+    blocks = sim.reshape(total, size, total, size)  # (NG, b, NG, b) view
+    means: np.ndarray = np.einsum("atbt->ab", blocks) / size
+    return means
+
+
+def _pair_whole_blocks(sim: np.ndarray, num_models: int, n: int, num_blocks: int) -> np.ndarray:
+    """(N, G) pairing of every model's blocks with model 0's, scored by position-aligned means."""
+    block_sim = _block_similarity(sim, num_models, n, num_blocks)
+    pairing = np.empty((num_models, num_blocks), dtype=np.int64)
+    pairing[0] = np.arange(num_blocks)
+    for model in range(1, num_models):
+        pairing[model] = _assign(block_sim[:num_blocks, model * num_blocks : (model + 1) * num_blocks])
+    return pairing
+
+
+def _labels_of_pairing(pairing: np.ndarray) -> np.ndarray:
+    """(N*G,) merged block of every stacked block under an (N, G) pairing."""
+    num_models, num_blocks = pairing.shape
+    labels = np.empty(num_models * num_blocks, dtype=np.int64)
+    for model in range(num_models):
+        labels[model * num_blocks + pairing[model]] = np.arange(num_blocks)
+    return labels
+
+
+def _check_block_labels(block_labels: torch.Tensor, num_models: int, num_blocks: int) -> np.ndarray:
+    labels = block_labels.detach().cpu().numpy().astype(np.int64)  # (N*G,) private copy
+    if labels.shape != (num_models * num_blocks,):
+        raise InvalidMatchInput(f"block_labels must have shape {(num_models * num_blocks,)}, got {labels.shape}")
+    merged = int(labels.max()) + 1 if labels.size else 0
+    if labels.min() < 0 or not np.array_equal(np.unique(labels), np.arange(merged)):
+        raise InvalidMatchInput("block_labels must label the merged blocks 0..k-1, each at least once")
+    return labels
+
+
 def _cluster_score(sim: np.ndarray, labels: np.ndarray, width: int) -> float:
     """Mean over merged units of >= 2 units of the mean similarity of their constituent pairs."""
     num_units = labels.shape[0]
@@ -206,6 +257,8 @@ def _match_from_labels(
     device: torch.device,
     block_pairing: np.ndarray | None,
     index: list[np.ndarray] | None,
+    block_labels: np.ndarray | None = None,
+    merged_blocks: int = 1,
 ) -> Match:
     """Build per-model U_i and M_i from ``labels`` (O,): the merged unit of each stacked unit."""
     num_units = labels.shape[0]
@@ -224,6 +277,8 @@ def _match_from_labels(
         score=score,
         block_pairing=None if block_pairing is None else torch.from_numpy(block_pairing).to(device),
         index=None if index is None else [torch.from_numpy(ix).to(device) for ix in index],
+        block_labels=None if block_labels is None else torch.from_numpy(block_labels).to(device),
+        merged_blocks=merged_blocks,
     )
 
 
@@ -234,13 +289,20 @@ def align_match(
     *,
     num_blocks: int = 1,
     block_pairing: torch.Tensor | None = None,
+    whole_blocks: bool = False,
 ) -> Match:
-    """Permutation matching against model 0; merged unit j averages one unit of each model."""
+    """Permutation matching against model 0; merged unit j averages one unit of each model.
+
+    ``whole_blocks``: blocks are assigned on their position-aligned mean similarity and keep
+    the order of their units (identity inside every paired block).
+    """
     sim, n = _similarity_array(similarity, num_models)
     size = _check_blocks(num_blocks, n)
     inner: dict[tuple[int, int, int], np.ndarray]
     if block_pairing is not None:
         pairing, inner = _check_pairing(block_pairing, num_models, num_blocks), {}
+    elif whole_blocks:
+        pairing, inner = _pair_whole_blocks(sim, num_models, n, num_blocks), {}
     elif num_blocks > 1:
         pairing, inner = _pair_blocks(sim, num_models, n, num_blocks)
     else:
@@ -252,7 +314,9 @@ def align_match(
         for a in range(num_blocks):
             b = int(pairing[model, a])
             cols = inner.get((model, a, b))
-            if cols is None:
+            if whole_blocks:
+                cols = np.arange(size)
+            elif cols is None:
                 start = model * n + b * size
                 cols = _assign(sim[a * size : (a + 1) * size, start : start + size])
             source[a * size : (a + 1) * size] = b * size + cols
@@ -261,14 +325,17 @@ def align_match(
     labels = np.empty(num_models * n, dtype=np.int64)  # merged unit of every stacked unit
     for model, source in enumerate(index):
         labels[model * n + source] = np.arange(n)
+    structured = num_blocks > 1
     return _match_from_labels(
         labels,
         num_models,
         n,
         _cluster_score(sim, labels, n),
         similarity.device,
-        pairing if num_blocks > 1 else None,
+        pairing if structured else None,
         index,
+        _labels_of_pairing(pairing) if structured else None,
+        num_blocks,
     )
 
 
@@ -450,12 +517,22 @@ def zip_match(
     budget: float = 1.0,
     num_blocks: int = 1,
     block_pairing: torch.Tensor | None = None,
+    whole_blocks: bool = False,
+    block_labels: torch.Tensor | None = None,
 ) -> Match:
-    """Greedy ZipIt!-style fusion (see the module docstring for the exact definition)."""
+    """Greedy ZipIt!-style fusion (see the module docstring for the exact definition).
+
+    ``block_pairing`` (N, G) or, when it is None, ``block_labels`` (N*G,) give the block sets
+    of a tied group; ``whole_blocks`` zips whole blocks on their position-aligned similarity.
+    """
     sim, n = _similarity_array(similarity, num_models)
     num_units = num_models * n
     width = _zip_width(num_units, num_models, reduce, alpha, budget)
     size = _check_blocks(num_blocks, n)
+    if whole_blocks or (block_pairing is None and block_labels is not None):
+        return _zip_block_sets(
+            sim, num_models, n, num_blocks, reduce, alpha, budget, whole_blocks, block_pairing, block_labels, similarity
+        )
     if num_blocks == 1:
         labels = _zip_labels_fast(sim, num_models, width, alpha, budget)
         score = _cluster_score(sim, labels, width)
@@ -472,10 +549,66 @@ def zip_match(
     for g in range(num_blocks):
         # Stacked indices of the paired block set, model-major: (N * n/G,)
         units = np.concatenate([model * n + pairing[model, g] * size + np.arange(size) for model in range(num_models)])
-        block_labels = _zip_labels_fast(sim[np.ix_(units, units)], num_models, block_width, alpha, budget)
-        labels[units] = g * block_width + block_labels
+        set_labels = _zip_labels_fast(sim[np.ix_(units, units)], num_models, block_width, alpha, budget)
+        labels[units] = g * block_width + set_labels
     score = _cluster_score(sim, labels, width)
-    return _match_from_labels(labels, num_models, width, score, similarity.device, pairing, None)
+    return _match_from_labels(
+        labels, num_models, width, score, similarity.device, pairing, None, _labels_of_pairing(pairing), num_blocks
+    )
+
+
+def _zip_block_sets(
+    sim: np.ndarray,
+    num_models: int,
+    n: int,
+    num_blocks: int,
+    reduce: float | None,
+    alpha: float,
+    budget: float,
+    whole_blocks: bool,
+    block_pairing: torch.Tensor | None,
+    block_labels: torch.Tensor | None,
+    similarity: torch.Tensor,
+) -> Match:
+    """Zip of whole blocks, or zip inside given block sets (a group tied to a whole-block zip)."""
+    size = n // num_blocks
+    pairing: np.ndarray | None = None
+    if block_pairing is not None:
+        pairing = _check_pairing(block_pairing, num_models, num_blocks)
+        labels_of_blocks = _labels_of_pairing(pairing)
+    elif block_labels is not None:
+        labels_of_blocks = _check_block_labels(block_labels, num_models, num_blocks)
+    else:  # whole blocks, nothing given: zip the (N*G, N*G) block similarity
+        total = num_models * num_blocks
+        block_width = _zip_width(total, num_models, reduce, alpha, budget)
+        block_sim = _block_similarity(sim, num_models, n, num_blocks)
+        labels_of_blocks = _zip_labels_fast(block_sim, num_models, block_width, alpha, budget)
+    merged_blocks = int(labels_of_blocks.max()) + 1
+    sets = [np.flatnonzero(labels_of_blocks == g) for g in range(merged_blocks)]  # stacked blocks, model-major
+    offsets = np.arange(size)
+    labels = np.empty(num_models * n, dtype=np.int64)
+    if whole_blocks:
+        unit_width = size
+        for g, blocks in enumerate(sets):
+            for block in blocks:
+                model, b = divmod(int(block), num_blocks)
+                labels[model * n + b * size + offsets] = g * size + offsets
+    else:
+        unit_width = _zip_width(num_models * size, num_models, reduce, alpha, budget)
+        smallest = min(len(blocks) for blocks in sets) * size
+        if unit_width > smallest:
+            raise InvalidMatchInput(f"a merged block of {smallest} units cannot keep {unit_width} units")
+        for g, blocks in enumerate(sets):
+            units = np.concatenate(
+                [(block // num_blocks) * n + (block % num_blocks) * size + offsets for block in blocks]
+            )  # (k * n/G,) stacked units of the set
+            set_labels = _zip_labels_fast(sim[np.ix_(units, units)], len(blocks), unit_width, alpha, budget)
+            labels[units] = g * unit_width + set_labels
+    width = merged_blocks * unit_width
+    score = _cluster_score(sim, labels, width)
+    return _match_from_labels(
+        labels, num_models, width, score, similarity.device, pairing, None, labels_of_blocks, merged_blocks
+    )
 
 
 def zip_match_reference(
@@ -506,6 +639,8 @@ class Matcher(Protocol):
         *,
         num_blocks: int,
         block_pairing: torch.Tensor | None,
+        whole_blocks: bool = False,
+        block_labels: torch.Tensor | None = None,
     ) -> Match: ...
 
 
@@ -516,8 +651,12 @@ def _align(
     *,
     num_blocks: int,
     block_pairing: torch.Tensor | None,
+    whole_blocks: bool = False,
+    block_labels: torch.Tensor | None = None,
 ) -> Match:
-    return align_match(similarity, num_models, num_blocks=num_blocks, block_pairing=block_pairing)
+    return align_match(
+        similarity, num_models, num_blocks=num_blocks, block_pairing=block_pairing, whole_blocks=whole_blocks
+    )
 
 
 def _zip(
@@ -527,6 +666,8 @@ def _zip(
     *,
     num_blocks: int,
     block_pairing: torch.Tensor | None,
+    whole_blocks: bool = False,
+    block_labels: torch.Tensor | None = None,
 ) -> Match:
     return zip_match(
         similarity,
@@ -536,6 +677,8 @@ def _zip(
         budget=params.budget,
         num_blocks=num_blocks,
         block_pairing=block_pairing,
+        whole_blocks=whole_blocks,
+        block_labels=block_labels,
     )
 
 

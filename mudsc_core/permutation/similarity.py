@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from mudsc_core.errors import SpecError, UnsupportedArchitecture
+from mudsc_core.permutation.permute import expand_matrix
 from mudsc_core.permutation.spec import ActivationSite, PermSpec
 
 _DEAD_STD = 1e-12
@@ -168,6 +169,7 @@ class Correspondence:
     merge: list[Tensor]
     unmerge: list[Tensor]
     index: list[Tensor] | None = None  # align: per model (m,) unit of model i feeding merged unit j
+    blocks: int = 1  # blocks of the merged group (an expanded segment repeats each merged block)
 
     @property
     def width(self) -> int:
@@ -209,10 +211,13 @@ def weight_similarity(
     A unit's vector concatenates everything the spec lists for it (its producer rows, bias
     and norm entries, its consumer columns), after mapping every other unit axis of those
     tensors into the merged space through the other groups' current correspondences
-    (sorted, i.e. made order-free, where a group has none yet).
+    (sorted, i.e. made order-free, where a group has none yet). A segment that carries the
+    group ``expand = r`` times per block (grouped-query attention) gives each unit its r
+    copies as extra features; another group's expanded segment is mapped copy by copy.
     """
     per_model: list[list[Tensor]] = [[] for _ in states]
-    for param, axis, start, stop, _role in spec.entries(group):
+    own = spec.groups[group]
+    for param, axis, start, own_seg in spec.segments_of(group):
         axes = spec.axes[param]
         for i, state in enumerate(states):
             tensor = state[param]
@@ -223,11 +228,18 @@ def weight_similarity(
                 offset = 0
                 for seg in axis_spec:
                     corr = correspondences.get(seg.group)
-                    segments.append((offset, offset + seg.length, corr.to_merged(i) if corr is not None else None))
+                    matrix = None
+                    if corr is not None:
+                        matrix = expand_matrix(
+                            corr.to_merged(i), spec.groups[seg.group].num_blocks, corr.blocks, seg.expand
+                        )
+                    segments.append((offset, offset + seg.length, matrix))
                     offset += seg.length
                 tensor = _map_axis(tensor, other_axis, segments)
-            rows = tensor.narrow(axis, start, stop - start).movedim(axis, 0)
-            per_model[i].append(rows.reshape(rows.shape[0], -1).to(torch.float64))
+            rows = tensor.narrow(axis, start, own_seg.length).movedim(axis, 0)
+            if own_seg.expand > 1:  # (G*r*b, ...) -> (G, b, r, ...): copies of a unit side by side
+                rows = rows.reshape(own.num_blocks, own_seg.expand, own.block_size, -1).transpose(1, 2)
+            per_model[i].append(rows.reshape(own.size, -1).to(torch.float64))
     features = torch.cat([torch.cat(parts, dim=1) for parts in per_model], dim=0)
     return row_correlation(features)
 

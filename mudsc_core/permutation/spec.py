@@ -26,9 +26,18 @@ Role = Literal["out", "in"]
 
 @dataclass(frozen=True)
 class Segment:
+    """Entries of one axis indexed by one group.
+
+    ``expand = r > 1`` (grouped-query attention: the q projection's rows, the output projection's
+    columns) says that the segment carries the group r times per block: block j of the group
+    appears r times in a row, every copy with the block's permutation of units, the copies in
+    their order. ``length`` is the number of entries covered: ``group.size * expand``.
+    """
+
     group: str
-    length: int  # number of entries of the axis covered by this segment (== the group's size)
+    length: int  # number of entries of the axis covered by this segment (group size * expand)
     role: Role = "out"
+    expand: int = 1
 
 
 AxisSpec = tuple[Segment, ...] | None
@@ -59,6 +68,9 @@ class UnitGroup:
     # Another group whose block pairing this group must share (a head's v/proj group names
     # its qk group): the heads are paired once, the units inside each head per group.
     block_tie: str | None = None
+    # Blocks move only as wholes: units inside a block keep their order (the dims inside a
+    # rotary q/k head are fixed by the cos/sin tables, the heads are free).
+    whole_blocks: bool = False
 
     @property
     def block_size(self) -> int:
@@ -89,6 +101,18 @@ class PermSpec:
                 for seg in spec:
                     if seg.group == group:
                         yield param, axis, start, start + seg.length, seg.role
+                    start += seg.length
+
+    def segments_of(self, group: str) -> Iterator[tuple[str, int, int, Segment]]:
+        """Every (param, axis, start, segment) indexed by ``group`` (the segment gives role and expand)."""
+        for param, axes in self.axes.items():
+            for axis, spec in enumerate(axes):
+                if spec is None:
+                    continue
+                start = 0
+                for seg in spec:
+                    if seg.group == group:
+                        yield param, axis, start, seg
                     start += seg.length
 
     def block_tie_root(self, group: str) -> str:
@@ -127,10 +151,13 @@ class PermSpec:
                 for seg in spec or ():
                     if seg.group not in self.groups:
                         raise SpecError(f"{param}: unknown unit group {seg.group!r}")
-                    if seg.length != self.groups[seg.group].size:
+                    if seg.expand < 1:
+                        raise SpecError(f"{param}: segment of {seg.group!r} has expand {seg.expand} < 1")
+                    if seg.length != self.groups[seg.group].size * seg.expand:
                         raise SpecError(
                             f"{param}: segment of {seg.group!r} has length {seg.length}, "
                             f"group size {self.groups[seg.group].size}"
+                            + (f" x expand {seg.expand}" if seg.expand != 1 else "")
                         )
 
 

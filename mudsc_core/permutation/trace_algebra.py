@@ -8,11 +8,18 @@ permutation must act on both. An atom is *refined* when some op needs it cut (sl
 the atom's whole class, so every tensor that shares the space sees the same cut. Atoms that must
 not move are *pinned*; pinning is always safe (it costs merge quality, never correctness), so any
 construction this algebra cannot express pins instead of guessing.
+
+Two weaker marks serve attention: a class is *soft*-pinned when its units are fixed only by an
+elementwise combination with a tensor that does not come from parameters (rotary cos/sin tables
+fix the dims inside a q/k head; the heads stay free, so the spec can move them as whole blocks);
+a *copy* atom is an axis that an ``expand``/``repeat_interleave`` made by repeating a tensor (the r
+q heads that share one kv head in grouped-query attention).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
 
@@ -41,6 +48,8 @@ class AxisAlgebra:
     refinement: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     children: dict[int, tuple[int, ...]] = field(default_factory=dict)
     pinned: set[int] = field(default_factory=set)
+    soft: set[int] = field(default_factory=set)  # roots fixed only by non-parameter tables
+    copies: set[int] = field(default_factory=set)  # atoms made by repeating a tensor (expand)
     events: list[PinEvent] = field(default_factory=list)
 
     # -- atoms and classes --------------------------------------------------------------------
@@ -95,10 +104,19 @@ class AxisAlgebra:
         if rb in self.pinned:
             self.pinned.discard(rb)
             self.pinned.add(ra)
+        if rb in self.soft:
+            self.soft.discard(rb)
+            self.soft.add(ra)
         ref = self.refinement.pop(rb, None)
         if ref is not None:
             self.refinement[ra] = ref
         return ra
+
+    def merge_classes(self, a: int, b: int) -> None:
+        """Make the classes of ``a`` and ``b`` one, as they are (no refinement carried across)."""
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self._merge(ra, rb)
 
     def union(self, a: int, b: int) -> None:
         """One permutation must act on ``a`` and ``b``; refinements are carried across the classes."""
@@ -136,16 +154,39 @@ class AxisAlgebra:
     def pin_layout(self, layout: Layout, reason: str) -> None:
         self.pin([a for seg in layout for a in seg], reason)
 
+    def pin_soft(self, atoms: list[int] | tuple[int, ...], reason: str) -> None:
+        """Fix these atoms because a non-parameter table varies along them (see module docstring)."""
+        atoms = tuple(a for a in atoms if self.sizes[a] > 1)
+        if not atoms:
+            return
+        for a in atoms:
+            self.soft.add(self.find(a))
+        self.events.append(PinEvent(reason, atoms))
+
+    def copy_layout(self, size: int) -> Layout:
+        """A layout of one fresh copy atom (an axis made by repeating a tensor)."""
+        layout = self.plain(size)
+        self.copies.update(a for seg in layout for a in seg)
+        return layout
+
     def close_pins(self) -> None:
         """Propagate pins down refinements: a class is pinned when any member descends from a pin."""
-        changed = True
-        while changed:
-            changed = False
-            for atom in range(len(self.sizes)):
-                origin = self.origin[atom]
-                if origin is not None and self.find(origin) in self.pinned and self.find(atom) not in self.pinned:
-                    self.pinned.add(self.find(atom))
-                    changed = True
+        for marks in (self.pinned, self.soft):
+            changed = True
+            while changed:
+                changed = False
+                for atom in range(len(self.sizes)):
+                    origin = self.origin[atom]
+                    if origin is not None and self.find(origin) in marks and self.find(atom) not in marks:
+                        marks.add(self.find(atom))
+                        changed = True
+
+    def soft_only(self, atom: int) -> bool:
+        """Every leaf under ``atom`` is soft-pinned and none is pinned (nor ``atom``'s class itself)."""
+        if self.find(atom) in self.pinned:
+            return False
+        leaves = self.leaves(((atom,),))
+        return all(self.find(leaf) in self.soft and self.find(leaf) not in self.pinned for leaf in leaves)
 
     def is_pinned(self, atom: int) -> bool:
         return self.find(atom) in self.pinned
@@ -155,29 +196,32 @@ class AxisAlgebra:
         """A layout of one fresh atom."""
         return ((self.atom(size),),) if size > 1 else ((),)
 
-    def expand_atom(self, atom: int) -> list[Seg] | None:
-        """The leaf atoms of ``atom`` as a sum of products (None: not expressible contiguously)."""
+    def expand_atom(self, atom: int, opaque: Callable[[int], bool] | None = None) -> list[Seg] | None:
+        """The leaf atoms of ``atom`` as a sum of products (None: not expressible contiguously).
+
+        An atom for which ``opaque`` is true stands for itself (its refinements are not expanded).
+        """
         if self.sizes[atom] == 1:
             return [()]
         kids = self.children.get(atom)
-        if kids is None:
+        if kids is None or (opaque is not None and opaque(atom)):
             return [(atom,)]
         kind, _ = self.refinement[self.find(atom)]
         if kind == "prod":
-            return self.expand_seg(kids)
+            return self.expand_seg(kids, opaque)
         out: list[Seg] = []
         for kid in kids:
-            parts = self.expand_atom(kid)
+            parts = self.expand_atom(kid, opaque)
             if parts is None:
                 return None
             out.extend(parts)
         return out
 
-    def expand_seg(self, seg: Seg) -> list[Seg] | None:
+    def expand_seg(self, seg: Seg, opaque: Callable[[int], bool] | None = None) -> list[Seg] | None:
         """A product of atoms as a sum of products of leaves; a cut in a minor factor interleaves -> None."""
         result: list[Seg] = [()]
         for atom in seg:
-            parts = self.expand_atom(atom)
+            parts = self.expand_atom(atom, opaque)
             if parts is None:
                 return None
             if len(parts) > 1 and any(self.seg_size(r) > 1 for r in result):
@@ -185,11 +229,11 @@ class AxisAlgebra:
             result = [r + p for r in result for p in parts]
         return result
 
-    def normalize(self, layout: Layout) -> Layout | None:
+    def normalize(self, layout: Layout, opaque: Callable[[int], bool] | None = None) -> Layout | None:
         """Replace refined atoms by their leaves (None when the layout is no longer contiguous)."""
         out: list[Seg] = []
         for seg in layout:
-            parts = self.expand_seg(seg)
+            parts = self.expand_seg(seg, opaque)
             if parts is None:
                 return None
             out.extend(parts)

@@ -9,12 +9,23 @@ groups) whose units inside a block may be permuted per block; groups that share 
 - a within-block class used anywhere else (a (d,) parameter broadcast over heads would need the
   same permutation in every head, which ``num_blocks`` does not express);
 - an axis whose segments are not all free (a spec segment always names a group).
+
+Two attention patterns are expressed instead of pinned:
+
+- rotary embeddings: a within-block class fixed only by elementwise products with tables no
+  parameter flows into (cos/sin; "soft" pins of ``trace_algebra``) under a free head class gives a
+  group with ``whole_blocks``: heads move as wholes, the dims inside a head keep their order;
+- grouped-query attention: a signature ``(G, c, d)`` whose middle class ``c`` was made by repeating a
+  tensor (``expand`` + ``reshape``, ``repeat_interleave``: the r q heads of one kv head) is the group
+  ``(G, d)`` carried ``expand = |c|`` times per block (the q projection's rows, the output projection's
+  columns).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from typing import Literal
@@ -22,11 +33,13 @@ from typing import Literal
 from torch import fx, nn
 
 from mudsc_core.permutation.spec import ActivationSite, AxisSpec, PermSpec, Segment, UnitGroup
+from mudsc_core.permutation.trace_algebra import Layout
 from mudsc_core.permutation.trace_walk import AbsTensor, TensorInfo, Walker
 
 log = logging.getLogger(__name__)
 
 Sig = tuple[int, ...]
+ROTARY_REASON = "dims inside a head pinned by rotary tables: heads move only as wholes"
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 _CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -49,6 +62,7 @@ class _Occurrence:
     axis: int
     segment: int
     length: int
+    expand: int = 1
 
 
 class SpecAssembler:
@@ -60,22 +74,67 @@ class SpecAssembler:
         self.alg.close_pins()
         self.axis_sigs: dict[tuple[str, int], list[Sig] | None] = {}
         self.occurrences: dict[Sig, list[_Occurrence]] = defaultdict(list)
+        self.axis_expand: dict[tuple[str, int], list[int]] = {}
         self.bad: set[int] = set()
         self.bad_reasons: dict[int, set[str]] = defaultdict(set)
+        self.copy_roots = {self.alg.find(a) for a in self.alg.copies}
+        self.whole: set[int] = set()  # classes fixed only by non-parameter tables (rotary dims)
+        self._unify_sealed()
+
+    def _unify_sealed(self) -> None:
+        """Table-fixed refined atoms with the same leaves are one space (q's and k's rotary dims).
+
+        A join lines up leaves, not the atoms they were cut from: q's and k's head dims, both cut
+        in halves by ``rotate_half``, share their halves' classes but not their own. Fixed dims that
+        are opaque in the spec must be one class for q and k to land in one group.
+        """
+        by_leaves: dict[tuple[int, ...], int] = {}
+        for atom in range(len(self.alg.sizes)):
+            if atom not in self.alg.children or not self.alg.soft_only(atom):
+                continue
+            key = tuple(self.alg.find(leaf) for leaf in self._ordered_leaves(atom))
+            first = by_leaves.setdefault(key, atom)
+            if self.alg.sizes[first] == self.alg.sizes[atom]:
+                self.alg.merge_classes(first, atom)
+
+    def _ordered_leaves(self, atom: int) -> list[int]:
+        kids = self.alg.children.get(atom)
+        if kids is None:
+            return [atom]
+        return [leaf for kid in kids for leaf in self._ordered_leaves(kid)]
 
     # -- signatures -----------------------------------------------------------------------------
+    def normalize(self, layout: Layout) -> Layout | None:
+        """The algebra's normalisation, a class fixed only by tables standing for itself (its cuts do not matter)."""
+        return self.alg.normalize(layout, self._sealed)
+
+    def _sealed(self, atom: int) -> bool:
+        return atom in self.alg.children and self.alg.soft_only(atom)
+
+    def _base(self, sig: Sig) -> tuple[Sig, int]:
+        """A signature with a copy class second to last (GQA's q heads per kv head) as (group signature, expand)."""
+        copies = [k for k, r in enumerate(sig) if r in self.copy_roots]
+        if len(copies) == 1 and len(sig) in (2, 3) and copies[0] == len(sig) - 2:
+            k = copies[0]
+            return sig[:k] + sig[k + 1 :], self.alg.sizes[self.alg.members[sig[k]][0]]
+        return sig, 1
+
     def _collect(self) -> None:
         for name, tensor in self.w.params.items():
             for axis, layout in enumerate(tensor.axes):
-                norm = self.alg.normalize(layout)
+                norm = self.normalize(layout)
                 if norm is None:
                     self._mark(self.alg.leaves(layout), "non-contiguous factorisation")
                     self.axis_sigs[(name, axis)] = None
                     continue
-                sigs = [tuple(self.alg.find(a) for a in seg) for seg in norm]
+                based = [self._base(tuple(self.alg.find(a) for a in seg)) for seg in norm]
+                sigs = [sig for sig, _ in based]
                 self.axis_sigs[(name, axis)] = sigs
-                for k, (sig, seg) in enumerate(zip(sigs, norm)):
-                    self.occurrences[sig].append(_Occurrence(name, axis, k, self.alg.seg_size(seg)))
+                self.axis_expand[(name, axis)] = [e for _, e in based]
+                for k, ((sig, e), seg) in enumerate(zip(based, norm)):
+                    self.occurrences[sig].append(_Occurrence(name, axis, k, self.alg.seg_size(seg), e))
+        roots = {r for sig in self.occurrences for r in sig}
+        self.whole = {r for r in roots if self.alg.soft_only(r) and r not in self.copy_roots}
 
     def _mark(self, atoms: list[int] | tuple[int, ...], reason: str) -> bool:
         changed = False
@@ -97,6 +156,14 @@ class SpecAssembler:
                 seen[sig[1]].add(("minor", sig))
         return seen
 
+    def _whole_shape(self, sig: Sig) -> bool:
+        """No table-fixed class, or exactly a (free heads, table-fixed dims) pair."""
+        fixed = [r in self.whole for r in sig]
+        return not any(fixed) or (len(sig) == 2 and fixed == [False, True])
+
+    def _sig_free(self, sig: Sig) -> bool:
+        return bool(sig) and all(r not in self.bad for r in sig) and self._whole_shape(sig)
+
     def _sweep(self, tensor_roots: list[set[int]]) -> bool:
         changed = False
         for root in list(self.alg.pinned):
@@ -106,7 +173,13 @@ class SpecAssembler:
                 changed |= self._mark(sig, f"{len(sig)} factors")
             elif any(r in self.bad for r in sig):
                 changed |= self._mark(sig, "shares a pinned factor")
+            elif not self._whole_shape(sig):
+                changed |= self._mark([r for r in sig if r not in self.whole], "shares a factor fixed by a table")
+            elif any(r in self.copy_roots for r in sig):
+                changed |= self._mark(sig, "copies of a repeated tensor")
         for root, uses in self._positions().items():
+            if root in self.whole:
+                continue  # fixed dims: used anywhere, they stay in place everywhere
             kinds = {kind for kind, _ in uses}
             if "minor" in kinds and (len(uses) > 1):
                 changed |= self._mark([root], "within-block units used outside their blocks")
@@ -117,13 +190,13 @@ class SpecAssembler:
                 changed |= self._mark([r for s in sigs for r in s], f"axis {axis} of {name} is partly pinned")
         for sig in self.occurrences:
             loose = len(sig) == 2 and any(sig[1] in roots and sig[0] not in roots for roots in tensor_roots)
-            if loose and sig[1] not in self.bad:
+            if loose and sig[1] not in self.bad and sig[1] not in self.whole:
                 changed |= self._mark(sig, "within-block units seen without their blocks")
         return changed
 
     def _partly_pinned(self, sigs: list[Sig]) -> bool:
         """Some segments of the axis are free and others not (a spec segment always names a group)."""
-        pinned = [not s or any(r in self.bad for r in s) for s in sigs]
+        pinned = [not self._sig_free(s) for s in sigs]
         return any(pinned) and not all(pinned)
 
     def _tensor_roots(self) -> list[set[int]]:
@@ -139,7 +212,7 @@ class SpecAssembler:
         tensor_roots = self._tensor_roots()
         while self._sweep(tensor_roots):
             pass
-        free = [s for s in self.occurrences if s and all(r not in self.bad for r in s)]
+        free = [s for s in self.occurrences if self._sig_free(s)]
         free.sort(key=self._first_seen)
         names = self._names(free)
         groups = self._groups(free, names)
@@ -173,7 +246,7 @@ class SpecAssembler:
     def _groups(self, free: list[Sig], names: dict[Sig, str]) -> dict[str, UnitGroup]:
         groups: dict[str, UnitGroup] = {}
         tie_root: dict[int, str] = {}
-        sites = SiteFinder(self.w)
+        sites = SiteFinder(self.w, self.normalize)
         for sig in free:
             size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
             blocks = self.alg.sizes[self.alg.members[sig[0]][0]] if len(sig) == 2 else 1
@@ -181,7 +254,8 @@ class SpecAssembler:
             if len(sig) == 2:
                 tie = tie_root.get(sig[0])
                 tie_root.setdefault(sig[0], names[sig])
-            groups[names[sig]] = UnitGroup(names[sig], size, sites.site(sig), blocks, tie)
+            whole = len(sig) == 2 and sig[1] in self.whole
+            groups[names[sig]] = UnitGroup(names[sig], size, sites.site(sig), blocks, tie, whole)
         return groups
 
     def _axes(self, names: dict[Sig, str]) -> dict[str, tuple[AxisSpec, ...]]:
@@ -197,7 +271,8 @@ class SpecAssembler:
                     continue
                 role = self.w.roles.get((name, axis), "out")
                 lengths = [prod(self.alg.sizes[self.alg.members[r][0]] for r in s) for s in sigs]
-                per_axis.append(tuple(Segment(names[s], n, role) for s, n in zip(sigs, lengths)))
+                expands = self.axis_expand[(name, axis)]
+                per_axis.append(tuple(Segment(names[s], n * e, role, e) for s, n, e in zip(sigs, lengths, expands)))
             axes[name] = tuple(per_axis)
         return axes
 
@@ -217,7 +292,8 @@ class SpecAssembler:
             occ = self.occurrences[sig]
             size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
             blocks = self.alg.sizes[self.alg.members[sig[0]][0]] if len(sig) == 2 else 1
-            out.append(GroupSummary(names[sig], size, blocks, True, (), tuple(sorted({o.param for o in occ}))))
+            why: tuple[str, ...] = (ROTARY_REASON,) if len(sig) == 2 and sig[1] in self.whole else ()
+            out.append(GroupSummary(names[sig], size, blocks, True, why, tuple(sorted({o.param for o in occ}))))
         event_roots: dict[int, set[str]] = defaultdict(set)
         for event in self.alg.events:
             for atom in event.atoms:
@@ -245,9 +321,10 @@ class SiteFinder:
     of a fused axis (q and k of qkv) is observed there with ``segments``.
     """
 
-    def __init__(self, walker: Walker) -> None:
+    def __init__(self, walker: Walker, normalize: Callable[[Layout], Layout | None] | None = None) -> None:
         self.w = walker
         self.alg = walker.algebra
+        self.normalize = normalize or self.alg.normalize
         self.modules = walker.modules
         self.calls = Counter(str(n.target) for n in walker.gm.graph.nodes if n.op == "call_module")
         self.best: dict[Sig, tuple[int, int, ActivationSite]] = {}
@@ -286,7 +363,7 @@ class SiteFinder:
                 continue
             numel = prod(info.shape)
             for axis, layout in enumerate(value.axes):
-                norm = self.alg.normalize(layout)
+                norm = self.normalize(layout)
                 if norm is None:
                     continue
                 unit_dim = -1 if axis == value.ndim - 1 else axis

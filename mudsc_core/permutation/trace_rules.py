@@ -21,6 +21,7 @@ from mudsc_core.permutation.trace_shapes import (
     getitem,
     norm_dim,
     permute,
+    repeat_interleave,
     reshape,
     split,
     unbind,
@@ -175,11 +176,22 @@ def unary(call: Call) -> AbsValue:
 
 
 def elementwise(call: Call) -> AbsValue:
-    """Broadcasting: every operand axis of full size joins the output axis it lines up with."""
+    """Broadcasting: every operand axis of full size joins the output axis it lines up with.
+
+    An operand that no parameter flows into (a rotary cos/sin table, a mask), combined with one
+    that parameters do, is not joined: the axes it varies along are soft-pinned in the other
+    operands (fixed, see ``trace_algebra``), so the heads of a rotary q/k stay free.
+    """
+    w = call.walker
     out_shape = call.out_shape
     axes: list[Layout | None] = [None] * len(out_shape)
-    for node, info in call.tensor_args():
-        tensor = call.walker.plain(call.walker.env[node])
+    operands = call.tensor_args()
+    tables = [w.param_free(node) for node, _ in operands]
+    mixed = any(tables) and not all(tables)
+    for (node, info), table in zip(operands, tables):
+        if mixed and table:
+            continue
+        tensor = w.plain(w.env[node])
         offset = len(out_shape) - len(info.shape)
         for j, size in enumerate(info.shape):
             o = offset + j
@@ -189,8 +201,25 @@ def elementwise(call: Call) -> AbsValue:
             if current is None:
                 axes[o] = tensor.axes[j]
             else:
-                call.walker.join(current, tensor.axes[j], f"elementwise {call.node.target}")
-    return AbsTensor(tuple(a if a is not None else call.walker.algebra.plain(n) for a, n in zip(axes, out_shape)))
+                w.join(current, tensor.axes[j], f"elementwise {call.node.target}")
+    if mixed:
+        reason = f"elementwise {getattr(call.node.target, '__name__', call.node.target)} with a non-parameter tensor"
+        for (node, info), table in zip(operands, tables):
+            if not table:
+                continue
+            tensor = w.plain(w.env[node])
+            offset = len(out_shape) - len(info.shape)
+            for j, size in enumerate(info.shape):
+                o = offset + j
+                if size != out_shape[o] or size == 1:
+                    continue
+                current = axes[o]
+                if current is None:
+                    w.algebra.pin_layout(tensor.axes[j], reason)
+                    axes[o] = tensor.axes[j]
+                else:
+                    w.algebra.pin_soft(w.algebra.leaves(current), reason)
+    return AbsTensor(tuple(a if a is not None else w.algebra.plain(n) for a, n in zip(axes, out_shape)))
 
 
 def reduction(call: Call) -> AbsValue:
@@ -361,6 +390,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.unbind: unbind,
     getattr: getattr_rule,
     torch.broadcast_to: expand,
+    torch.repeat_interleave: repeat_interleave,
 }
 METHOD_RULES: dict[str, Rule] = {
     **{m: unary for m in _UNARY_METHODS},
@@ -389,4 +419,5 @@ METHOD_RULES: dict[str, Rule] = {
     "unbind": unbind,
     "expand": expand,
     "expand_as": expand,
+    "repeat_interleave": repeat_interleave,
 }

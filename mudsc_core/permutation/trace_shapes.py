@@ -316,15 +316,33 @@ def unbind(call: Call) -> AbsValue:
 
 
 def expand(call: Call) -> AbsValue:
-    """expand/broadcast_to: size-1 axes grow into new, unconstrained axes."""
+    """expand/broadcast_to: size-1 axes grow into new, unconstrained axes (copy atoms: the tensor repeats along them)."""
     x = call.tensor(0)
+    alg = call.walker.algebra
     out = call.out_shape
     offset = len(out) - x.ndim
-    axes = [call.walker.algebra.plain(n) for n in out[:offset]]
+    axes = [alg.copy_layout(n) for n in out[:offset]]
     for j, layout in enumerate(x.axes):
-        size = call.walker.algebra.layout_size(layout)
-        axes.append(layout if size == out[offset + j] else call.walker.algebra.plain(out[offset + j]))
+        size = alg.layout_size(layout)
+        axes.append(layout if size == out[offset + j] else alg.copy_layout(out[offset + j]))
     return AbsTensor(tuple(axes))
+
+
+def repeat_interleave(call: Call) -> AbsValue:
+    """x.repeat_interleave(r, dim): every entry of ``dim`` repeated r times in a row, a copy factor minor to it."""
+    x = call.tensor(0)
+    repeats = call.arg(1, "repeats")
+    dim = call.arg(2, "dim")
+    if not isinstance(repeats, int) or dim is None:
+        raise Conflict("repeat_interleave without an int repeat count and a dim")
+    d = norm_dim(dim, x.ndim)
+    alg = call.walker.algebra
+    norm = alg.normalize(x.axes[d])
+    if norm is None or len(norm) != 1 or call.out_shape[d] != alg.layout_size(norm) * repeats:
+        raise Conflict("repeat_interleave of a cut axis")
+    copies = alg.copy_layout(repeats)
+    layout: Layout = (norm[0] + copies[0],)
+    return AbsTensor(x.axes[:d] + (layout,) + x.axes[d + 1 :])
 
 
 def flatten(call: Call) -> AbsValue:

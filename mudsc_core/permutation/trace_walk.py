@@ -90,9 +90,28 @@ class Walker:
     input_atoms: list[int] = field(default_factory=list)
     index: int = 0
     modules: dict[str, nn.Module] = field(init=False)
+    _param_free: dict[fx.Node, bool] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.modules = dict(self.gm.named_modules())
+
+    def param_free(self, node: fx.Node) -> bool:
+        """True when no parameter or state-dict buffer flows into ``node`` (inputs, non-persistent tables).
+
+        Sizes carry no parameter values: a table sliced to ``x.shape[1]`` tokens is still parameter-free.
+        """
+        if self._param_free is None:
+            free: dict[fx.Node, bool] = {}
+            for n in self.gm.graph.nodes:  # topological order: a node's inputs come first
+                if n.op == "get_attr":
+                    free[n] = not self.has_param(str(n.target))
+                    continue
+                inputs = all(free.get(i, False) or not _holds_tensor(self.values.get(i)) for i in n.all_input_nodes)
+                if n.op == "call_module":
+                    inputs = inputs and not any(True for _ in self.modules[str(n.target)].state_dict())
+                free[n] = inputs
+            self._param_free = free
+        return self._param_free.get(node, False)
 
     # -- parameters -----------------------------------------------------------------------------
     def param(self, name: str) -> AbsTensor:
@@ -145,6 +164,14 @@ class Walker:
             axes.insert(value.axis, stack)
             return AbsTensor(tuple(axes))
         raise Conflict(f"expected a tensor, got {type(value).__name__}")
+
+
+def _holds_tensor(info: object) -> bool:
+    if isinstance(info, TensorInfo):
+        return True
+    if isinstance(info, (tuple, list)):
+        return any(_holds_tensor(i) for i in info)
+    return False
 
 
 def iter_tensors(value: AbsValue) -> Iterator[AbsTensor]:

@@ -20,8 +20,9 @@ def test_entry_points_resolve_to_their_implementations() -> None:
 
 
 def test_merge_checkpoints_keeps_its_signature() -> None:
-    parameters = list(inspect.signature(merge_checkpoints).parameters)
-    assert parameters == [
+    """The parameters callers pass today keep their names and positions; additions are optional keywords."""
+    signature = list(inspect.signature(merge_checkpoints).parameters.values())
+    today = [
         "method_name",
         "params",
         "models",
@@ -33,6 +34,8 @@ def test_merge_checkpoints_keeps_its_signature() -> None:
         "spec_json",
         "progress",
     ]
+    assert [p.name for p in signature[: len(today)]] == today
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in signature[len(today) :])
 
 
 def test_every_registered_implementation_imports() -> None:
