@@ -102,7 +102,7 @@ def slerp(
 def multislerp(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize_weights: bool = True, eps: float = EPS
 ) -> torch.Tensor:
-    if len(tensors) == 1:
+    if len(tensors) == 1 or tensors[0].numel() == 0:  # nothing to interpolate (a zero-size tensor stays empty)
         return tensors[0].to(torch.float32).clone()
     shape = tensors[0].shape
     flat = torch.stack([t.to(torch.float32).reshape(-1) for t in tensors])  # (N, numel)

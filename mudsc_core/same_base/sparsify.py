@@ -116,9 +116,9 @@ def della(
     delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True
 ) -> torch.Tensor:
     """DELLA MagPrune: magnitude-ranked keep probabilities, survivors / probability when rescaling."""
-    if density >= 1.0:
+    if density >= 1.0 or delta.numel() == 0:
         return delta.clone()
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta  # 0-d and 1-D: one row of all entries
     out = torch.empty_like(rows)
     # Row blocks keep the int64 argsort temporaries small.
     block = max(1, _CHUNK // max(1, rows[0].numel()))

@@ -147,6 +147,24 @@ def _labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def _check_unicode(value: Any, path: list[str | int], depth: int = 0) -> None:
+    if depth > 32:
+        raise ValueError(f"{'.'.join(map(str, path))}: nested more than 32 levels deep")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            where = ".".join(map(str, path)) or "body"
+            raise ValueError(f"{where}: not valid Unicode text (a lone surrogate such as \\ud800)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, [*path, "<key>"], depth + 1)
+            _check_unicode(item, [*path, str(key)], depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_unicode(item, [*path, index], depth + 1)
+
+
 class JobSpec(Frozen):
     method: MethodSpec
     models: list[ModelRef] = Field(min_length=2, max_length=64)
@@ -155,6 +173,14 @@ class JobSpec(Frozen):
     calibration: CalibrationSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
     labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        """Every string of the request must be UTF-8 encodable: a lone surrogate (``"\\ud800"`` in JSON)
+        would be stored, then fail every answer that renders the job."""
+        _check_unicode(data, [])
+        return data
 
     @model_validator(mode="after")
     def _method_requirements(self) -> JobSpec:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.api.conftest import auth, mlp_spec
 
@@ -160,3 +163,31 @@ def test_architectures_list_the_torchvision_resnet_and_say_specs_are_derived(cli
     assert data["torchvision_resnet"]["config_schema"]["properties"]["depth"]["enum"] == [18, 34, 50, 101]
     assert data["resnet"]["config_schema"]["properties"]["shortcut_kernel"]
     assert all("derived by tracing" in a["permutation_spec"] for a in data.values())
+
+
+_SURROGATE = st.characters(categories=["Cs"])  # U+D800..U+DFFF: not encodable as UTF-8
+_TEXT_WITH_SURROGATES = st.builds(
+    lambda a, s, b: a + s + b, st.text("abc19", max_size=3), _SURROGATE, st.text("xyz", max_size=3)
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["label_value", "label_key", "uri", "method"]), text=_TEXT_WITH_SURROGATES)
+def test_strings_that_are_not_valid_unicode_are_refused_before_anything_is_stored(
+    client: TestClient, where: str, text: str
+) -> None:
+    spec = mlp_spec()
+    if where == "label_value":
+        spec["labels"] = {"k": text}
+    elif where == "label_key":
+        spec["labels"] = {text: "v"}
+    elif where == "uri":
+        spec["models"][0]["uri"] = f"s3://models/acme/{text}.safetensors"
+    else:
+        spec["method"] = {"name": text}
+    body = json.dumps(spec).encode()  # ensure_ascii: a lone surrogate travels as a \\ud800 escape
+    before = client.get("/v1/merges", headers=auth()).json()["data"]
+    response = client.post("/v1/merges", content=body, headers={**auth(), "Content-Type": "application/json"})
+    assert response.status_code == 422 and "Unicode" in response.text, response.text
+    after = client.get("/v1/merges", headers=auth())
+    assert after.status_code == 200 and after.json()["data"] == before  # nothing stored, listing intact
