@@ -82,3 +82,10 @@ class InvalidParameters(MergeError):
     the method's range once resolved for a tensor)."""
 
     code = "invalid_params"
+
+
+class ComputeOverflow(MergeError):
+    """Finite weights or activations that overflow the float32 the merge computes in (e.g. float64 weights
+    beyond 3.4e38, or weights so large that a forward pass reaches inf): the inputs' fault, not calibration's."""
+
+    code = "compute_overflow"

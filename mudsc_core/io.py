@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound, OutputOverflow
+from mudsc_core.errors import ComputeOverflow, InvalidCheckpoint, ObjectNotFound, OutputOverflow
 from mudsc_core.formats import hf_folder
 from mudsc_core.formats.hf_folder import INDEX_NAME, SINGLE_NAME
 from mudsc_core.formats.safetensors import InvalidSafetensors, header_length, parse_header
@@ -167,7 +167,7 @@ class Checkpoint:
         tensor = stored if stored.dtype == torch.float32 else stored.to(torch.float32)
         if check_finite and not _all_finite(tensor):
             if stored.dtype == torch.float64 and _all_finite(stored):
-                raise OutputOverflow(
+                raise ComputeOverflow(
                     f"{self.path.name}: tensor {name!r} holds float64 values beyond the float32 range the merge "
                     "computes in"
                 )

@@ -25,7 +25,7 @@ from mudsc_core.architectures import (
     trace_architecture,
 )
 from mudsc_core.devices import resolve_device
-from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint, MergeError
+from mudsc_core.errors import ComputeOverflow, InvalidCalibration, InvalidCheckpoint, MergeError
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
 from mudsc_core.permutation.similarity import activation_correlations
 from mudsc_core.permutation.spec import PermSpec
@@ -58,6 +58,11 @@ def _check_weights(index: int, state: Mapping[str, Tensor], excluded: frozenset[
             )
         if not bool(torch.isfinite(tensor).all()):
             raise InvalidCheckpoint(f"model {index}: tensor {name!r} contains NaN or Inf")
+        if not bool(torch.isfinite(tensor.to(torch.float32)).all()):  # the merge computes in float32
+            raise ComputeOverflow(
+                f"model {index}: tensor {name!r} holds {tensor.dtype} values beyond the float32 range the merge "
+                "computes in"
+            )
 
 
 def _check_calibration(calibration: Tensor, probe: nn.Module, device: torch.device) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from mudsc_core.errors import SpecError, UnsupportedArchitecture
+from mudsc_core.errors import ComputeOverflow, SpecError, UnsupportedArchitecture
 from mudsc_core.permutation.permute import expand_matrix
 from mudsc_core.permutation.spec import ActivationSite, PermSpec
 
@@ -154,6 +154,13 @@ def activation_correlations(
     with torch.no_grad():
         for index, batch in enumerate(batches):
             per_model = [{g: _site_features(sites[g], t) for g, t in tap(batch).items()} for tap in taps]
+            for model_index, features in enumerate(per_model):
+                for g, values in features.items():
+                    if not bool(torch.isfinite(values).all()):  # the inputs are checked finite: the weights did it
+                        raise ComputeOverflow(
+                            f"model {model_index}: activations of group {g} overflow float32 on the calibration "
+                            "inputs (weights too large for the model's forward pass)"
+                        )
             for g in groups:
                 accumulators[g].update(torch.cat([features[g] for features in per_model], dim=0))
             if progress is not None and num_batches:

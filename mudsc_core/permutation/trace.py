@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from mudsc_core.errors import MergeError, UnsupportedArchitecture
+from mudsc_core.errors import ComputeOverflow, MergeError, UnsupportedArchitecture
 from mudsc_core.permutation.permute import block_permutation, permute_state_dict, random_permutations
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.permutation.trace_build import GroupSummary, SpecAssembler
@@ -241,8 +241,14 @@ def self_check(
     reference = copy.deepcopy(model).float().eval()
     inputs = _as_float(example_inputs)
     state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    expected = _run(reference, inputs)
+    if not all(bool(torch.isfinite(t).all()) for t in expected):
+        raise ComputeOverflow(
+            "the model's outputs are not finite on the check batch (weights or inputs too large for float32): "
+            "permutation invariance cannot be verified"
+        )
     try:
-        checker = _Checker(copy.deepcopy(reference), spec, inputs, state, _run(reference, inputs))
+        checker = _Checker(copy.deepcopy(reference), spec, inputs, state, expected)
         generator = torch.Generator().manual_seed(seed)
         worst = max((checker.error(random_permutations(spec, generator)) for _ in range(trials)), default=0.0)
     except MergeError:
