@@ -64,6 +64,14 @@ class S3Settings(BaseModel):
         ge=5 * 1024**2,
         description="Uploads/downloads above this size use multipart transfers (MUDSC_S3__MULTIPART_THRESHOLD_BYTES)",
     )
+    transfer_retry_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="How long the worker keeps starting one object's transfer again (backoff up to 5 s) after S3 "
+        "stayed unreachable through every one of MUDSC_S3__MAX_ATTEMPTS of a request (a restart of the S3 server, "
+        "a network blip), before the job fails `storage_unavailable`; 0 = never (MUDSC_S3__TRANSFER_RETRY_S)",
+    )
 
 
 class ApiKey(BaseModel):

@@ -2,7 +2,8 @@
 # Install the system packages the project needs, only when they are missing (Debian/Ubuntu, apt-get).
 #   scripts/ensure_deps.sh python   a Python >= 3.11 with the venv module
 #   scripts/ensure_deps.sh redis    redis-server, only when no Redis answers on 127.0.0.1:6379
-#   scripts/ensure_deps.sh all      both
+#   scripts/ensure_deps.sh net      iproute2 (ip, tc): the network-partition tests make namespaces with it
+#   scripts/ensure_deps.sh all      all three
 set -euo pipefail
 
 want="${1:-all}"
@@ -53,9 +54,15 @@ ensure_redis() {
   apt_install redis-server
 }
 
+ensure_net() {
+  if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; then return 0; fi
+  apt_install iproute2
+}
+
 case "$want" in
   python) ensure_python ;;
   redis) ensure_redis ;;
-  all) ensure_python; ensure_redis ;;
-  *) echo "usage: $0 [python|redis|all]" >&2; exit 2 ;;
+  net) ensure_net ;;
+  all) ensure_python; ensure_redis; ensure_net || echo "ensure_deps: no iproute2: the partition tests will be skipped" >&2 ;;
+  *) echo "usage: $0 [python|redis|net|all]" >&2; exit 2 ;;
 esac

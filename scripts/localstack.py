@@ -1,6 +1,6 @@
 """The whole service on one machine, without Docker: Redis, SeaweedFS (S3), one Celery worker, the API.
 
-Everything binds to 127.0.0.1 on free ports; state, data and logs live under one root folder::
+Everything binds to 127.0.0.1 (or the ``host`` given to ``LocalStack``) on free ports; state, data and logs live under one root folder::
 
     python -m scripts.localstack up      [--root .stack] [--no-worker] [--no-api]
     python -m scripts.localstack status  [--root .stack]
@@ -62,16 +62,16 @@ class StackError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- small helpers
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _free_ports(n: int) -> list[int]:
+def _free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     ports: set[int] = set()
     while len(ports) < n:
-        ports.add(free_port())
+        ports.add(free_port(host))
     return sorted(ports)
 
 
@@ -168,10 +168,23 @@ def _redis_ping(url: str, timeout: float = 1.0) -> bool:
 
 # --------------------------------------------------------------------------- the stack
 class LocalStack:
-    """Redis + SeaweedFS S3 + Celery worker + API on loopback, all state under ``root``."""
+    """Redis + SeaweedFS S3 + Celery worker + API on loopback, all state under ``root``.
 
-    def __init__(self, root: Path | str, *, redis_url: str | None = None, startup_timeout_s: float = 90.0) -> None:
+    ``host``: the one address every server binds to (default 127.0.0.1), e.g. an address of a test's own
+    interface that worker processes in other network namespaces can reach; with any other address than
+    127.0.0.1 a Redis on 127.0.0.1:6379 is never reused (own ``redis-server`` on ``host``).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        redis_url: str | None = None,
+        startup_timeout_s: float = 90.0,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.root = Path(root).resolve()
+        self.host = host
         self.logs = self.root / "logs"
         self.startup_timeout_s = startup_timeout_s
         self._explicit_redis_url = redis_url
@@ -251,19 +264,19 @@ class LocalStack:
                 raise StackError(f"no Redis answers at {self._explicit_redis_url}")
             self.redis_url = self._explicit_redis_url
             return
-        if _redis_ping(DEFAULT_REDIS + "/0"):
+        if self.host == "127.0.0.1" and _redis_ping(DEFAULT_REDIS + "/0"):
             self.redis_claimed_db = self._claim_database(DEFAULT_REDIS)
             self.redis_url = f"{DEFAULT_REDIS}/{self.redis_claimed_db}"
             log.info("reusing Redis at %s (database %d)", DEFAULT_REDIS, self.redis_claimed_db)
             return
         binary = ensure_redis_server_binary()
-        port = free_port()
+        port = free_port(self.host)
         data = self.root / "redis"
         data.mkdir(exist_ok=True)
         cmd = [
             binary,
             "--bind",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(port),
             "--dir",
@@ -272,14 +285,15 @@ class LocalStack:
             "",
             "--appendonly",
             "no",
+            # Protected mode refuses every client but loopback ones (no password): only on 127.0.0.1.
             "--protected-mode",
-            "yes",
+            "yes" if self.host == "127.0.0.1" else "no",
             "--daemonize",
             "no",
         ]
         self._spawn("redis", cmd, cwd=data)
         self.redis_owned = True
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = f"redis://{self.host}:{port}/0"
         self._wait(lambda: _redis_ping(self.redis_url), "redis", "redis-server to answer PING", 20)
 
     def _claim_database(self, base_url: str) -> int:
@@ -344,13 +358,13 @@ class LocalStack:
             )
         )
         config.chmod(0o600)
-        (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc) = _free_ports(8)
+        (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc) = _free_ports(8, self.host)
         cmd = [
             weed_binary(),
             "server",
             "-s3",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
             f"-dir={data}",
             f"-master.port={master}",
             f"-master.port.grpc={master_grpc}",
@@ -368,7 +382,7 @@ class LocalStack:
             "-master.telemetry=false",
         ]
         self._spawn("seaweedfs", cmd, cwd=data)
-        self.s3_endpoint = f"http://127.0.0.1:{s3}"
+        self.s3_endpoint = f"http://{self.host}:{s3}"
 
         def s3_answers() -> bool:
             try:
@@ -495,26 +509,7 @@ class LocalStack:
     ) -> subprocess.Popen[bytes]:
         """Start a Celery worker ``name@host`` on the ``gpu`` queue; by default wait until it says ready."""
         (self.root / "scratch").mkdir(exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app:app",
-            "worker",
-            "-Q",
-            "gpu",
-            "-c",
-            str(concurrency),
-            "--pool",
-            "prefork",
-            "-n",
-            f"{name}@%h",
-            "-l",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        cmd = worker_command(name, concurrency)
         proc_name = f"worker-{name}"
         proc = self._spawn(proc_name, cmd, env={**self.settings_env(), **(env_overrides or {})})
         self._save()
@@ -533,7 +528,7 @@ class LocalStack:
         self, env_overrides: Mapping[str, str] | None = None, *, name: str | None = None, wait_path: str = "/livez"
     ) -> tuple[str, subprocess.Popen[bytes]]:
         """Start an API process on a free port; wait until ``wait_path`` answers 200. Returns (url, process)."""
-        port = free_port()
+        port = free_port(self.host)
         name = name or f"api-{port}"
         cmd = [
             sys.executable,
@@ -542,14 +537,14 @@ class LocalStack:
             "app.main:create_app",
             "--factory",
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(port),
             "--no-access-log",
         ]
         proc = self._spawn(name, cmd, env={**self.settings_env(), **(env_overrides or {})})
         self._save()
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{self.host}:{port}"
         self._wait(
             lambda: _http_ok(url + wait_path), name, f"the API to answer {wait_path} with 200", self.startup_timeout_s
         )
@@ -692,6 +687,30 @@ def _stop_process(
     if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(timeout=5)
+
+
+def worker_command(name: str, concurrency: int = 1) -> list[str]:
+    """The Celery worker command line of the stack: ``name@host`` on the ``gpu`` queue, prefork pool."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:app",
+        "worker",
+        "-Q",
+        "gpu",
+        "-c",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "-n",
+        f"{name}@%h",
+        "-l",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def _http_ok(url: str) -> bool:

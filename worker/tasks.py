@@ -156,6 +156,15 @@ class JobRunner:
             logger.warning("fence of %s skipped (Redis unavailable): %s", self.job_id, exc)
         self.cancellation_point()
 
+    def _still_owner(self) -> bool:
+        """Whether the store confirms, now, that this attempt owns the job (False when it cannot be reached)."""
+        try:
+            self.ctx.store.heartbeat(self.job_id, self.attempt, lease_ttl_s=self.lease_ttl_s)
+        except (StaleAttempt, JobNotFound, TransitionConflict, RedisError):
+            self.lease_lost.set()
+            return False
+        return True
+
     def _debug_delay(self, seconds: float) -> None:
         """MUDSC_WORKER__DEBUG_STAGE_DELAY_S (tests only): wait at a stage start, still cancelable and fenced."""
         deadline = time.monotonic() + seconds
@@ -214,6 +223,14 @@ class JobRunner:
             self._run(job, scratch)
         except LeaseLost:
             logger.warning("job %s attempt %d lost its lease; stopping without writing", self.job_id, self.attempt)
+        except RedisError as exc:  # the store is unreachable: nothing can be confirmed, so nothing is written
+            logger.warning(
+                "job %s attempt %d: job store unreachable (%s); stopping without writing (the lease expires and "
+                "the reconciler re-queues the job)",
+                self.job_id,
+                self.attempt,
+                exc,
+            )
         except MergeCanceled:
             self._write_manifest_quietly(job, "canceled", None, None)
             self.finish("canceled")
@@ -350,8 +367,12 @@ class JobRunner:
         ).encode()
 
     def _write_manifest_quietly(self, job: dict[str, Any], status: str, artifacts: Any, error: Any) -> None:
-        """Best effort: a failed or canceled job also leaves a manifest saying so beside its (absent) results."""
-        if self.lease_lost.is_set():
+        """Best effort: a failed or canceled job also leaves a manifest saying so beside its (absent) results.
+
+        Only an attempt that still owns the job writes it (confirmed with the store just before): a stale
+        worker must never overwrite the manifest of a newer attempt's result.
+        """
+        if self.lease_lost.is_set() or not self._still_owner():
             return
         try:
             Transfers(self.ctx.s3, self.ctx.settings).put_json(

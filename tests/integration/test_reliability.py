@@ -24,11 +24,19 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from mudsc_core import build_model
+from tests.integration.faults import (
+    assert_clean_success,
+    assert_no_result,
+    done,
+    running,
+    status_events,
+    submit,
+    wait,
+)
 
 RUN = uuid.uuid4().hex[:8]
 ARCH = {"name": "mlp", "config": {"input_dim": 64, "hidden": [32, 32], "num_classes": 10}}
 METHOD = {"name": "mudsc", "params": {"mode": "zip", "beta": 0.5, "seed": 0}}
-TERMINAL = {"succeeded", "failed", "canceled"}
 DELAY_S = 1.5  # per stage: a job lasts ~5 stages x DELAY_S
 LEASE_S = 3
 
@@ -116,64 +124,6 @@ def spec(uris: dict[str, str], **extra: Any) -> dict[str, Any]:
     }
     body.update(extra)
     return body
-
-
-def submit(api: httpx.Client, body: dict[str, Any]) -> str:
-    response = api.post("/v1/merges", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def wait(api: httpx.Client, job_id: str, predicate: Any, timeout_s: float = 90) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        response = api.get(f"/v1/merges/{job_id}")
-        if response.status_code == 200:
-            job = response.json()
-            if predicate(job):
-                return job
-        time.sleep(0.1)
-    raise AssertionError(
-        f"job {job_id}: expected state not reached; last {job.get('status')} "
-        f"attempt {job.get('attempt')} {job.get('progress')} {job.get('error')}"
-    )
-
-
-def done(job: dict[str, Any]) -> bool:
-    return job["status"] in TERMINAL
-
-
-def running(attempt: int, stage: str | None = None) -> Any:
-    return lambda j: (
-        j["status"] == "running"
-        and j["attempt"] == attempt
-        and j["progress"] is not None
-        and (stage is None or j["progress"]["stage"] == stage)
-    )
-
-
-def status_events(api: httpx.Client, job_id: str) -> list[tuple[str, int]]:
-    events = api.get(f"/v1/merges/{job_id}/events").json()["data"]
-    return [(e["data"]["status"], e["data"].get("attempt")) for e in events if e["type"] == "status"]
-
-
-def output_keys(stack: Any, job: dict[str, Any]) -> list[str]:
-    bucket, _, prefix = job["spec"]["output"]["uri"][len("s3://") :].partition("/")
-    listing = stack.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return [o["Key"][len(prefix) :] for o in listing.get("Contents", [])]
-
-
-def assert_no_result(stack: Any, job: dict[str, Any]) -> None:
-    """Nothing that looks like a result: no weights, no staging leftovers (a status manifest may exist)."""
-    keys = output_keys(stack, job)
-    assert not any(k.endswith(".safetensors") or ".staging-" in k or k == "report.json" for k in keys), keys
-
-
-def assert_clean_success(stack: Any, job: dict[str, Any]) -> None:
-    assert job["status"] == "succeeded", job
-    keys = output_keys(stack, job)
-    assert "model.safetensors" in keys and not any(".staging-" in k for k in keys), keys
 
 
 # ----------------------------------------------------------------------------------------------- redelivery
