@@ -249,6 +249,19 @@ return {'requeued', 'queued'}
 )
 
 
+# KEYS: job, events; ARGV: attempt, event. A stale attempt's log line is refused like its heartbeat.
+_LUA_LOG = (
+    _LUA_COMMON
+    + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if not h[1] then return {'missing', ''} end
+if h[2] ~= ARGV[1] then return {'stale', h[1]} end
+if h[1] ~= 'running' and h[1] ~= 'canceling' then return {'conflict', h[1]} end
+add_event(KEYS[2], ARGV[2])
+return {'ok', h[1]}
+"""
+)
+
 # KEYS: output; ARGV: job id. Compare-and-delete: a reservation taken over by another job is left alone.
 _LUA_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -384,6 +397,7 @@ class JobStore:
         self._heartbeat = client.register_script(_LUA_HEARTBEAT)
         self._reap = client.register_script(_LUA_REAP)
         self._release = client.register_script(_LUA_RELEASE)
+        self._log = client.register_script(_LUA_LOG)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> JobStore:
@@ -743,13 +757,13 @@ class JobStore:
         )
         return str(outcome)
 
-    def log(self, job_id: str, message: str, **data: Any) -> None:
-        self.redis.xadd(
-            self.events_key(job_id),
-            {"e": event_payload("log", {"message": message, **data})},
-            maxlen=EVENTS_MAXLEN,
-            approximate=True,
+    def log(self, job_id: str, attempt: int, message: str, **data: Any) -> None:
+        """A log event of ``attempt``, appended only while that attempt still runs the job (fenced)."""
+        outcome, status = self._log(
+            keys=[self.job_key(job_id), self.events_key(job_id)],
+            args=[str(attempt), event_payload("log", {"message": message, "attempt": attempt, **data})],
         )
+        _raise_for(outcome, status, job_id)
 
     def complete(
         self,

@@ -308,7 +308,10 @@ class JobRunner:
         from mudsc_core.devices import resolve_device
 
         device = str(resolve_device(settings.worker.device))
-        self.ctx.store.log(self.job_id, f"merging on {device}", device=device, attempt=self.attempt)
+        try:
+            self.ctx.store.log(self.job_id, self.attempt, f"merging on {device}", device=device)
+        except (StaleAttempt, JobNotFound, TransitionConflict):
+            raise LeaseLost(self.job_id) from None
         out_dir = scratch / "out"
         report = merge_files(spec, inputs, out_dir, device=device, progress=self.progress)
         self.cancellation_point()

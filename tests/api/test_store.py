@@ -112,3 +112,18 @@ def test_reconciler_resends_a_job_left_queued_by_a_lost_broker_message(store: Jo
     # Sent just now: not stale again until the threshold has passed once more.
     assert job["id"] not in store.stale_queued(60.0)
     assert store.get(job["id"])["status"] == "queued"
+
+
+def test_a_stale_attempt_cannot_append_log_events(store: JobStore) -> None:
+    job, _ = store.create(tenant="acme", spec={}, labels={}, max_active=10)
+    first = store.claim(job["id"], owner="a", lease_ttl_s=0.05, max_attempts=3)
+    store.log(job["id"], first.attempt, "merging on cpu", device="cpu")
+    time.sleep(0.1)
+    assert store.reap(job["id"], max_attempts=3) == "requeued"
+    second = store.claim(job["id"], owner="b", lease_ttl_s=30, max_attempts=3)
+    before = store.events(job["id"])
+    with pytest.raises(StaleAttempt):
+        store.log(job["id"], first.attempt, "late line of the lost worker")
+    assert store.events(job["id"]) == before
+    store.log(job["id"], second.attempt, "merging on cpu")
+    assert [e["data"]["attempt"] for e in store.events(job["id"]) if e["type"] == "log"] == [1, 2]
