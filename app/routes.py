@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sse_starlette import EventSourceResponse
 
@@ -27,6 +28,7 @@ from app.schemas import (
     Problem,
 )
 from mudsc_core.schema import ARCHITECTURE_CONFIGS, METHODS, JobSpec
+from mudsc_core.schema.mergekit import YAML_MEDIA_TYPES, MergekitConfigError, from_mergekit_yaml, is_yaml_media_type
 from mudsc_jobs.store import TERMINAL, CursorNotFound, EventTail, JobNotFound, TransitionConflict
 
 _JOB_ID = re.compile(r"^mrg_[0-9A-HJKMNP-TV-Z]{26}$")
@@ -64,10 +66,79 @@ async def raw_body(request: Request) -> bytes:
     return await request.body()
 
 
-@v1.post(
+_MERGEKIT_PROBLEM = "mudsc.mergekit_problem"
+
+
+def _translated_request(request: Request, body: bytes, problem: ApiProblem | None = None) -> Request:
+    """The request with ``body`` as its JSON body (FastAPI then validates it as any JSON body); a translation
+    problem waits in the scope for :func:`mergekit_problem`, so that authentication still answers first."""
+    headers = [(k, v) for k, v in request.scope["headers"] if k not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    translated = Request({**request.scope, "headers": headers, _MERGEKIT_PROBLEM: problem}, request.receive)
+    translated._body = body  # read once here; FastAPI's body parsing reads this
+    return translated
+
+
+def mergekit_problem(request: Request) -> None:
+    """Raise the 422 of a mergekit YAML body that did not translate (after authentication)."""
+    problem = request.scope.get(_MERGEKIT_PROBLEM)
+    if problem is not None:
+        raise problem
+
+
+class MergeRoute(APIRoute):
+    """``POST /v1/merges``: a mergekit YAML body (``application/yaml``) becomes its job spec, then the route runs
+    as for a JSON body; JSON bodies pass through untouched."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            if is_yaml_media_type(request.headers.get("content-type")):
+                try:
+                    spec = from_mergekit_yaml(await request.body())
+                except MergekitConfigError as exc:
+                    problem = ApiProblem(
+                        422,
+                        f"mergekit configuration: {exc}",
+                        code="validation_error",
+                        title="Request validation failed",
+                        errors=[{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors],
+                    )
+                    request = _translated_request(request, b"{}", problem)
+                else:
+                    request = _translated_request(request, json.dumps(spec.model_dump(mode="json")).encode())
+            return await handler(request)
+
+        return handle
+
+
+_YAML_BODY = {"schema": {"type": "string", "description": "a mergekit configuration (models named by s3:// URIs)"}}
+
+
+def create_merge(
+    spec: JobSpec,
+    response: Response,
+    svc: Services,
+    tenant: Auth,
+    _mergekit: Annotated[None, Depends(mergekit_problem)],
+    body: Annotated[bytes, Depends(raw_body)],
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> dict[str, Any]:
+    job, created = service.submit(svc, tenant, spec, idempotency_key=idempotency_key, digest=service.body_hash(body))
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/merges/{job['id']}"
+    return job
+
+
+v1.add_api_route(
     "/merges",
+    create_merge,
+    methods=["POST"],
     status_code=202,
     response_model=Job,
+    route_class_override=MergeRoute,
+    openapi_extra={"requestBody": {"content": {media: _YAML_BODY for media in YAML_MEDIA_TYPES}}},
     responses={
         200: {"model": Job, "description": "Idempotent replay: the original job"},
         403: {"model": Problem},
@@ -77,18 +148,6 @@ async def raw_body(request: Request) -> bytes:
         503: {"model": Problem},
     },
 )
-def create_merge(
-    spec: JobSpec,
-    response: Response,
-    svc: Services,
-    tenant: Auth,
-    body: Annotated[bytes, Depends(raw_body)],
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
-) -> dict[str, Any]:
-    job, created = service.submit(svc, tenant, spec, idempotency_key=idempotency_key, digest=service.body_hash(body))
-    response.status_code = 202 if created else 200
-    response.headers["Location"] = f"/v1/merges/{job['id']}"
-    return job
 
 
 @v1.get("/merges", response_model=JobPage)

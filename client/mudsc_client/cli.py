@@ -1,6 +1,7 @@
 """``mudsc``: the command-line client of the merge service (torch-free).
 
-    mudsc submit spec.yaml --wait     submit a job spec (YAML or JSON; '-' reads stdin), optionally watch it
+    mudsc submit spec.yaml --wait     submit a job spec (YAML or JSON; '-' reads stdin), optionally watch it;
+                                      a mergekit configuration (it has merge_method) is sent as application/yaml
     mudsc watch ID                    progress bar on stderr until the job is terminal
     mudsc download ID DIR             fetch the artifacts (sha256-checked)
     mudsc list [--status S] [--label k:v]
@@ -29,11 +30,31 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 def _load_spec(path: str) -> dict[str, Any]:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return _parse_spec(path, sys.stdin.read() if path == "-" else Path(path).read_text())
+
+
+def _parse_spec(path: str, text: str) -> dict[str, Any]:
     spec = yaml.safe_load(text)  # YAML is a superset of JSON
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a job spec must be a mapping, got {type(spec).__name__}")
     return spec
+
+
+def is_mergekit_config(spec: dict[str, Any]) -> bool:
+    """A mergekit configuration (it names ``merge_method``) rather than one of our job specs (``method``)."""
+    return "merge_method" in spec
+
+
+def submit_file(client: MudscClient, path: str, idempotency_key: str | None = None) -> dict[str, Any]:
+    """Submit a job spec file; a mergekit configuration goes as it is, ``application/yaml`` (the API translates it)."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    spec = _parse_spec(path, text)
+    if not is_mergekit_config(spec):
+        return client.submit(spec, idempotency_key=idempotency_key)
+    headers = {"Content-Type": "application/yaml"}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    return client._request("POST", "/v1/merges", content=text.encode(), headers=headers).json()
 
 
 def _print_json(value: Any) -> None:
@@ -101,7 +122,7 @@ def _job_exit(job: dict[str, Any]) -> int:
 
 
 def _cmd_submit(client: MudscClient, args: argparse.Namespace) -> int:
-    job = client.submit(_load_spec(args.spec), idempotency_key=args.idempotency_key)
+    job = submit_file(client, args.spec, idempotency_key=args.idempotency_key)
     print(f"submitted {job['id']} ({job['status']})", file=sys.stderr)
     if not args.wait:
         _print_json(job)
@@ -173,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    submit = sub.add_parser("submit", help="submit a job spec (YAML or JSON file, '-' for stdin)")
+    submit = sub.add_parser(
+        "submit", help="submit a job spec or a mergekit configuration (YAML or JSON file, '-' for stdin)"
+    )
     submit.add_argument("spec")
     submit.add_argument("--wait", action="store_true", help="watch until the job is terminal")
     submit.add_argument("--idempotency-key")

@@ -115,7 +115,7 @@ def test_reconciler_resends_a_job_left_queued_by_a_lost_broker_message(store: Jo
 
 
 def test_a_stale_attempt_cannot_append_log_events(store: JobStore) -> None:
-    job, _ = store.create(tenant="acme", spec={}, labels={}, max_active=10)
+    job, _ = store.create(tenant="logger", spec={}, labels={}, max_active=1000)
     first = store.claim(job["id"], owner="a", lease_ttl_s=0.05, max_attempts=3)
     store.log(job["id"], first.attempt, "merging on cpu", device="cpu")
     time.sleep(0.1)
