@@ -257,13 +257,14 @@ def merge(
 def given_spec(spec: PermSpec) -> TraceResult:
     """A caller's spec in the form of a derivation's result (every group free, nothing traced)."""
     groups = tuple(GroupSummary(g.name, g.size, g.num_blocks, True) for g in spec.groups.values())
-    return TraceResult(spec, groups, output_note="spec given by the caller", source="given")
+    return TraceResult(spec, groups, output_note="spec given by the caller", source="given", capture="none")
 
 
 def spec_summary(traced: TraceResult, check_error: float) -> dict[str, Any]:
     """The report's account of the spec: derived by tracing, its groups free or pinned and why, the check."""
     return {
         "source": traced.source,
+        "capture": traced.capture,
         "derivation_s": round(traced.seconds, 4),
         "groups": [
             {"name": g.name, "size": g.size, "blocks": g.num_blocks, "free": g.free, "pinned_because": list(g.reasons)}

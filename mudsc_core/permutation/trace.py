@@ -1,6 +1,7 @@
 """Permutation specs derived from a model's own computation, and the check that makes them trustworthy.
 
-:func:`trace_spec` captures the forward pass with torch.fx, runs it once on example inputs to
+:func:`trace_spec` captures the forward pass with torch.fx (or, when fx cannot, with torch.export:
+``trace_export``), runs it once on example inputs to
 learn every tensor's shape, walks the graph joining the axes that must be permuted together
 (``trace_rules``/``trace_modules`` over the union-find of ``trace_algebra``) and assembles the
 free classes into a :class:`PermSpec` (``trace_build``). :func:`self_check` accepts a spec only
@@ -27,6 +28,7 @@ from mudsc_core.errors import ComputeOverflow, MergeError, UnsupportedArchitectu
 from mudsc_core.permutation.permute import block_permutation, permute_state_dict, random_permutations
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.permutation.trace_build import GroupSummary, SpecAssembler
+from mudsc_core.permutation.trace_export import export_capture
 from mudsc_core.permutation.trace_modules import apply_rule
 from mudsc_core.permutation.trace_walk import RecordingInterpreter, Walker
 
@@ -50,6 +52,7 @@ class TraceResult:
     seconds: float = 0.0
     output_note: str = _OUTPUT_NOTE
     source: str = "traced"  # "given" when a caller supplied the spec
+    capture: str = "fx"  # "fx" (torch.fx.symbolic_trace) or "export" (torch.export, ATen ops)
 
     @property
     def free_groups(self) -> tuple[GroupSummary, ...]:
@@ -69,6 +72,29 @@ def _capture(model: nn.Module) -> fx.GraphModule:
             f"cannot capture the forward pass of {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}",
             stage="trace",
         ) from exc
+
+
+def _capture_any(model: nn.Module, example_inputs: Inputs) -> tuple[fx.GraphModule, list[Any], str]:
+    """torch.fx first (the built-ins' specs are fx's); torch.export when fx cannot capture the model."""
+    try:
+        gm = _capture(model)
+    except UnsupportedArchitecture as fx_error:
+        if not isinstance(example_inputs, (Mapping, tuple)):
+            raise
+        try:
+            exported, args = export_capture(model, example_inputs)
+        except Exception as exc:  # export raises many kinds of errors for what it cannot follow
+            raise UnsupportedArchitecture(
+                f"{fx_error.message}; nor with torch.export: {type(exc).__name__}: {_first_line(exc)}", stage="trace"
+            ) from exc
+        log.info("torch.fx cannot capture %s; captured with torch.export", type(model).__name__)
+        return exported, args, "export"
+    return gm, _positional(gm, example_inputs), "fx"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _positional(gm: fx.GraphModule, example_inputs: Inputs) -> list[Any]:
@@ -93,11 +119,13 @@ def _positional(gm: fx.GraphModule, example_inputs: Inputs) -> list[Any]:
     return args
 
 
-def _record(gm: fx.GraphModule, args: list[Any]) -> dict[fx.Node, object]:
+def _record(gm: fx.GraphModule, args: list[Any], *, set_eval: bool = True) -> dict[fx.Node, object]:
+    """Run the graph once in eval mode (an exported graph was captured in eval mode and has no modes)."""
     interpreter = RecordingInterpreter(gm)
-    training = [(m, m.training) for m in gm.modules()]
+    training = [(m, m.training) for m in gm.modules()] if set_eval else []
     try:
-        gm.eval()
+        if set_eval:
+            gm.eval()
         with torch.no_grad():
             interpreter.run(*args)
     except Exception as exc:  # any failure of the user's forward on the example inputs
@@ -128,8 +156,8 @@ def _join_aliases(walker: Walker, model: nn.Module) -> None:
 def trace_spec(model: nn.Module, example_inputs: Inputs) -> TraceResult:
     """Derive the permutation spec of ``model`` from its computation on ``example_inputs``."""
     start = time.perf_counter()
-    gm = _capture(model)
-    values = _record(gm, _positional(gm, example_inputs))
+    gm, args, capture = _capture_any(model, example_inputs)
+    values = _record(gm, args, set_eval=capture == "fx")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     walker = Walker(gm, values, shapes)
     try:
@@ -149,8 +177,10 @@ def trace_spec(model: nn.Module, example_inputs: Inputs) -> TraceResult:
     for event in walker.algebra.events:
         pinned_by[event.reason] += sum(walker.algebra.sizes[a] for a in event.atoms)
     seconds = time.perf_counter() - start
-    log.info("traced %s: %d free groups in %.1f ms", type(model).__name__, len(spec.groups), 1000 * seconds)
-    return TraceResult(spec, tuple(groups), dict(pinned_by), seconds)
+    log.info(
+        "traced %s (%s): %d free groups in %.1f ms", type(model).__name__, capture, len(spec.groups), 1000 * seconds
+    )
+    return TraceResult(spec, tuple(groups), dict(pinned_by), seconds, capture=capture)
 
 
 # --------------------------------------------------------------------------- self-check

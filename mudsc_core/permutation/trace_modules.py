@@ -12,11 +12,13 @@ import logging
 from torch import fx, nn
 
 from mudsc_core.permutation.trace_algebra import Conflict
+from mudsc_core.permutation.trace_export import aten_rule, is_aten
 from mudsc_core.permutation.trace_rules import (
     _POOLS,
     _UNARY_MODULES,
     FUNCTION_RULES,
     METHOD_RULES,
+    conv_into,
     linear_into,
     unary,
 )
@@ -34,32 +36,8 @@ def _linear(call: Call, module: nn.Module, prefix: str) -> AbsValue:
 def _conv(call: Call, module: nn.Module, prefix: str) -> AbsValue:
     """Channels join the weight's columns ("in") and rows; grouped convs factor channels by group."""
     assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    w = call.walker
-    x = call.tensor(0)
-    spatial = len(module.kernel_size)
-    ch = x.ndim - spatial - 1
-    weight = w.param(f"{prefix}.weight")
-    w.set_role(f"{prefix}.weight", 1, "in")
-    for k in range(2, 2 + spatial):
-        w.algebra.pin_layout(weight.axes[k], "conv kernel")
-    groups = int(module.groups)
-    if groups == 1:
-        w.join(x.axes[ch], weight.axes[1], "conv")
-    else:
-        alg = w.algebra
-        x_norm, w_norm = alg.normalize(x.axes[ch]), alg.normalize(weight.axes[0])
-        if x_norm is None or w_norm is None or len(x_norm) != 1 or len(w_norm) != 1:
-            raise Conflict("grouped conv over cut channels")
-        x_group, x_within = alg.split_seg(x_norm[0], (groups, module.in_channels // groups))
-        w_group, _ = alg.split_seg(w_norm[0], (groups, module.out_channels // groups))
-        w.join((x_group,), (w_group,), "grouped conv groups")
-        w.join((x_within,), weight.axes[1], "grouped conv")
-    if module.bias is not None:
-        w.join(w.param(f"{prefix}.bias").axes[0], weight.axes[0], "conv bias")
-    for k in range(ch + 1, x.ndim):
-        w.algebra.pin_layout(x.axes[k], "conv spatial")
-    out_spatial = call.out_shape[ch + 1 :]
-    return AbsTensor(x.axes[:ch] + (weight.axes[0],) + w.fresh(out_spatial, "conv spatial").axes)
+    bias = f"{prefix}.bias" if module.bias is not None else None
+    return conv_into(call, call.tensor(0), f"{prefix}.weight", bias, int(module.groups))
 
 
 def _batchnorm(call: Call, module: nn.Module, prefix: str) -> AbsValue:
@@ -214,6 +192,8 @@ def apply_rule(walker: Walker, node: fx.Node) -> AbsValue:
     call = Call(walker, node)
     if node.op == "call_module":
         rule = _module_rule
+    elif node.op == "call_function" and is_aten(node.target):
+        rule = aten_rule(node.target)  # type: ignore[assignment]
     elif node.op == "call_function":
         rule = FUNCTION_RULES.get(node.target)  # type: ignore[assignment]
     else:

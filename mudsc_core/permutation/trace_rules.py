@@ -292,6 +292,36 @@ def linear_into(call: Call, x: AbsTensor, weight: str, bias: str | None) -> AbsT
     return AbsTensor(x.axes[:-1] + (wt.axes[0],))
 
 
+def conv_into(call: Call, x: AbsTensor, weight: str, bias: str | None, groups: int) -> AbsTensor:
+    """Convolution: channels join the weight's columns ("in") and rows; grouped convs factor channels by group."""
+    w = call.walker
+    wt = w.param(weight)
+    spatial = wt.ndim - 2
+    ch = x.ndim - spatial - 1
+    w.set_role(weight, 1, "in")
+    for k in range(2, 2 + spatial):
+        w.algebra.pin_layout(wt.axes[k], "conv kernel")
+    if groups == 1:
+        w.join(x.axes[ch], wt.axes[1], "conv")
+    else:
+        alg = w.algebra
+        x_norm, w_norm = alg.normalize(x.axes[ch]), alg.normalize(wt.axes[0])
+        if x_norm is None or w_norm is None or len(x_norm) != 1 or len(w_norm) != 1:
+            raise Conflict("grouped conv over cut channels")
+        in_channels = alg.seg_size(x_norm[0])
+        out_channels = alg.seg_size(w_norm[0])
+        x_group, x_within = alg.split_seg(x_norm[0], (groups, in_channels // groups))
+        w_group, _ = alg.split_seg(w_norm[0], (groups, out_channels // groups))
+        w.join((x_group,), (w_group,), "grouped conv groups")
+        w.join((x_within,), wt.axes[1], "grouped conv")
+    if bias is not None:
+        w.join(w.param(bias).axes[0], wt.axes[0], "conv bias")
+    for k in range(ch + 1, x.ndim):
+        w.algebra.pin_layout(x.axes[k], "conv spatial")
+    out_spatial = call.out_shape[ch + 1 :]
+    return AbsTensor(x.axes[:ch] + (wt.axes[0],) + w.fresh(out_spatial, "conv spatial").axes)
+
+
 def _param_name(call: Call, index: int, name: str) -> str | None:
     raw = call.node.args[index] if index < len(call.node.args) else call.node.kwargs.get(name)
     if isinstance(raw, fx.Node) and raw.op == "get_attr" and call.walker.has_param(str(raw.target)):

@@ -83,7 +83,15 @@ def reshape_to(call: Call, x: AbsTensor, dst: tuple[int, ...]) -> AbsValue:
             for o, layout in zip(outs, split):
                 axes[o] = layout
         elif len(outs) == 1:
-            axes[outs[0]] = _merge(call, [x.axes[i] for i in ins])
+            try:
+                axes[outs[0]] = _merge(call, [x.axes[i] for i in ins])
+            except Conflict as exc:
+                # Only these axes cannot be followed (batch and tokens flattened for a matmul, with the
+                # tokens cut by a mask): pin them here and keep following the other axes.
+                reason = f"reshape {getattr(call.node.target, '__name__', call.node.target)}: {exc}"
+                for i in ins:
+                    w.algebra.pin_layout(x.axes[i], reason)
+                axes[outs[0]] = w.fresh((dst[outs[0]],), reason).axes[0]
         else:
             raise Conflict("reshape mixes several axes into several axes")
     filled = tuple(a if a is not None else w.algebra.plain(n) for a, n in zip(axes, dst))
@@ -188,7 +196,6 @@ def reshape(call: Call) -> AbsValue:
 
 
 def permute(call: Call) -> AbsValue:
-    value = call.abs(0)
     ndim = len(call.out_shape)
     target = call.node.target
     if target in ("transpose", torch.transpose, "swapaxes"):
@@ -200,6 +207,12 @@ def permute(call: Call) -> AbsValue:
     else:
         raw = call.node.args[1:] if len(call.node.args) > 2 else call.arg(1, "dims")
         dims = [norm_dim(d, ndim) for d in (raw if isinstance(raw, (tuple, list)) else (raw,))]
+    return permute_by(call, dims)
+
+
+def permute_by(call: Call, dims: list[int]) -> AbsValue:
+    """The first argument with its axes reordered: output axis i is input axis ``dims[i]``."""
+    value = call.abs(0)
     if isinstance(value, Stacked):
         new_axis = dims.index(value.axis)
         rest = [d - (d > value.axis) for d in dims if d != value.axis]
