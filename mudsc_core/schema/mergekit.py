@@ -56,7 +56,13 @@ _METHODS = {
     "slerp",
     "multislerp",
     "model_stock",
+    "nuslerp",
+    "karcher",
+    "sce",
+    "nearswap",
 }
+# Methods whose mergekit base_model is our models[0] (mergekit interpolates from it to the other model).
+_BASE_IS_FIRST_MODEL = {"slerp", "nearswap"}
 _TIES_LIKE = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 _SPARSIFYING = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
@@ -124,7 +130,7 @@ def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
     models = [{"model": m["uri"], "parameters": _model_parameters(m, per_model, weighted)} for m in spec["models"]]
     models = [m if m["parameters"] else {"model": m["model"]} for m in models]
     config: dict[str, Any] = {"merge_method": method}
-    if method == "slerp":  # mergekit interpolates from its base model (t = 0) to the other model
+    if method in _BASE_IS_FIRST_MODEL:  # mergekit interpolates from its base model (t = 0) to the other model
         config["base_model"] = spec["models"][0]["uri"]
         models = [{"model": m["uri"]} for m in spec["models"]]
     elif spec.get("base_model"):
@@ -193,7 +199,7 @@ _IGNORED_PARAMETERS = {"int8_mask": "int8_mask (the sign mask's dtype) changes n
 # mergekit's defaults where they differ from ours (filled in explicitly so the merge is mergekit's).
 _MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {m: {"density": 1.0} for m in _SPARSIFYING}
 # Parameters mergekit requires (no default).
-_REQUIRED = {"slerp": ("t",)}
+_REQUIRED = {"slerp": ("t",), "nearswap": ("t",)}
 # mergekit parameters we have only at mergekit's default value.
 _FIXED = {"multislerp": {"eps": 1e-8}}
 
@@ -340,7 +346,7 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
     shared_names = sorted(
         {_RENAMED.get(k, k) for k in fields if k not in ours_only and k not in _PER_MODEL}
         | {k for k in per_model_names}
-        | set(_IGNORED_PARAMETERS if method in _TIES_LIKE | _SPARSIFYING | {"task_arithmetic"} else ())
+        | set(_IGNORED_PARAMETERS if method in _TIES_LIKE | _SPARSIFYING | {"task_arithmetic", "sce"} else ())
         | set(_FIXED.get(method, {}))
     )
 
@@ -388,7 +394,7 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
         problem = _model_problem(base)
         if problem:
             errors.append(_error(("base_model",), problem))
-    needs_base = info.requires_base or method == "slerp"
+    needs_base = info.requires_base or method in _BASE_IS_FIRST_MODEL
     if base is None and needs_base:
         errors.append(_error(("base_model",), f"missing: {method} needs a base_model"))
     if base is not None and not needs_base and method != "linear":
@@ -451,10 +457,12 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
             parameters["weight"] = global_weight
         models.append({"uri": entry["model"], "parameters": parameters})
         model_locs.append((*loc,))
-    if method == "slerp" and base is not None:
+    if method in _BASE_IS_FIRST_MODEL and base is not None:
         if len(models) != 1:
             errors.append(
-                _error(("models",), f"slerp interpolates the base_model and one other model; got {len(models)} others")
+                _error(
+                    ("models",), f"{method} interpolates the base_model and one other model; got {len(models)} others"
+                )
             )
         models.insert(0, {"uri": base, "parameters": {}})
         model_locs.insert(0, ("base_model",))
@@ -477,7 +485,9 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
     if source is not None:
         uris = [m["uri"] for m in models]
         if source == "base":
-            output["tokenizer_source"] = "base" if config.get("base_model") and method not in ("slerp", "linear") else 0
+            output["tokenizer_source"] = (
+                "base" if config.get("base_model") and method not in _BASE_IS_FIRST_MODEL | {"linear"} else 0
+            )
             if method == "linear" or not config.get("base_model"):
                 errors.append(_error(("tokenizer_source",), "'base' needs a base_model"))
         elif source == "union":

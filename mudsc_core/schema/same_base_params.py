@@ -10,7 +10,7 @@ Defaults follow mergekit's registry (normalize/rescale per method) and the paper
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, ClassVar, Literal, Protocol
 
 from pydantic import AfterValidator, Field, model_validator
@@ -30,6 +30,22 @@ Gamma = Annotated[ParameterValue, AfterValidator(checker("gamma"))]
 Epsilon = Annotated[ParameterValue, AfterValidator(checker("epsilon"))]
 Lambda = Annotated[ParameterValue, AfterValidator(checker("scaling_factor"))]
 Position = Annotated[ParameterValue, AfterValidator(checker("t"))]
+
+
+def _check_unit_interval(name: str) -> Callable[[ParameterValue], ParameterValue]:
+    """Bounds [0, 1] (those of ``t``) for another knob, the message naming it."""
+    check_t = checker("t")
+
+    def check(value: ParameterValue) -> ParameterValue:
+        try:
+            return check_t(value)
+        except ValueError as exc:
+            raise ValueError(name + str(exc).removeprefix("t")) from None
+
+    return check
+
+
+SelectTopk = Annotated[ParameterValue, AfterValidator(_check_unit_interval("select_topk"))]
 
 
 class TensorParams(Frozen):
@@ -287,4 +303,44 @@ class IsoCtsParams(_Scaled):
         gt=0.0,
         le=1.0,
         description="share of the rank given to the common subspace (top directions of the summed task vector)",
+    )
+
+
+class NuslerpParams(TensorParams):
+    """mergekit's ``nuslerp`` without a base model: t = w_1 / (w_0 + w_1) from the two models' weights."""
+
+    nuslerp_flatten: bool = Field(True, description="treat the whole tensor as one vector (mergekit's default)")
+    nuslerp_row_wise: bool = Field(
+        False,
+        description="without flattening: interpolate along dim 0 (each column) instead of the last dim (each row)",
+    )
+
+
+class KarcherParams(TensorParams):
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ()  # mergekit's karcher weighs the models equally
+
+    max_iter: int = Field(10, ge=0, le=1000, description="Riemannian gradient steps at most")
+    tol: float = Field(1e-5, gt=0.0, le=1.0, description="stop once the tangent step's norm is below tol")
+
+
+class SceParams(TensorParams):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("select_topk",)
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ()  # mergekit's sce weighs by task-vector energy only
+
+    select_topk: SelectTopk = Field(
+        1.0,
+        description="fraction of the entries with the largest variance across the task vectors kept, "
+        "in [0, 1] (1 keeps all)" + _VARIES,
+    )
+
+
+class NearswapParams(TensorParams):
+    TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("t",)
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ()  # mergekit's nearswap has no per-model parameter
+
+    t: Position = Field(
+        0.0001,
+        description="similarity threshold: each entry moves from models[0] toward models[1] by "
+        "min(1, t / |difference|), in [0, 1] (mergekit requires t; 0.0001 is the method's reference "
+        "merge)" + _VARIES,
     )

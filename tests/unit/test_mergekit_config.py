@@ -110,7 +110,7 @@ def test_a_global_weight_is_every_model_s_fallback() -> None:
         ({"frobnicate": 1}, ["frobnicate"], "supported keys"),
         ({"tokenizer_source": "union"}, ["tokenizer_source"], "union"),
         ({"tokenizer_source": "s3://models/acme/z/"}, ["tokenizer_source"], "one of the models"),
-        ({"merge_method": "nuslerp"}, ["merge_method"], "supported"),
+        ({"merge_method": "passthrough"}, ["merge_method"], "supported"),
         ({"merge_method": "mudsc"}, ["merge_method"], "supported"),
         ({"dtype": "float64"}, ["dtype"], "supported"),
         ({"parameters": {"scaling_factor": 1}}, ["parameters", "scaling_factor"], "lambda"),
