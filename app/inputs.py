@@ -2,7 +2,9 @@
 
 Every referenced object must exist, be readable, fit the size limit and be safetensors by
 its header; a model folder (URI ending in '/') must hold safetensors shards (all those its
-``model.safetensors.index.json`` names). Failures raise :class:`ApiProblem` naming the URI.
+``model.safetensors.index.json`` names). A model's LoRA adapter folder must hold a valid PEFT LoRA
+config and weights that fit the model's tensors (rules: ``mudsc_core.formats.peft_adapter``).
+Failures raise :class:`ApiProblem` naming the URI.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from app.auth import Tenant
 from app.problems import ApiProblem
 from mudsc_core.errors import MergeError
-from mudsc_core.formats import hf_folder
+from mudsc_core.formats import hf_folder, peft_adapter
 from mudsc_core.formats.safetensors import (
     FLOAT_DTYPES,
     InvalidSafetensors,
@@ -46,6 +48,7 @@ def _problem(uri: str, error: MergeError, loc: list[Any]) -> ApiProblem:
 def referenced(spec: JobSpec) -> list[tuple[str, list[Any]]]:
     """Every input URI with its location in the request body."""
     refs: list[tuple[str, list[Any]]] = [(m.uri, ["body", "models", i, "uri"]) for i, m in enumerate(spec.models)]
+    refs += [(m.lora.uri, ["body", "models", i, "lora", "uri"]) for i, m in enumerate(spec.models) if m.lora]
     if spec.base_model is not None:
         refs.append((spec.base_model.uri, ["body", "base_model", "uri"]))
     if spec.calibration is not None:
@@ -180,6 +183,10 @@ class ObjectChecker:
 
     def check_folder(self, uri: str, loc: list[Any]) -> int:
         """A model folder's weight files exist, fit the limit and are float safetensors (rules: ``hf_folder``)."""
+        return self._folder(uri, loc)[0]
+
+    def _list(self, uri: str, loc: list[Any]) -> dict[str, int]:
+        """The objects directly under a folder URI with their sizes (422 when there are none or too many)."""
         bucket, prefix = split_uri(uri)
         objects: dict[str, int] = {}
         paginator = self.client.get_paginator("list_objects_v2")
@@ -198,6 +205,11 @@ class ObjectChecker:
             raise _problem(uri, read_failure(uri, exc), loc) from None
         if not objects:
             raise _unprocessable(uri, "model folder not found (no objects under this prefix)", "object_not_found", loc)
+        return objects
+
+    def _folder(self, uri: str, loc: list[Any]) -> tuple[int, dict[str, TensorInfo]]:
+        """``check_folder``'s checks; the total weight bytes and every tensor's header entry."""
+        objects = self._list(uri, loc)
         try:
             weight_map = None
             if hf_folder.INDEX_NAME in objects:
@@ -212,9 +224,33 @@ class ObjectChecker:
             raise _problem(uri, exc, loc) from None
         total = sum(objects[s] for s in shards)
         self._check_size(uri, loc, total)
+        tensors: dict[str, TensorInfo] = {}
         for shard in shards:
-            self._check_weight_dtypes(uri + shard, loc, self.safetensors_header(uri + shard, loc, objects[shard]))
-        return total
+            header = self.safetensors_header(uri + shard, loc, objects[shard])
+            self._check_weight_dtypes(uri + shard, loc, header)
+            tensors.update(
+                header if weight_map is None else {n: t for n, t in header.items() if weight_map.get(n) == shard}
+            )
+        return total, tensors
+
+    def check_adapter(self, uri: str, loc: list[Any], base: dict[str, TensorInfo]) -> None:
+        """A PEFT LoRA adapter folder: its config and weights, checked against its base's tensors."""
+        objects = self._list(uri, loc)
+        try:
+            peft_adapter.files_to_fetch(objects)
+            config_uri = uri + peft_adapter.CONFIG_NAME
+            size = objects[peft_adapter.CONFIG_NAME]
+            config = peft_adapter.parse_config(self._range(config_uri, loc, 0, max(size - 1, 0)) if size else b"")
+            weights_uri = uri + peft_adapter.WEIGHTS_NAME
+            self._check_size(weights_uri, loc, objects[peft_adapter.WEIGHTS_NAME])
+            header = self.safetensors_header(weights_uri, loc, objects[peft_adapter.WEIGHTS_NAME])
+            peft_adapter.pair_tensors(
+                {n: (t.dtype, t.shape) for n, t in header.items()},
+                {n: t.shape for n, t in base.items()},
+                config,
+            )
+        except MergeError as exc:
+            raise _problem(uri, exc, loc) from None
 
     def check_output_empty(self, output_uri: str) -> None:
         """An explicit output prefix that already holds objects (another job's results, say) is refused."""
@@ -239,9 +275,11 @@ class ObjectChecker:
                 else ["body", "base_model", "uri"]
             )
             if model.uri.endswith("/"):
-                self.check_folder(model.uri, loc)
+                _, tensors = self._folder(model.uri, loc)
             else:
-                self.check_file(model.uri, loc)
+                _, tensors = self.check_file(model.uri, loc)
+            if model.lora is not None:
+                self.check_adapter(model.lora.uri, ["body", "models", model_index, "lora", "uri"], tensors)
         if spec.calibration is not None:
             loc = ["body", "calibration", "uri"]
             size = self.head(spec.calibration.uri, loc)

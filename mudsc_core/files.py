@@ -9,16 +9,19 @@ for same-base merges, the model config and card.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mudsc_core.errors import InvalidCalibration
+from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint
 from mudsc_core.output import carried_files, write_sidecars
 from mudsc_core.progress import Progress
 from mudsc_core.schema import METHODS, JobSpec
+
+if TYPE_CHECKING:
+    from mudsc_core.io import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class LocalInputs:
     models: list[Path]
     base_model: Path | None = None
     calibration: Path | None = None
+    # Per model: the local PEFT LoRA adapter folder applied to it (``models[i].lora``), or None.
+    loras: list[Path | None] = field(default_factory=list)
 
 
 def load_calibration(path: Path, tensor_name: str, max_samples: int) -> torch.Tensor:
@@ -61,7 +66,7 @@ def merge_files(
         report = merge_checkpoints(
             spec.method.name,
             spec.method.typed_params(),
-            inputs.models,
+            _same_base_models(spec, inputs),
             inputs.base_model,
             [m.weight for m in spec.models],
             out_dir,
@@ -95,6 +100,33 @@ def merge_files(
     report.setdefault("metrics", {})
     write_sidecars(out_dir, carried=carried_files(_tokenizer_folder(spec, inputs)), report=report, **sidecars)
     return report
+
+
+def _same_base_models(spec: JobSpec, inputs: LocalInputs) -> list[Path | Checkpoint]:
+    """The models as paths, or, where a model has a LoRA adapter, as the base with the adapter applied
+    (a :class:`~mudsc_core.lora.LoraCheckpoint`: the adapted tensors are computed as they are read)."""
+    loras = list(inputs.loras) + [None] * (len(inputs.models) - len(inputs.loras))
+    if len(loras) != len(inputs.models) or any(
+        (lora is None) != (ref.lora is None) for lora, ref in zip(loras, spec.models)
+    ):
+        raise ValueError("give one local adapter folder per model with a LoRA adapter (and none for the others)")
+    if all(lora is None for lora in loras):
+        return list(inputs.models)
+    from mudsc_core.io import open_checkpoint
+    from mudsc_core.lora import open_lora_checkpoint
+
+    models: list[Path | Checkpoint] = []
+    for path, lora, ref in zip(inputs.models, loras, spec.models):
+        if lora is None or ref.lora is None:
+            models.append(path)
+            continue
+        base = open_checkpoint(path)
+        try:
+            models.append(open_lora_checkpoint(base, lora))
+        except InvalidCheckpoint as exc:  # name the adapter as the user gave it, not the local folder
+            detail = exc.message.removeprefix(f"{lora.name}: ")
+            raise InvalidCheckpoint(f"{ref.lora.uri}: {detail}") from None
+    return models
 
 
 def _tokenizer_folder(spec: JobSpec, inputs: LocalInputs) -> Path | None:

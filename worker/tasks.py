@@ -284,7 +284,11 @@ class JobRunner:
         inputs_dir = scratch / "in"
         plan: list[Any] = []
         model_paths: list[Path] = []
+        fetched: dict[str, Path] = {}  # a model named twice (a base under two LoRA adapters) is fetched once
         for index, model in enumerate([*spec.models, *([spec.base_model] if spec.base_model else [])]):
+            if model.uri in fetched:
+                model_paths.append(fetched[model.uri])
+                continue
             if model.uri.endswith("/"):
                 local = inputs_dir / f"model{index}"
                 objects = transfers.plan_folder(model.uri, local)
@@ -294,6 +298,16 @@ class JobRunner:
             transfers.check_size(model.uri, objects)
             plan.extend(objects)
             model_paths.append(local)
+            fetched[model.uri] = local
+        lora_paths: list[Path | None] = []
+        for index, model in enumerate(spec.models):  # each adapter beside the model it applies to
+            lora_local = None
+            if model.lora is not None:
+                lora_local = inputs_dir / f"model{index}.lora"
+                objects = transfers.plan_adapter_folder(model.lora.uri, lora_local)
+                transfers.check_size(model.lora.uri, objects)
+                plan.extend(objects)
+            lora_paths.append(lora_local)
         calibration_path = None
         if spec.calibration is not None:
             calibration_path = inputs_dir / "calibration.safetensors"
@@ -302,7 +316,7 @@ class JobRunner:
         transfers.download(plan, self.byte_progress("downloading", total, "downloaded"))
         self.progress("downloading", 1.0, f"{len(plan)} objects, {total} bytes")
         base = model_paths.pop() if spec.base_model else None
-        inputs = LocalInputs(models=model_paths, base_model=base, calibration=calibration_path)
+        inputs = LocalInputs(models=model_paths, base_model=base, calibration=calibration_path, loras=lora_paths)
 
         # ---- merge
         from mudsc_core.devices import resolve_device

@@ -30,7 +30,7 @@ from botocore.exceptions import ConnectionError as NoConnection
 from s3transfer.exceptions import RetriesExceededError as StreamRetriesExceeded
 
 from mudsc_core.errors import InvalidCheckpoint, ObjectNotFound
-from mudsc_core.formats import hf_folder
+from mudsc_core.formats import hf_folder, peft_adapter
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.storage import (
     STORAGE_ERRORS,
@@ -121,6 +121,23 @@ class Transfers:
                 body = self.client.get_object(Bucket=bucket, Key=prefix + hf_folder.INDEX_NAME)["Body"].read()
                 weight_map = hf_folder.parse_index(body)
             names = hf_folder.files_to_fetch(sizes, weight_map)
+        except STORAGE_ERRORS as exc:
+            raise read_failure(uri, exc, stage="downloading") from None
+        except (InvalidCheckpoint, ObjectNotFound) as exc:
+            raise type(exc)(f"{uri}: {exc.message}", stage="downloading") from None
+        return [RemoteObject(uri + name, bucket, prefix + name, sizes[name], local / name) for name in names]
+
+    def plan_adapter_folder(self, uri: str, local: Path) -> list[RemoteObject]:
+        """A PEFT LoRA adapter folder's config and weights (rules: :mod:`mudsc_core.formats.peft_adapter`)."""
+        bucket, prefix = split_uri(uri)
+        sizes: dict[str, int] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"
+            ):
+                for obj in page.get("Contents", []):
+                    sizes[obj["Key"][len(prefix) :]] = int(obj["Size"])
+            names = peft_adapter.files_to_fetch(sizes)
         except STORAGE_ERRORS as exc:
             raise read_failure(uri, exc, stage="downloading") from None
         except (InvalidCheckpoint, ObjectNotFound) as exc:

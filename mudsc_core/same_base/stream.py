@@ -145,7 +145,7 @@ class _Timer:
 def merge_checkpoints(
     method_name: str,
     params: Frozen | Mapping[str, Any],
-    models: list[Path],
+    models: Sequence[Path | Checkpoint],
     base: Path | None,
     weights: list[float],
     out_dir: Path,
@@ -157,6 +157,9 @@ def merge_checkpoints(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge same-base checkpoints tensor by tensor into ``out_dir``; return the report.
+
+    A model is a path or an open :class:`~mudsc_core.io.Checkpoint` (a view such as
+    :class:`~mudsc_core.lora.LoraCheckpoint`, a base with a LoRA adapter applied as it is read).
 
     ``model_parameters``: per model, mergekit's ``models[i].parameters`` (``weight``, ``density``,
     ``gamma``, ``epsilon``: numbers, gradients over the layers or filter lists); they override the
@@ -173,7 +176,8 @@ def merge_checkpoints(
         raise ValueError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}")
     per_model = _model_parameters(params, model_parameters, len(models))
 
-    checkpoints = [open_checkpoint(Path(m)) for m in models]
+    checkpoints = [m if isinstance(m, Checkpoint) else open_checkpoint(Path(m)) for m in models]
+    names = [c.path for c in checkpoints]  # what the spec and the card name
     base_ckpt = open_checkpoint(Path(base)) if base is not None else None
     plan, notes = _plan(checkpoints, base_ckpt)
     resolver = _resolver(params, per_model, weights, [p.name for p in plan])
@@ -232,14 +236,14 @@ def merge_checkpoints(
         spec = (
             spec_json
             if spec_json is not None
-            else _default_spec(method_name, params, models, base, weights, dtype, shard_size_bytes, per_model)
+            else _default_spec(method_name, params, names, base, weights, dtype, shard_size_bytes, per_model)
         )
         files += write_sidecars(
             partial,
             config_source=config_source,
             dtype=dtype,
             spec=spec,
-            card=model_card(method_name, params, models, base, weights, dtype, len(plan), notes, spec_json, per_model),
+            card=model_card(method_name, params, names, base, weights, dtype, len(plan), notes, spec_json, per_model),
         )
         for name in files:
             os.replace(partial / name, out_dir / name)

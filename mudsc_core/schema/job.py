@@ -54,8 +54,23 @@ def _checkpoint_uri(uri: str) -> str:
     return uri
 
 
+def _folder_uri(uri: str) -> str:
+    if not uri.endswith("/"):
+        raise ValueError("must name a PEFT adapter folder ending in '/'")
+    return uri
+
+
+class LoraRef(Frozen):
+    uri: Annotated[S3Uri, AfterValidator(_folder_uri)] = Field(
+        description="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
+
+
 class ModelRef(Frozen):
     uri: Annotated[S3Uri, AfterValidator(_checkpoint_uri)]
+    lora: LoraRef | None = Field(
+        None, description="a PEFT LoRA adapter applied to the model at uri (its base): same-base methods only"
+    )
     weight: float = Field(1.0, gt=0.0, le=1e6)
     parameters: Annotated[dict[str, ParameterValue], AfterValidator(check_model_parameter_values)] = Field(
         default_factory=dict,
@@ -191,6 +206,13 @@ class JobSpec(Frozen):
             calibration=self.calibration is not None,
             weighted=any(m.weight != 1.0 for m in self.models),
         )
+        if any(m.lora is not None for m in self.models) and METHODS[self.method.name].family != "same_base":
+            raise ValueError(
+                f"method {self.method.name!r} takes no LoRA adapters (models[i].lora): adapters are inputs of "
+                "same-base methods only"
+            )
+        if self.base_model is not None and self.base_model.lora is not None:
+            raise ValueError("base_model takes no LoRA adapter (give the adapted model as one of the models)")
         if any(m.parameters for m in self.models):
             typed = self.method.typed_params()
             if not isinstance(typed, TensorParams):
@@ -222,6 +244,7 @@ class JobSpec(Frozen):
 
     def input_uris(self) -> list[str]:
         uris = [m.uri for m in self.models]
+        uris += [m.lora.uri for m in self.models if m.lora is not None]
         if self.base_model is not None:
             uris.append(self.base_model.uri)
         if self.calibration is not None:
