@@ -33,6 +33,7 @@ from typing import Annotated, Any
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter
 
+from mudsc_core.errors import InvalidParameters
 from mudsc_core.schema._base import Frozen
 
 _SHAPES = "a number, a list of numbers (a gradient over the layers) or a list of {filter, value} entries"
@@ -139,6 +140,15 @@ def evaluate(value: ParameterValue, tensor_name: str, t: float) -> float | None:
 def resolve(value: ParameterValue, tensor_name: str, layer: int | None, layers: int) -> float | None:
     """The value of a parameter for one tensor: ``(value, tensor name, layer index, layer count) -> float``."""
     return evaluate(value, tensor_name, layer_t(layer, layers))
+
+
+def longest_gradient(value: ParameterValue) -> int:
+    """The number of anchors of the longest gradient in ``value`` (0 for a plain number)."""
+    if isinstance(value, list):
+        if value and isinstance(value[0], FilterOverride):
+            return max(longest_gradient(entry.value) for entry in value)
+        return len(value)
+    return 0
 
 
 def is_scalar(value: ParameterValue) -> bool:
@@ -298,6 +308,23 @@ class ParameterResolver:
         self.model_parameters = list(model_parameters)
         self.weights = list(weights)
         self.layers = layers
+        self._check_gradient_lengths()
+
+    def _check_gradient_lengths(self) -> None:
+        """A gradient with more anchors than the checkpoint has layers is refused (it cannot mean what it says)."""
+        if self.layers < 1:
+            return
+        named = [(key, getattr(self.params, key)) for key in self.shared_keys]
+        named += [
+            (f"models[{i}].{key}", value) for i, own in enumerate(self.model_parameters) for key, value in own.items()
+        ]
+        for where, value in named:
+            anchors = longest_gradient(value)
+            if anchors > self.layers:
+                raise InvalidParameters(
+                    f"{where}: a gradient of {anchors} values for a checkpoint of {self.layers} layers; give at "
+                    f"most {self.layers} (one per layer) or fewer anchors"
+                )
 
     def _method_value(self, key: str, name: str, layer: int | None) -> float | None:
         fields = type(self.params).model_fields

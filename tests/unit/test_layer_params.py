@@ -306,3 +306,39 @@ def test_mergekit_yaml_shows_per_model_parameters_and_gradients() -> None:
     slerp = _spec({"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.5}]}, "slerp")
     config = yaml.safe_load(to_mergekit(slerp.model_dump(mode="json")).yaml or "")
     assert config["parameters"] == {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.5}]}
+
+
+def test_a_gradient_longer_than_the_layer_count_fails_the_merge(tmp_path: Path) -> None:
+    """Bad input (issue: per-layer parameters): 5 anchors for a 2-layer checkpoint is refused, naming it."""
+    from safetensors.torch import save_file
+
+    from mudsc_core.errors import InvalidParameters
+    from mudsc_core.same_base.stream import merge_checkpoints
+
+    names = ["model.layers.0.w", "model.layers.1.w", "model.embed.weight"]
+    paths = []
+    for i, scale in enumerate((0.0, 1.0, 2.0)):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({n: torch.full((3,), scale) for n in names}, path)
+        paths.append(path)
+    with pytest.raises(InvalidParameters, match="gradient of 5 values for a checkpoint of 2 layers"):
+        merge_checkpoints(
+            "ties",
+            {"density": [0.1, 0.2, 0.3, 0.4, 0.5]},
+            paths[1:],
+            paths[0],
+            [1.0, 1.0],
+            tmp_path / "out",
+            dtype="float32",
+            shard_size_bytes=1 << 30,
+        )
+    merge_checkpoints(
+        "ties",
+        {"density": [0.2, 0.5]},
+        paths[1:],
+        paths[0],
+        [1.0, 1.0],
+        tmp_path / "ok",
+        dtype="float32",
+        shard_size_bytes=1 << 30,
+    )
