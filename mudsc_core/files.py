@@ -2,7 +2,8 @@
 
 Dispatches by method family: permutation methods (MuDSC and its special cases) load the
 (small, separately trained) models whole and call :func:`mudsc_core.permutation.merge.merge`;
-same-base methods stream tensor by tensor (:mod:`mudsc_core.same_base.stream`). Either way the
+same-base methods stream tensor by tensor (:mod:`mudsc_core.same_base.stream`; ``passthrough`` with
+the job's ``slices``: :mod:`mudsc_core.same_base.passthrough`). Either way the
 folder gets the weights and its sidecars (:mod:`mudsc_core.output`): the job spec, the report and,
 for same-base merges, the model config and card.
 """
@@ -60,7 +61,19 @@ def merge_files(
     info = METHODS[spec.method.name]
     spec_json = spec.model_dump(mode="json")
     sidecars: dict[str, Any] = {}
-    if info.family == "same_base":
+    if info.family == "same_base" and spec.slices is not None:
+        from mudsc_core.same_base.passthrough import merge_slices
+
+        report = merge_slices(
+            spec.slices,
+            _same_base_models(spec, inputs),
+            out_dir,
+            dtype=spec.output.dtype,
+            shard_size_bytes=spec.output.shard_size_bytes,
+            spec_json=spec_json,
+            progress=progress,
+        )
+    elif info.family == "same_base":
         from mudsc_core.same_base.stream import merge_checkpoints
 
         report = merge_checkpoints(

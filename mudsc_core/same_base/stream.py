@@ -167,6 +167,8 @@ def merge_checkpoints(
     """
     started = time.perf_counter()
     info = same_base_method(method_name)
+    if method_name == "passthrough":  # a layer remap, not a per-tensor merge of the same tensor
+        raise ValueError("passthrough stacks the job's slices: use mudsc_core.same_base.passthrough.merge_slices")
     if not isinstance(params, info.params):
         params = info.params.model_validate(dict(params) if isinstance(params, Mapping) else params.model_dump())
     if len(weights) != len(models) or not models:

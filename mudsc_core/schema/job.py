@@ -180,6 +180,40 @@ def _check_unicode(value: Any, path: list[str | int], depth: int = 0) -> None:
             _check_unicode(item, [*path, index], depth + 1)
 
 
+MAX_LAYER = 100_000  # a layer index bound (the models' own layer counts are checked when they are read)
+
+
+class SliceSource(Frozen):
+    model: int = Field(ge=0, le=63, strict=True, description="index into models")
+    layer_range: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER, strict=True)], ...] = Field(
+        description="[start, end): the model's layers start .. end - 1, as mergekit's layer_range",
+        examples=[[0, 16]],
+    )
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) != 2:
+            raise ValueError(f"layer_range must be [start, end], got {len(value)} numbers")
+        if value[0] >= value[1]:
+            raise ValueError(f"layer_range [{value[0]}, {value[1]}] is empty: start must be below end")
+        return value
+
+
+class LayerSlice(Frozen):
+    sources: list[SliceSource] = Field(description="one source per slice (passthrough copies its layers)")
+
+    @field_validator("sources")
+    @classmethod
+    def _one_source(cls, value: list[SliceSource]) -> list[SliceSource]:
+        if len(value) != 1:
+            raise ValueError(
+                f"a slice takes exactly one source here, got {len(value)} (passthrough copies one model's layers; "
+                "merging several sources per slice is not supported)"
+            )
+        return value
+
+
 class JobSpec(Frozen):
     method: MethodSpec
     models: list[ModelRef] = Field(min_length=2, max_length=64)
@@ -188,6 +222,13 @@ class JobSpec(Frozen):
     calibration: CalibrationSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
     labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
+    slices: list[LayerSlice] | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="passthrough only: the output's layers, slice after slice, each a layer range of one model "
+        "(embeddings from the first slice's model, final norm and head from the last's)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -206,6 +247,7 @@ class JobSpec(Frozen):
             calibration=self.calibration is not None,
             weighted=any(m.weight != 1.0 for m in self.models),
         )
+        self._check_slices()
         if any(m.lora is not None for m in self.models) and METHODS[self.method.name].family != "same_base":
             raise ValueError(
                 f"method {self.method.name!r} takes no LoRA adapters (models[i].lora): adapters are inputs of "
@@ -232,6 +274,33 @@ class JobSpec(Frozen):
         if isinstance(source, int) and source >= len(self.models):
             raise ValueError(f"output.tokenizer_source {source} is not a model index (0..{len(self.models) - 1})")
         return self
+
+    def _check_slices(self) -> None:
+        if self.method.name != "passthrough":
+            if self.slices is not None:
+                raise ValueError(
+                    f"slices (layer ranges) are taken by method 'passthrough' only, not {self.method.name!r}"
+                )
+            return
+        if self.slices is None:
+            raise ValueError(
+                "method 'passthrough' needs slices: [{sources: [{model: <index into models>, layer_range: "
+                "[start, end]}]}, ...]"
+            )
+        used: set[int] = set()
+        for i, layer_slice in enumerate(self.slices):
+            for j, source in enumerate(layer_slice.sources):
+                if source.model >= len(self.models):
+                    raise ValueError(
+                        f"slices[{i}].sources[{j}].model {source.model} is not a model index "
+                        f"(0..{len(self.models) - 1})"
+                    )
+                used.add(source.model)
+        unused = [i for i in range(len(self.models)) if i not in used]
+        if unused:
+            raise ValueError(f"models[{unused[0]}] is used by no slice; remove it or name it in slices")
+        if any(m.weight != 1.0 for m in self.models):
+            raise ValueError("method 'passthrough' takes no model weights (each tensor comes from one model)")
 
     def tokenizer_folder_index(self) -> int | None:
         """Which input carries the tokenizer: a model index, len(models) for the base, None for none."""

@@ -20,6 +20,10 @@ both have, ``to_mergekit(from_mergekit(config))`` gives the configuration back w
 way :func:`to_mergekit` writes it (every per-model knob in each model, ``dtype`` given); any other
 spelling gives an equivalent configuration (``int8_mask``, ``name`` and ``model_name`` are accepted
 and dropped: they change no number).
+
+``passthrough`` is translated with its ``slices`` (one source each: ``{model: s3://..., layer_range: [a, b]}``):
+our ``models`` are the distinct models in order of first use and each source names its model by index;
+``slices`` with any other method stays refused at its key.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ _METHODS = {
     "karcher",
     "sce",
     "nearswap",
+    "passthrough",
 }
 # Methods whose mergekit base_model is our models[0] (mergekit interpolates from it to the other model).
 _BASE_IS_FIRST_MODEL = {"slerp", "nearswap"}
@@ -115,6 +120,8 @@ def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
     params = dict(spec["method"].get("params") or {})
     if method not in _METHODS:
         return MergekitConfig(None, f"mergekit has no {method!r} method")
+    if method == "passthrough":
+        return _passthrough_to_mergekit(spec)
     if method in _TIES_LIKE and params.get("consensus", "sum") != "sum":
         return MergekitConfig(None, f"mergekit's sign election is 'sum' only; this job uses {params['consensus']!r}")
     if params.get("topk_scope", "tensor") != "tensor":
@@ -148,6 +155,23 @@ def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
     return MergekitConfig(config, reason)
 
 
+def _passthrough_to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
+    """``passthrough`` with slices: each source's model index becomes the model's URI."""
+    uris = [str(m["uri"]) for m in spec["models"]]
+    slices = [
+        {"sources": [{"model": uris[s["model"]], "layer_range": list(s["layer_range"])} for s in piece["sources"]]}
+        for piece in spec.get("slices") or []
+    ]
+    if not slices:
+        return MergekitConfig(None, "passthrough without slices has no mergekit equivalent here")
+    config: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
+    config["dtype"] = spec.get("output", {}).get("dtype", "float32")
+    tokenizer = _tokenizer_source(spec, spec["models"])
+    if tokenizer is not None:
+        config["tokenizer_source"] = tokenizer
+    return MergekitConfig(config, "")
+
+
 def _params_class(method: str) -> type[TensorParams]:
     params = METHODS[method].params
     assert issubclass(params, TensorParams)  # every method of _METHODS is a same-base one
@@ -167,7 +191,8 @@ _IGNORED_KEYS = {
     "model_name": "ignored (a name for the merge; the job id names it here)",
 }
 _REFUSED_KEYS = {
-    "slices": "slices (layer ranges, frankenmerges) are not supported: merge whole models with 'models'",
+    "slices": "slices (layer ranges, frankenmerges) are supported with merge_method: passthrough only (one source "
+    "per slice); merge whole models with 'models'",
     "modules": "modules are not supported: merge whole models with 'models'",
     "tokenizer": "tokenizer merging (tokenizer: {source: union, ...}) is not supported: the models must share "
     "a vocabulary; use tokenizer_source (base, or one of the models) to pick whose tokenizer the result carries",
@@ -317,6 +342,8 @@ class _Translation:
 def _translate(config: Mapping[Any, Any]) -> _Translation:
     errors: list[dict[str, Any]] = []
     for key in config:
+        if key == "slices" and config.get("merge_method") == "passthrough":
+            continue
         if key in _REFUSED_KEYS:
             if key == "chat_template" and config[key] is None:
                 continue
@@ -398,12 +425,8 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
     if base is None and needs_base:
         errors.append(_error(("base_model",), f"missing: {method} needs a base_model"))
     if base is not None and not needs_base and method != "linear":
-        errors.append(
-            _error(
-                ("base_model",),
-                f"our {method} takes no base model (it interpolates the models themselves); remove base_model",
-            )
-        )
+        why = "it copies the slices' layers" if method == "passthrough" else "it interpolates the models themselves"
+        errors.append(_error(("base_model",), f"our {method} takes no base model ({why}); remove base_model"))
     if method == "linear":
         base = None  # mergekit's linear ignores its base_model
 
@@ -411,7 +434,19 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
     raw_models = config.get("models")
     models: list[dict[str, Any]] = []
     model_locs: list[Loc] = []
-    if raw_models is None:
+    slices: list[dict[str, Any]] | None = None
+    if method == "passthrough":
+        if raw_models is not None:
+            errors.append(
+                _error(
+                    ("models",),
+                    "passthrough here stacks layer ranges: give slices: [{sources: [{model: s3://..., "
+                    "layer_range: [start, end]}]}] instead of models",
+                )
+            )
+        slices = _translate_slices(config.get("slices"), models, model_locs, errors)
+        raw_models = []
+    elif raw_models is None:
         errors.append(_error(("models",), "missing: list the models to merge ([{model: s3://..., parameters}])"))
         raw_models = []
     elif not isinstance(raw_models, list):
@@ -510,11 +545,97 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
         raise MergekitConfigError(errors)
 
     spec: dict[str, Any] = {"method": {"name": method, "params": params}, "models": models}
+    if slices is not None:
+        spec["slices"] = slices
     if base is not None:
         spec["base_model"] = {"uri": base}
     if output:
         spec["output"] = output
     return _Translation(spec, model_locs, ("base_model",), (dtype_key,))
+
+
+_SLICE_KEYS = ("sources",)
+_SOURCE_KEYS = ("model", "layer_range", "parameters")
+
+
+def _translate_slices(
+    raw: Any, models: list[dict[str, Any]], model_locs: list[Loc], errors: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """mergekit's ``slices`` as ours (model URIs -> indices into ``models``, which gets the distinct
+    models in order of first use, ``model_locs`` where each is first named); problems into ``errors``."""
+    if raw is None:
+        errors.append(
+            _error(
+                ("slices",), "missing: passthrough needs slices: [{sources: [{model: s3://..., layer_range: [a, b]}]}]"
+            )
+        )
+        return []
+    if not isinstance(raw, list) or not raw:
+        errors.append(_error(("slices",), "must be a non-empty list of {sources: [{model, layer_range}]}"))
+        return []
+    uris: list[str] = []
+    slices: list[dict[str, Any]] = []
+    for i, piece in enumerate(raw):
+        loc: Loc = ("slices", i)
+        if not isinstance(piece, dict):
+            errors.append(_error(loc, "must be a mapping {sources: [{model, layer_range}]}"))
+            continue
+        for key in piece:
+            if key not in _SLICE_KEYS:
+                errors.append(
+                    _error((*loc, str(key)), f"unsupported key {key!r}; a passthrough slice takes sources only")
+                )
+        sources = piece.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            got = f"{len(sources)} sources" if isinstance(sources, list) else "no list of sources"
+            errors.append(
+                _error(
+                    (*loc, "sources"),
+                    f"passthrough takes exactly one source per slice, got {got} (merging several sources per "
+                    "slice is not supported)",
+                )
+            )
+            continue
+        ours: list[dict[str, Any]] = []
+        for j, source in enumerate(sources):
+            where: Loc = (*loc, "sources", j)
+            if not isinstance(source, dict):
+                errors.append(_error(where, "must be a mapping {model: s3://..., layer_range: [start, end]}"))
+                continue
+            for key in source:
+                if key not in _SOURCE_KEYS:
+                    errors.append(
+                        _error((*where, str(key)), f"unsupported key {key!r}; a source takes model, layer_range")
+                    )
+            if source.get("parameters"):
+                errors.append(
+                    _error(
+                        (*where, "parameters"),
+                        "passthrough takes no per-source parameters here (mergekit's scale is not supported)",
+                    )
+                )
+            problem = _model_problem(source.get("model")) if "model" in source else "missing: the model's s3:// URI"
+            if problem:
+                errors.append(_error((*where, "model"), problem))
+                continue
+            if "layer_range" not in source:
+                errors.append(_error((*where, "layer_range"), "missing: the layers [start, end) to take"))
+                continue
+            uri = source["model"]
+            if uri not in uris:
+                uris.append(uri)
+                models.append({"uri": uri, "parameters": {}})
+                model_locs.append(where)
+            ours.append({"model": uris.index(uri), "layer_range": source["layer_range"]})
+        slices.append({"sources": ours})
+    if not errors and len(uris) < 2:
+        errors.append(
+            _error(
+                ("slices",),
+                f"passthrough needs layers from at least 2 models here (the job spec takes 2 to 64), got {len(uris)}",
+            )
+        )
+    return slices
 
 
 def _method_problems(

@@ -46,6 +46,7 @@ from mudsc_core.schema.same_base_params import (
     MultislerpParams,
     NearswapParams,
     NuslerpParams,
+    PassthroughParams,
     SceParams,
     SlerpParams,
     TaskArithmeticParams,
@@ -278,6 +279,14 @@ for _info in (
         "weights; other tensors: task arithmetic)",
         "svd:SvdMerge.iso_cts",
     ),
+    _same_base(
+        "passthrough",
+        PassthroughParams,
+        "Passthrough: layer ranges of the models stacked into one (deeper or shallower) model, tensors unchanged "
+        "(needs the job's slices)",
+        "passthrough:Passthrough.from_params",
+        requires_base=False,
+    ),
 ):
     register(_info)
 
@@ -305,6 +314,7 @@ __all__ = [
     "TsvParams",
     "IsoCParams",
     "IsoCtsParams",
+    "PassthroughParams",
     "WeightAverageParams",
     "GitRebasinParams",
     "ActivationAlignParams",

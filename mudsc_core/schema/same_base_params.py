@@ -344,3 +344,10 @@ class NearswapParams(TensorParams):
         "min(1, t / |difference|), in [0, 1] (mergekit requires t; 0.0001 is the method's reference "
         "merge)" + _VARIES,
     )
+
+
+class PassthroughParams(TensorParams):
+    """``passthrough``: layer ranges of the models stacked as the job's ``slices`` say (no knobs: each tensor is
+    copied unchanged; mergekit's per-source ``scale`` is not supported)."""
+
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ()  # no weights: a tensor comes from one model

@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from mudsc_core.same_base.stream import build_merger, merge_checkpoints
 from mudsc_core.schema import METHODS
 
-SAME_BASE = sorted(name for name, info in METHODS.items() if info.family == "same_base")
+# passthrough is excluded: it is a layer remap (the job's slices pick each output layer from one model),
+# not a per-tensor merge of the models' same tensor; tests/unit/test_passthrough.py covers it.
+SAME_BASE = sorted(name for name, info in METHODS.items() if info.family == "same_base" and name != "passthrough")
 SHAPES: dict[str, tuple[int, ...]] = {
     "scalar": (),
     "empty": (0,),
