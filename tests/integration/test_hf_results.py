@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.tiny_llama import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -34,25 +36,7 @@ def _tokenizer() -> Any:
 
 
 def _llama(seed: int, base: Any | None = None) -> Any:
-    config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    if base is not None:  # a "fine-tune": the base plus a small task vector
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.02 * torch.randn_like(parameter))
+    model = tiny_llama(seed, base, vocab_size=len(VOCAB), bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return model.to(torch.bfloat16)
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.tiny_llama import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 mergekit_config = pytest.importorskip("mergekit.config")
 mergekit_merge = pytest.importorskip("mergekit.merge")
@@ -33,24 +35,7 @@ TOL = 1e-5
 
 
 def _llama(seed: int, base: Any | None = None, scale: float = 0.02) -> Any:
-    config = transformers.LlamaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    if base is not None:
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(scale * torch.randn_like(parameter))
-    return model
+    return tiny_llama(seed, base, scale=scale)
 
 
 @pytest.fixture(scope="module")

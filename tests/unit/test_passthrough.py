@@ -15,6 +15,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from tests.tiny_llama import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 mergekit_config = pytest.importorskip("mergekit.config")
 mergekit_merge = pytest.importorskip("mergekit.merge")
@@ -41,18 +43,7 @@ dtype: float32
 
 
 def _llama(seed: int) -> Any:
-    config = transformers.LlamaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(seed)
 
 
 @pytest.fixture(scope="module")
