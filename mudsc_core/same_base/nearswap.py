@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mudsc_core.same_base.base import SinglePass
-from mudsc_core.schema.parameters import ParameterValue, TensorValues, scalar
+from mudsc_core.schema.parameters import ParameterValue, TensorValues, tensor_value
 from mudsc_core.schema.same_base_params import NearswapParams
 
 DIFF_FLOOR = 1e-6
@@ -40,8 +40,7 @@ class Nearswap(SinglePass):
         pair = list(tensors)
         if len(pair) == 1:  # the tensor is in one model only: take it
             return pair[0].to(torch.float32).clone()
-        resolved = values.get("t") if values is not None else None
-        return nearswap(scalar(self.t, "t") if resolved is None else resolved, pair[0], pair[1])
+        return nearswap(tensor_value(values, "t", self.t), pair[0], pair[1])
 
 
 def nearswap(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mudsc_core.same_base.base import SinglePass
-from mudsc_core.schema.parameters import ParameterValue, TensorValues, scalar
+from mudsc_core.schema.parameters import ParameterValue, TensorValues, tensor_value
 from mudsc_core.schema.same_base_params import SceParams
 
 
@@ -42,8 +42,7 @@ class Sce(SinglePass):
         model_ids: Sequence[int],
         values: TensorValues | None = None,
     ) -> torch.Tensor:
-        resolved = values.get("select_topk") if values is not None else None
-        topk = scalar(self.select_topk, "select_topk") if resolved is None else resolved
+        topk = tensor_value(values, "select_topk", self.select_topk)
         stacked: torch.Tensor | None = None
         for i, delta in enumerate(deltas):
             if stacked is None:

@@ -18,7 +18,7 @@ import torch
 
 from mudsc_core.errors import IncompatibleModels
 from mudsc_core.same_base.base import SinglePass
-from mudsc_core.schema.parameters import ParameterValue, TensorValues, scalar
+from mudsc_core.schema.parameters import ParameterValue, TensorValues, tensor_value
 from mudsc_core.schema.same_base_params import MultislerpParams, SlerpParams
 
 DOT_THRESHOLD = 0.9995
@@ -45,8 +45,7 @@ class Slerp(SinglePass):
         pair = list(tensors)
         if len(pair) == 1:  # the tensor is in one model only: take it
             return pair[0].clone()
-        t = values.get("t") if values is not None else None
-        return slerp(scalar(self.t, "t") if t is None else t, pair[0], pair[1])
+        return slerp(tensor_value(values, "t", self.t), pair[0], pair[1])
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Literal, cast
 import torch
 
 from mudsc_core.same_base.base import SinglePass
-from mudsc_core.schema.parameters import ParameterValue, TensorValues, scalar
+from mudsc_core.schema.parameters import ParameterValue, TensorValues, tensor_value
 from mudsc_core.schema.same_base_params import IsoCParams, IsoCtsParams, TsvParams
 
 SvdRule = Literal["tsv", "iso_c", "iso_cts"]
@@ -68,9 +68,7 @@ class SvdMerge(SinglePass):
             merged = iso_c(weighted)
         else:
             merged = iso_cts(list(weighted), self.common_space_fraction)
-        lam = values.get("scaling_factor") if values is not None else None
-        if lam is None:
-            lam = scalar(self.scaling_factor, "scaling_factor")
+        lam = tensor_value(values, "scaling_factor", self.scaling_factor)
         return merged.mul_(lam) if lam != 1.0 else merged
 
 

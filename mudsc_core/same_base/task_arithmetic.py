@@ -28,7 +28,7 @@ import torch
 from mudsc_core.errors import InvalidParameters
 from mudsc_core.same_base import sparsify as sp
 from mudsc_core.same_base.base import FirstPass, SinglePass
-from mudsc_core.schema.parameters import TensorValues, scalar
+from mudsc_core.schema.parameters import TensorValues, scalar, tensor_value
 from mudsc_core.schema.same_base_params import (
     GeneralizedTaskArithmeticParams,
     GtaPreset,
@@ -57,8 +57,7 @@ class TaskArithmeticFamily:
 
     def value(self, key: str, values: TensorValues | None, model_id: int | None = None) -> float:
         """A knob for this tensor (and model): resolved by the stream, else the params' number."""
-        resolved = values.get(key, model_id) if values is not None else None
-        return scalar(getattr(self.params, key), key) if resolved is None else resolved
+        return tensor_value(values, key, getattr(self.params, key), model_id)
 
     def sparsify(
         self, name: str, delta: torch.Tensor, model_id: int, values: TensorValues | None = None

@@ -285,6 +285,12 @@ class TensorValues:
         return self.shared.get(key)
 
 
+def tensor_value(values: TensorValues | None, key: str, fallback: ParameterValue, model_id: int | None = None) -> float:
+    """A knob for one tensor (and model): the value the stream resolved, else ``fallback`` as a plain number."""
+    resolved = values.get(key, model_id) if values is not None else None
+    return scalar(fallback, key) if resolved is None else resolved
+
+
 class ParameterResolver:
     """Resolves a merge's parameters tensor by tensor.
 
