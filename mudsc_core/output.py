@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mudsc_core.formats.hf_folder import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
+from mudsc_core.formats import json_limits
+from mudsc_core.formats.hf_folder import CONFIG_NAME, GENERATION_CONFIG_NAME, MAX_SIDECAR_BYTES, TOKENIZER_FILES
 
 SPEC_NAME = "spec.json"
 CARD_NAME = "README.md"
@@ -68,9 +69,9 @@ def carried_files(folder: Path | None) -> list[Path]:
 
 def _write_config(source: Path, target: Path, dtype: str | None) -> None:
     """Copy the config; where it names a dtype, name the output's (a config that is not JSON is copied as is)."""
-    try:
-        config = json.loads(source.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    try:  # an untrusted document: bounded like every other one we parse
+        config = json_limits.loads(source.read_bytes(), max_bytes=MAX_SIDECAR_BYTES, what="config.json")
+    except json_limits.UntrustedJsonError:
         config = None
     keys = [k for k in _DTYPE_KEYS if isinstance(config, dict) and k in config]
     if dtype is None or not keys or not isinstance(config, dict):
