@@ -15,8 +15,11 @@ Every output folder holds the weights (``model.safetensors`` or shards + index, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,25 @@ SPEC_NAME = "spec.json"
 CARD_NAME = "README.md"
 REPORT_NAME = "report.json"
 _DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, 5 the second
+
+
+@contextmanager
+def staged_folder(out_dir: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A hidden folder inside ``out_dir`` to write a result into, and the list of the file names written.
+
+    When the block ends without an error, the listed files are moved into ``out_dir``; the hidden folder is
+    removed either way, so a failed or canceled merge leaves nothing half-written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    files: list[str] = []
+    try:
+        yield partial, files
+        for name in files:
+            os.replace(partial / name, out_dir / name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def write_sidecars(

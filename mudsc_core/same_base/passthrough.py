@@ -18,10 +18,7 @@ Memory: the output layout is planned from the headers first (a
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +29,7 @@ import torch
 
 from mudsc_core.errors import InvalidParameters
 from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, PlannedShardWriter, open_checkpoint
-from mudsc_core.output import write_sidecars
+from mudsc_core.output import staged_folder, write_sidecars
 from mudsc_core.progress import Progress
 from mudsc_core.same_base.base import SinglePass
 from mudsc_core.same_base.stream import model_card
@@ -144,11 +141,8 @@ def merge_slices(
     depth = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
     layout = [(c.out_name, checkpoints[c.model].dtype(c.name), checkpoints[c.model].shape(c.name)) for c in plan]
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     read_s = write_s = 0.0
-    try:
+    with staged_folder(Path(out_dir)) as (partial, files):
         writer = PlannedShardWriter(partial, dtype, shard_size_bytes, layout)
         try:
             for step, entry in enumerate(plan):
@@ -169,7 +163,7 @@ def merge_slices(
         except BaseException:
             writer.abort()
             raise
-        files = writer.close()
+        files += writer.close()
         if progress is not None:
             progress("merging", 1.0, "written")
         names = [c.path for c in checkpoints]
@@ -188,10 +182,6 @@ def merge_slices(
                 "passthrough", PassthroughParams(), names, None, [1.0] * len(names), dtype, len(plan), notes, spec
             ),
         )
-        for name in files:
-            os.replace(partial / name, out_dir / name)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return {
         "method": "passthrough",
         "tensors": len(plan),

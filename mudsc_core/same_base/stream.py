@@ -34,9 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,7 +45,7 @@ import torch
 
 from mudsc_core.errors import IncompatibleModels, InvalidParameters
 from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, PlannedShardWriter, open_checkpoint
-from mudsc_core.output import write_sidecars
+from mudsc_core.output import staged_folder, write_sidecars
 from mudsc_core.progress import Progress
 from mudsc_core.same_base.base import FirstPass, Merger, MergerFactory
 from mudsc_core.same_base.task_arithmetic import linear
@@ -196,10 +193,7 @@ def merge_checkpoints(
         notes.extend(first_pass.finish())
         metrics["first_pass_s"] = time.perf_counter() - t0
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
-    try:
+    with staged_folder(Path(out_dir)) as (partial, files):
         writer = PlannedShardWriter(partial, dtype, shard_size_bytes, [(p.name, p.dtype, p.shape) for p in plan])
         try:
             # Write-behind: one thread writes tensor k while tensor k + 1 is read and merged
@@ -229,7 +223,7 @@ def merge_checkpoints(
         except BaseException:
             writer.abort()
             raise
-        files = writer.close()
+        files += writer.close()
         if progress is not None:
             progress("merging", 1.0, "written")
         config_source = (base_ckpt.config_path if base_ckpt else None) or checkpoints[0].config_path
@@ -247,10 +241,6 @@ def merge_checkpoints(
             spec=spec,
             card=model_card(method_name, params, names, base, weights, dtype, len(plan), notes, spec_json, per_model),
         )
-        for name in files:
-            os.replace(partial / name, out_dir / name)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
     metrics.update(timer.seconds)
     metrics["total_s"] = time.perf_counter() - started
