@@ -75,3 +75,36 @@ def test_method_accepts_non_contiguous_tensors(method: str) -> None:
     strided = merger.merge("w", [t.t() for t in tensors], [1.0] * n, list(range(n)))
     assert not tensors[0].t().is_contiguous()
     torch.testing.assert_close(strided, contiguous)
+
+
+PERMUTATION = sorted(name for name, info in METHODS.items() if info.family == "permutation")
+MLP = {"name": "mlp", "config": {"input_dim": 8, "hidden": [6], "num_classes": 3}}
+
+
+@pytest.mark.parametrize("bad", ["scalar", "empty", "flat"])
+@pytest.mark.parametrize("method", PERMUTATION)
+def test_permutation_methods_refuse_tensors_of_another_shape(method: str, bad: str) -> None:
+    """The permutation family reads shapes off the architecture: any other shape is architecture_mismatch."""
+    from mudsc_core import build_model, merge
+    from mudsc_core.errors import ArchitectureMismatch
+
+    states = [build_model(MLP).state_dict() for _ in range(2)]
+    weight = states[1]["fc0.weight"]
+    states[1]["fc0.weight"] = {"scalar": weight[0, 0], "empty": weight[:0], "flat": weight.reshape(-1)}[bad]
+    with pytest.raises(ArchitectureMismatch, match="fc0.weight"):
+        merge(states, MLP, {"name": method}, calibration=torch.randn(16, 8))
+
+
+@pytest.mark.parametrize("method", PERMUTATION)
+def test_permutation_methods_accept_non_contiguous_tensors(method: str) -> None:
+    from mudsc_core import build_model, merge
+
+    torch.manual_seed(0)
+    states = [build_model(MLP).state_dict() for _ in range(2)]
+    strided = [{k: v.t().contiguous().t() if v.ndim == 2 else v for k, v in s.items()} for s in states]
+    assert not strided[0]["fc0.weight"].is_contiguous()
+    calibration = torch.randn(16, 8)
+    expected = merge(states, MLP, {"name": method}, calibration=calibration).state_dict
+    got = merge(strided, MLP, {"name": method}, calibration=calibration).state_dict
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor)
