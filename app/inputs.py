@@ -15,8 +15,8 @@ from typing import Any
 
 from app.auth import Tenant
 from app.problems import ApiProblem
-from mudsc_core.errors import MergeError
-from mudsc_core.formats import hf_folder, peft_adapter
+from mudsc_core.errors import ArchitectureMismatch, MergeError
+from mudsc_core.formats import hf_config, hf_folder, peft_adapter
 from mudsc_core.formats.safetensors import (
     FLOAT_DTYPES,
     InvalidSafetensors,
@@ -26,10 +26,13 @@ from mudsc_core.formats.safetensors import (
     parse_header,
 )
 from mudsc_core.schema import JobSpec
+from mudsc_core.schema.architectures import TransformersConfig
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.storage import STORAGE_ERRORS, StorageUnavailable, read_failure, split_uri
 
 logger = logging.getLogger(__name__)
+
+_INTEGER_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 
 def _unprocessable(uri: str, detail: str, code: str, loc: list[Any]) -> ApiProblem:
@@ -252,6 +255,83 @@ class ObjectChecker:
         except MergeError as exc:
             raise _problem(uri, exc, loc) from None
 
+    def check_model_configs(self, spec: JobSpec) -> None:
+        """architecture transformers without a config: every folder's config.json is a transformers config (by
+        its JSON: the worker builds the model) and all describe the first one's network."""
+        configs, labels = [], []
+        for index, model in enumerate(spec.models):
+            loc = ["body", "models", index, "uri"]
+            objects = self._list(model.uri, loc)
+            uri = model.uri + hf_folder.CONFIG_NAME
+            if hf_folder.CONFIG_NAME not in objects:
+                raise _unprocessable(
+                    model.uri,
+                    f"has no {hf_folder.CONFIG_NAME}, which architecture transformers reads",
+                    "architecture_mismatch",
+                    loc,
+                )
+            size = objects[hf_folder.CONFIG_NAME]
+            try:
+                if size > hf_folder.MAX_SIDECAR_BYTES:
+                    raise ArchitectureMismatch(f"{hf_folder.CONFIG_NAME} is {size} bytes, too large")
+                config = hf_config.parse_config(self._range(uri, loc, 0, max(size - 1, 0)) if size else b"", uri)
+                TransformersConfig.model_validate(config)
+            except ValueError as exc:  # pydantic's ValidationError: no model_type / architectures
+                detail = "; ".join(e["msg"] for e in getattr(exc, "errors", lambda: [])()) or str(exc)
+                raise _unprocessable(
+                    uri, f"not a transformers config: {detail}", "architecture_mismatch", loc
+                ) from None
+            except MergeError as exc:
+                raise _problem(uri, exc, loc) from None
+            configs.append(config)
+            labels.append(f"models[{index}] {model.uri}")
+        try:
+            hf_config.agree(configs, labels)
+        except MergeError as exc:
+            raise ApiProblem(
+                422, exc.message, code=exc.code, errors=[{"loc": ["body", "models"], "msg": exc.message}]
+            ) from None
+
+    def check_keyword_calibration(self, spec: JobSpec) -> None:
+        """A transformers job's calibration file: its tensors are forward keywords (integer token ids allowed),
+        every one with the same number of samples; ``calibration.tensor``, when given, must be one of them."""
+        assert spec.calibration is not None
+        calibration = spec.calibration
+        loc = ["body", "calibration", "uri"]
+        size = self.head(calibration.uri, loc)
+        tensors = self.safetensors_header(calibration.uri, loc, size)
+        if not tensors:
+            raise _unprocessable(calibration.uri, "holds no tensors", "invalid_calibration", loc)
+        if "tensor" in calibration.model_fields_set and calibration.tensor not in tensors:
+            raise _unprocessable(
+                calibration.uri,
+                f"holds no tensor {calibration.tensor!r} (has: {', '.join(sorted(tensors)[:10])})",
+                "invalid_calibration",
+                ["body", "calibration", "tensor"],
+            )
+        counts = {}
+        for name, info in sorted(tensors.items()):
+            if info.dtype not in FLOAT_DTYPES | _INTEGER_DTYPES:
+                raise _unprocessable(
+                    calibration.uri,
+                    f"tensor {name!r} has dtype {info.dtype}; forward inputs are floating point or integer",
+                    "invalid_calibration",
+                    loc,
+                )
+            if len(info.shape) < 1 or info.shape[0] < 1:
+                raise _unprocessable(
+                    calibration.uri,
+                    f"tensor {name!r} has no samples (shape {list(info.shape)})",
+                    "invalid_calibration",
+                    loc,
+                )
+            counts[name] = info.shape[0]
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{name} {count}" for name, count in counts.items())
+            raise _unprocessable(
+                calibration.uri, f"tensors have different sample counts ({detail})", "invalid_calibration", loc
+            )
+
     def check_output_empty(self, output_uri: str) -> None:
         """An explicit output prefix that already holds objects (another job's results, say) is refused."""
         bucket, prefix = split_uri(output_uri)
@@ -280,7 +360,12 @@ class ObjectChecker:
                 _, tensors = self.check_file(model.uri, loc)
             if model.lora is not None:
                 self.check_adapter(model.lora.uri, ["body", "models", model_index, "lora", "uri"], tensors)
-        if spec.calibration is not None:
+        transformers = spec.architecture is not None and spec.architecture.name == "transformers"
+        if transformers and spec.architecture is not None and spec.architecture.reads_config_from_models:
+            self.check_model_configs(spec)
+        if spec.calibration is not None and transformers:
+            self.check_keyword_calibration(spec)
+        elif spec.calibration is not None:
             loc = ["body", "calibration", "uri"]
             size = self.head(spec.calibration.uri, loc)
             tensors = self.safetensors_header(spec.calibration.uri, loc, size)

@@ -14,7 +14,9 @@ by the Redis clock:
 
 A job still ``queued`` ``MUDSC_RECONCILE__RESEND_QUEUED_AFTER_S`` after its task was last sent has the task
 sent again (a broker that lost messages, e.g. a Redis crash between fsyncs). A duplicate message (that one,
-or the original redelivered after the visibility timeout) finds the job leased or terminal and does nothing. ``sweep()`` can also be called once by hand (``python -m app.reconcile``).
+or the original redelivered after the visibility timeout) finds the job leased or terminal and does nothing.
+Webhook deliveries overdue by ``MUDSC_WEBHOOKS__RESEND_AFTER_S`` (never sent, or their task or worker lost)
+are sent again to the webhooks queue. ``sweep()`` can also be called once by hand (``python -m app.reconcile``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from redis import RedisError
 from mudsc_jobs.dispatch import send_merge
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.store import JobStore
+from mudsc_jobs.webhooks import notify, send_delivery
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
                 )
         elif outcome in ("failed", "canceled"):
             logger.warning("job %s: lease expired with no live worker; %s", job_id, outcome)
+            notify(sender, settings, store.webhooks, job_id)
     if settings.reconcile.resend_queued_after_s > 0:
         for job_id in store.stale_queued(settings.reconcile.resend_queued_after_s):
             logger.warning(
@@ -66,6 +70,16 @@ def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
                 continue
             store.mark_sent(job_id)
             outcomes["resent"] += 1
+    # Webhook deliveries overdue (never sent: the process died after the status write; or their task or the
+    # worker delivering them was lost) are sent again; a duplicate finds the delivery leased or done.
+    for job_id in store.webhooks.overdue(settings.webhooks.resend_after_s):
+        try:
+            send_delivery(sender, settings, job_id)
+        except Exception as exc:  # noqa: BLE001 - kombu raises several types; the next sweep tries again
+            logger.error("job %s: its webhook delivery could not be sent again: %s", job_id, exc)
+            continue
+        store.webhooks.resent(job_id)
+        outcomes["webhook_resent"] += 1
     return outcomes
 
 

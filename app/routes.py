@@ -26,6 +26,7 @@ from app.schemas import (
     JobStatus,
     MethodList,
     Problem,
+    WebhookDeliveryList,
 )
 from mudsc_core.schema import ARCHITECTURE_CONFIGS, METHODS, JobSpec
 from mudsc_core.schema.mergekit import YAML_MEDIA_TYPES, MergekitConfigError, from_mergekit_yaml, is_yaml_media_type
@@ -191,7 +192,7 @@ def get_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
 def cancel_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
     _owned_job(svc, job_id, tenant)
     try:
-        return svc.store.request_cancel(job_id, tenant.name)
+        return service.cancel(svc, tenant, job_id)
     except TransitionConflict as conflict:
         raise ApiProblem(
             409, f"job is already {conflict.status}", code="job_finished", status_of_job=conflict.status
@@ -295,6 +296,17 @@ def get_artifact(job_id: str, name: str, svc: Services, tenant: Auth) -> Redirec
     raise ApiProblem(404, f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
 
 
+@v1.get("/merges/{job_id}/webhook-deliveries", response_model=WebhookDeliveryList)
+def list_webhook_deliveries(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
+    _owned_job(svc, job_id, tenant)
+    delivery = svc.store.webhooks.get(job_id)
+    return {
+        "delivery": delivery.public() if delivery else None,
+        "data": svc.store.webhooks.attempts(job_id),
+        "has_more": False,
+    }
+
+
 @v1.get("/methods", response_model=MethodList)
 def list_methods(tenant: Auth) -> dict[str, Any]:
     return {"data": [info.describe() for _, info in sorted(METHODS.items())]}
@@ -316,7 +328,8 @@ def list_architectures(tenant: Auth) -> dict[str, Any]:
 
 
 SPEC_SOURCE = (
-    "derived by tracing the model's computation (torch.fx), then verified before every merge: random "
+    "derived by tracing the model's computation (torch.fx, or torch.export for models fx cannot follow such as "
+    "transformers'), then verified before every merge: random "
     "permutations by the spec must leave each input model's outputs unchanged (relative error <= 1e-4), "
     "else the job fails with unsupported_architecture; the job's report.json lists the groups and the check"
 )

@@ -78,6 +78,35 @@ class ArtifactList(BaseModel):
     data: list[Artifact]
 
 
+class WebhookAttempt(BaseModel):
+    attempt: int = Field(description="1-based")
+    status: Literal["succeeded", "retrying", "failed", "disabled", "interrupted"] = Field(
+        description="succeeded: a 2xx; retrying: failed, another attempt follows; failed: failed, no attempt follows; "
+        "disabled: the receiver answered 410; interrupted: the delivering worker was lost"
+    )
+    started_at: str | None = None
+    response_code: int | None = Field(None, description="the receiver's HTTP status (none: no answer)")
+    duration_ms: float | None = None
+    error: str | None = Field(None, description="why it failed (the response body is never stored)")
+    next_attempt_at: str | None = None
+
+
+class WebhookDelivery(BaseModel):
+    webhook_id: str = Field(description="the webhook-id header, the same on every attempt")
+    type: str = Field(examples=["merge.succeeded"])
+    url: str
+    status: Literal["pending", "delivering", "retrying", "delivered", "failed", "disabled"]
+    attempts: int
+    created_at: str | None = None
+    next_attempt_at: str | None = None
+
+
+class WebhookDeliveryList(BaseModel):
+    delivery: WebhookDelivery | None = Field(description="the job's delivery; none while it runs or without webhook")
+    data: list[WebhookAttempt] = Field(description="every attempt, oldest first")
+    has_more: bool = False
+
+
 class MethodList(BaseModel):
     data: list[dict[str, Any]]
 

@@ -1,4 +1,4 @@
-"""What the routes call: submission, cancellation and artifact URLs (HTTP-free where it can be)."""
+"""What the routes call: submission (with its webhook), cancellation and artifact URLs (HTTP-free where it can be)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mudsc_core.schema import JobSpec
 from mudsc_jobs.dispatch import send_merge
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.store import IdempotencyConflict, JobNotFound, JobStore, OutputTaken, TenantLimitReached, new_job_id
+from mudsc_jobs.webhooks import WebhookRefused, check_resolved, check_url, notify
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def submit(
         default_output = f"s3://{settings.s3.results_bucket}/{tenant.name}/{job_id}/"
         output_uri = spec.output.uri or default_output
         check_access(spec, tenant, output_uri, settings.s3.results_bucket)
+        webhook = resolve_webhook(spec, tenant, settings)
         checker = ObjectChecker(services.s3, settings)
         checker.check(spec)
         if spec.output.uri is not None:
@@ -104,6 +106,7 @@ def submit(
             idempotency_key=idempotency_key,
             body_hash=digest,
             output_uri=spec.output.uri,  # reserved in the same atomic step (racing submissions: the first wins)
+            webhook=webhook,
         )
     except IdempotencyConflict as conflict:
         raise _idempotency_conflict(conflict.job_id) from None
@@ -137,6 +140,42 @@ def submit(
         ) from None
     metrics.JOBS_SUBMITTED.labels(spec.method.name).inc()
     return job, True
+
+
+def resolve_webhook(spec: JobSpec, tenant: Tenant, settings: Settings) -> dict[str, Any] | None:
+    """The job's webhook (its own, else the tenant's default), checked against the tenant's secrets and allowed
+    hosts and the outbound address policy; a 422 naming ``webhook.url`` (or ``webhook``) when refused."""
+    config = settings.webhooks.tenant(tenant.name)
+    if spec.webhook is not None:
+        webhook: dict[str, Any] = spec.webhook.model_dump(mode="json")
+        origin = ""
+    elif config is not None and config.default is not None:
+        webhook = config.default.model_dump(mode="json")
+        origin = "the tenant's default webhook: "
+    else:
+        return None
+    try:
+        check_url(webhook["url"], config, settings, tenant.name)
+        check_resolved(webhook["url"], settings)
+    except WebhookRefused as exc:
+        no_secret = config is None or not config.secrets
+        loc = ["body", "webhook"] if no_secret or origin else ["body", "webhook", "url"]
+        raise ApiProblem(
+            422,
+            f"{'.'.join(loc[1:])}: {origin}{exc}",
+            code="validation_error",
+            title="Request validation failed",
+            errors=[{"loc": loc, "msg": f"{origin}{exc}"}],
+        ) from None
+    return webhook
+
+
+def cancel(services: Services, tenant: Tenant, job_id: str) -> dict[str, Any]:
+    """Request cancellation; a job canceled at once (it was queued) has its webhook sent now."""
+    job = services.store.request_cancel(job_id, tenant.name)
+    if job["status"] == "canceled":
+        notify(services.sender, services.settings, services.store.webhooks, job_id)
+    return job
 
 
 def artifact_urls(services: Services, job: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mudsc_core.errors import InvalidCalibration, InvalidCheckpoint
+from mudsc_core.formats.hf_folder import CONFIG_NAME
 from mudsc_core.output import carried_files, write_sidecars
 from mudsc_core.progress import Progress
-from mudsc_core.schema import METHODS, JobSpec
+from mudsc_core.schema import METHODS, ArchitectureSpec, JobSpec
 
 if TYPE_CHECKING:
     from mudsc_core.io import Checkpoint
@@ -46,6 +47,52 @@ def load_calibration(path: Path, tensor_name: str, max_samples: int) -> torch.Te
     if len(shape) < 2 or shape[0] == 0:
         raise InvalidCalibration(f"calibration tensor {tensor_name!r} must be (samples, ...), got shape {list(shape)}")
     return checkpoint.get(tensor_name)[:max_samples]
+
+
+def load_calibration_inputs(path: Path, max_samples: int) -> dict[str, torch.Tensor]:
+    """Every tensor of the calibration file, by name: the forward keywords of a transformers model."""
+    from mudsc_core.io import open_checkpoint
+
+    checkpoint = open_checkpoint(path)
+    if not checkpoint.keys():
+        raise InvalidCalibration("the calibration file holds no tensors")
+    inputs = {}
+    for name in checkpoint.keys():
+        shape = checkpoint.shape(name)
+        if len(shape) < 1 or shape[0] == 0:
+            raise InvalidCalibration(f"calibration tensor {name!r} must be (samples, ...), got shape {list(shape)}")
+        inputs[name] = checkpoint.get(name)[:max_samples]
+    return inputs
+
+
+def _transformers_states(
+    spec: JobSpec, architecture: ArchitectureSpec, inputs: LocalInputs
+) -> list[dict[str, torch.Tensor]]:
+    """Each model folder loaded by transformers (after our own checks of its files' headers)."""
+    from mudsc_core.architectures import transformers as hf
+    from mudsc_core.io import load_state_dict, open_checkpoint
+
+    states = []
+    for path, ref in zip(inputs.models, spec.models):
+        if not path.is_dir():  # a single file with the config given inline: its names are the model's
+            states.append(load_state_dict(path))
+            continue
+        open_checkpoint(path)  # headers, index and shards checked as for every other merge
+        states.append(hf.load_folder(architecture.typed_config(), path, ref.uri))
+    return states
+
+
+def _architecture(spec: JobSpec, inputs: LocalInputs) -> ArchitectureSpec:
+    """The job's architecture; a transformers one with its config read from (and checked against) the folders."""
+    assert spec.architecture is not None  # the spec validator requires it
+    if spec.architecture.name != "transformers":
+        return spec.architecture
+    from mudsc_core.architectures import transformers as hf
+
+    config = hf.resolve(
+        spec.architecture.typed_config(), inputs.models, [f"models[{i}] {m.uri}" for i, m in enumerate(spec.models)]
+    )
+    return ArchitectureSpec(name="transformers", config=config.as_dict())
 
 
 def merge_files(
@@ -93,14 +140,22 @@ def merge_files(
         from mudsc_core.io import load_state_dict, save_state_dict
         from mudsc_core.permutation.merge import merge
 
-        assert spec.architecture is not None  # the spec validator requires it
-        calibration = None
+        architecture = _architecture(spec, inputs)
+        calibration: torch.Tensor | dict[str, torch.Tensor] | None = None
         if spec.calibration is not None and inputs.calibration is not None:
-            calibration = load_calibration(inputs.calibration, spec.calibration.tensor, spec.calibration.max_samples)
-        states = [load_state_dict(path) for path in inputs.models]
+            if architecture.name == "transformers":
+                calibration = load_calibration_inputs(inputs.calibration, spec.calibration.max_samples)
+            else:
+                calibration = load_calibration(
+                    inputs.calibration, spec.calibration.tensor, spec.calibration.max_samples
+                )
+        if architecture.name == "transformers":
+            states = _transformers_states(spec, architecture, inputs)
+        else:
+            states = [load_state_dict(path) for path in inputs.models]
         result = merge(
             states,
-            spec.architecture,
+            architecture,
             spec.method,
             calibration,
             device=device,
@@ -108,8 +163,17 @@ def merge_files(
             calibration_batch_size=spec.calibration.batch_size if spec.calibration else 128,
         )
         report = result.report
-        save_state_dict(result.state_dict, out_dir, spec.output.dtype, spec.output.shard_size_bytes)
+        merged = result.state_dict
+        if architecture.name == "transformers":
+            from mudsc_core.architectures import transformers as hf
+
+            merged = hf.to_checkpoint(architecture.typed_config(), merged)
+        save_state_dict(merged, out_dir, spec.output.dtype, spec.output.shard_size_bytes)
         sidecars["spec"] = spec_json  # (the same-base stream writes its spec, config and card itself)
+        if architecture.name == "transformers":  # the result loads with from_pretrained
+            config_file = inputs.models[0] / CONFIG_NAME
+            sidecars["config_source"] = config_file if config_file.is_file() else architecture.config
+            sidecars["dtype"] = spec.output.dtype
     report.setdefault("metrics", {})
     write_sidecars(out_dir, carried=carried_files(_tokenizer_folder(spec, inputs)), report=report, **sidecars)
     return report

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def staged_folder(out_dir: Path) -> Iterator[tuple[Path, list[str]]]:
 def write_sidecars(
     folder: Path,
     *,
-    config_source: Path | None = None,
+    config_source: Path | Mapping[str, Any] | None = None,
     dtype: str | None = None,
     carried: Sequence[Path] = (),
     spec: dict[str, Any] | None = None,
@@ -89,16 +89,22 @@ def carried_files(folder: Path | None) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name in wanted and p.is_file())
 
 
-def _write_config(source: Path, target: Path, dtype: str | None) -> None:
-    """Copy the config; where it names a dtype, name the output's (a config that is not JSON is copied as is)."""
-    try:  # an untrusted document: bounded like every other one we parse
-        config = json_limits.loads(source.read_bytes(), max_bytes=MAX_SIDECAR_BYTES, what="config.json")
-    except json_limits.UntrustedJsonError:
-        config = None
-    keys = [k for k in _DTYPE_KEYS if isinstance(config, dict) and k in config]
-    if dtype is None or not keys or not isinstance(config, dict):
-        shutil.copyfile(source, target)
-        return
-    for key in keys:
-        config[key] = dtype
+def _write_config(source: Path | Mapping[str, Any], target: Path, dtype: str | None) -> None:
+    """Write the config (a file's, or one given as a mapping) with its dtype field naming the output's: the
+    keys it has (a mapping without one gets ``dtype``). A config file with nothing to change is copied as is."""
+    if isinstance(source, Mapping):
+        config: Any = dict(source)
+        if dtype is not None and not any(k in config for k in _DTYPE_KEYS):
+            config["dtype"] = dtype
+    else:
+        try:  # an untrusted document: bounded like every other one we parse
+            config = json_limits.loads(source.read_bytes(), max_bytes=MAX_SIDECAR_BYTES, what="config.json")
+        except json_limits.UntrustedJsonError:
+            config = None
+        if not isinstance(config, dict) or dtype is None or not any(k in config for k in _DTYPE_KEYS):
+            shutil.copyfile(source, target)  # nothing to change: the file as it is
+            return
+    for key in _DTYPE_KEYS:
+        if dtype is not None and key in config:
+            config[key] = dtype
     target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 
 from mudsc_jobs.settings import Settings
+from mudsc_jobs.webhooks import WEBHOOK_TASK_NAME
 
 TASK_NAME = "mudsc.merge"
 
@@ -25,7 +26,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": settings.celery.queue,
-        "task_routes": {TASK_NAME: {"queue": settings.celery.queue}},
+        "task_routes": {
+            TASK_NAME: {"queue": settings.celery.queue},
+            WEBHOOK_TASK_NAME: {"queue": settings.webhooks.queue},  # its own workers: GPU ones never wait on HTTP
+        },
         "task_ignore_result": True,
         "result_backend": None,
     }

@@ -201,6 +201,101 @@ class ReconcileSettings(BaseModel):
     )
 
 
+_WEBHOOK_EVENTS = ("succeeded", "failed", "canceled")
+
+
+class WebhookEndpoint(BaseModel):
+    url: str = Field(max_length=2048, description="Receiver URL (https unless MUDSC_WEBHOOKS__ALLOW_HTTP)")
+    events: list[str] = Field(default_factory=lambda: list(_WEBHOOK_EVENTS), description="Job statuses delivered")
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, events: list[str]) -> list[str]:
+        unknown = sorted(set(events) - set(_WEBHOOK_EVENTS))
+        if unknown or not events:
+            raise ValueError(f"events must be a non-empty subset of {', '.join(_WEBHOOK_EVENTS)}")
+        return events
+
+
+class TenantWebhooks(BaseModel):
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="whsec_<base64> signing secrets; every one signs each delivery (rotation: add the new one, "
+        "remove the old one once receivers use the new one)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Receiver hosts: exact names or IP literals, or *.example.com"
+    )
+    default: WebhookEndpoint | None = Field(None, description="Webhook of the tenant's jobs that name none")
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, secrets: list[str]) -> list[str]:
+        import base64
+        import binascii
+
+        for secret in secrets:
+            if not secret.startswith("whsec_"):
+                raise ValueError("a webhook secret must start with whsec_")
+            try:
+                key = base64.b64decode(secret[len("whsec_") :], validate=True)
+            except binascii.Error:
+                raise ValueError("a webhook secret must be whsec_ followed by base64") from None
+            if not 24 <= len(key) <= 64:
+                raise ValueError("a webhook secret must hold 24 to 64 bytes (base64-encoded after whsec_)")
+        return secrets
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return [host.strip().lower().rstrip(".") for host in hosts if host.strip()]
+
+
+class WebhookSettings(BaseModel):
+    queue: str = Field("webhooks", description="Queue of the webhook delivery task (MUDSC_WEBHOOKS__QUEUE)")
+    tenants: dict[str, TenantWebhooks] = Field(
+        default_factory=dict,
+        description='Per tenant, as JSON: {"<tenant>": {"secrets": ["whsec_..."], "allowed_hosts": ["hooks.example.com"], '
+        '"default": {"url", "events"}}} (MUDSC_WEBHOOKS__TENANTS)',
+    )
+    allow_http: bool = Field(
+        False, description="Accept plain http:// receiver URLs (local development, tests) (MUDSC_WEBHOOKS__ALLOW_HTTP)"
+    )
+    allow_private_addresses: bool = Field(
+        False,
+        description="Deliver to private, loopback and link-local addresses (local development, tests) "
+        "(MUDSC_WEBHOOKS__ALLOW_PRIVATE_ADDRESSES)",
+    )
+    connect_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="Connect timeout of one delivery attempt (MUDSC_WEBHOOKS__CONNECT_TIMEOUT_S)"
+    )
+    timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Longest one delivery attempt may take, answer included (MUDSC_WEBHOOKS__TIMEOUT_S)",
+    )
+    retry_window_s: float = Field(
+        24 * 3600.0,
+        ge=0,
+        description="Failed deliveries are retried (exponential backoff with jitter) until this long after the "
+        "event; then the delivery ends failed (MUDSC_WEBHOOKS__RETRY_WINDOW_S)",
+    )
+    backoff_base_s: float = Field(
+        5.0, gt=0, description="First retry delay; doubles per attempt (MUDSC_WEBHOOKS__BACKOFF_BASE_S)"
+    )
+    backoff_max_s: float = Field(900.0, gt=0, description="Longest retry delay (MUDSC_WEBHOOKS__BACKOFF_MAX_S)")
+    resend_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="The reconciler sends again a delivery this long overdue (its task lost, its worker killed) "
+        "(MUDSC_WEBHOOKS__RESEND_AFTER_S)",
+    )
+
+    def tenant(self, name: str) -> TenantWebhooks | None:
+        return self.tenants.get(name)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MUDSC_", env_nested_delimiter="__", extra="ignore")
 
@@ -212,6 +307,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits (MUDSC_LIMITS__*)")
     reconcile: ReconcileSettings = Field(
         default_factory=ReconcileSettings, description="Lost-worker sweep (MUDSC_RECONCILE__*)"
+    )
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="Signed webhooks (MUDSC_WEBHOOKS__*)"
     )
     job_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, description="How long finished jobs and their events are kept (MUDSC_JOB_TTL_S)"

@@ -31,6 +31,8 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from mudsc_jobs.webhook_store import WebhookStore
+
 if TYPE_CHECKING:
     from mudsc_jobs.settings import Settings
 
@@ -89,10 +91,29 @@ end
 local function is_terminal(s) return s == 'succeeded' or s == 'failed' or s == 'canceled' end
 local function in_list(csv, s) return string.find(',' .. csv .. ',', ',' .. s .. ',', 1, true) ~= nil end
 local function add_event(key, event) return redis.call('XADD', key, 'MAXLEN', '~', @EVENTS_MAXLEN@, '*', 'e', event) end
+-- A job with a webhook whose events name its terminal status gets its delivery recorded as pending in the same
+-- step as the status (key layout: Keys.webhook / Keys.webhooks_pending), so that no event is lost if the writer
+-- dies before it sends the delivery task: the reconciler sends every overdue pending delivery.
+local function queue_webhook(job, id, ttl)
+  local hook = redis.call('HGET', job, 'webhook')
+  if not hook or hook == '' then return end
+  local status = redis.call('HGET', job, 'status')
+  local conf = cjson.decode(hook)
+  local wanted = false
+  for _, event in ipairs(conf['events'] or {}) do if event == status then wanted = true end end
+  local delivery = job .. ':webhook'
+  if not wanted or redis.call('EXISTS', delivery) == 1 then return end
+  local now = now_ms()
+  redis.call('HSET', delivery, 'job_id', id, 'webhook_id', 'msg_' .. id .. '_' .. status, 'type', 'merge.' .. status,
+    'url', conf['url'], 'status', 'pending', 'created_ms', now, 'attempts', 0, 'next_attempt_ms', now)
+  redis.call('EXPIRE', delivery, ttl)
+  redis.call('ZADD', string.sub(job, 1, #job - #id - 4) .. 'webhooks:pending', now, id)
+end
 local function finish(job, events, active, id, ttl)
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', events, ttl)
   redis.call('SREM', active, id)
+  queue_webhook(job, id, ttl)
 end
 -- The two ways a job whose worker is gone ends (used by claim and by the reconciler).
 local function end_canceled(job, events, active, id, attempt, now_iso, ttl)
@@ -382,6 +403,16 @@ class Keys:
     def output(self, uri: str) -> str:
         return f"{self.prefix}output:{hashlib.sha256(uri.encode()).hexdigest()}"
 
+    # webhook deliveries (mudsc_jobs/webhook_store.py; the terminal-status scripts' queue_webhook writes the first two)
+    def webhook(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:webhook"
+
+    def webhooks_pending(self) -> str:
+        return f"{self.prefix}webhooks:pending"
+
+    def webhook_attempts(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:webhook:attempts"
+
 
 class JobStore:
     """Synchronous store used by the API (in its thread pool) and by the worker."""
@@ -398,6 +429,7 @@ class JobStore:
         self._reap = client.register_script(_LUA_REAP)
         self._release = client.register_script(_LUA_RELEASE)
         self._log = client.register_script(_LUA_LOG)
+        self.webhooks = WebhookStore(client, self.keys, job_ttl_s)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str, job_ttl_s: int, timeout_s: float = 5.0) -> JobStore:
@@ -539,11 +571,13 @@ class JobStore:
         body_hash: str = "",
         job_id: str | None = None,
         output_uri: str | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Create a queued job. Returns (job, created); created=False for an idempotent replay.
 
         ``output_uri``: an explicit output prefix, reserved for the job in the same atomic step
         (``OutputTaken`` when another job holds it; an idempotent replay wins over that).
+        ``webhook``: ``{"url", "events"}`` (the job's or its tenant's), delivered when the job ends.
         """
         job_id = job_id or new_job_id()
         now = utcnow()
@@ -564,6 +598,7 @@ class JobStore:
             "cancel": "0",
             "lease_owner": "",
             "lease_until_ms": "0",
+            "webhook": _json(webhook) if webhook else "",
         }
         pairs = [item for kv in fields.items() for item in kv]
         idem_key = self.idem_key(tenant, idempotency_key) if idempotency_key else f"{self.prefix}idem:-"

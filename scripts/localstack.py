@@ -1,4 +1,5 @@
-"""The whole service on one machine, without Docker: Redis, SeaweedFS (S3), one Celery worker, the API.
+"""The whole service on one machine, without Docker: Redis, SeaweedFS (S3), a Celery merge worker, a webhook
+worker (queue ``webhooks``), the API.
 
 Everything binds to 127.0.0.1 (or the ``host`` given to ``LocalStack``) on free ports; state, data and logs live under one root folder::
 
@@ -7,7 +8,8 @@ Everything binds to 127.0.0.1 (or the ``host`` given to ``LocalStack``) on free 
     python -m scripts.localstack down    [--root .stack]
 
 ``up`` writes ``ROOT/env`` (client settings: ``MUDSC_API_URL``, ``MUDSC_API_KEY``, S3 endpoint and keys,
-bucket names), ``ROOT/server.env`` (the ``MUDSC_*`` settings of the server processes) and
+bucket names, the demo tenant's webhook secret ``MUDSC_WEBHOOK_SECRET``: receivers on loopback over plain http
+are allowed), ``ROOT/server.env`` (the ``MUDSC_*`` settings of the server processes) and
 ``ROOT/stack.json`` (what it started: pids with their start times, ports, the Redis database it claimed), so
 that ``down`` stops exactly those processes and nothing else.
 
@@ -25,6 +27,7 @@ From Python (tests)::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
@@ -46,6 +49,7 @@ from mudsc_client.client import read_env_file
 log = logging.getLogger("localstack")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WEBHOOKS_QUEUE = "webhooks"  # MUDSC_WEBHOOKS__QUEUE's default
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 CLAIM_KEY = "localstack:claim"
 BUCKETS = {"models": "models", "data": "data", "results": "results"}
@@ -200,6 +204,7 @@ class LocalStack:
         self.access_key = ""
         self.secret_key = ""
         self.buckets = dict(BUCKETS)
+        self.webhook_secret = ""  # the demo tenant's whsec_ secret (MUDSC_WEBHOOK_SECRET in ROOT/env)
         self.stack_id = "ls" + secrets.token_hex(4)
         self._procs: dict[str, dict[str, Any]] = {}  # name -> {pid, start_time, cmd, log}
         self._popen: dict[str, subprocess.Popen[bytes]] = {}
@@ -219,6 +224,7 @@ class LocalStack:
         if (self.root / "stack.json").exists():
             raise StackError(f"{self.root}/stack.json exists: a stack may already run there (stop it with down)")
         self.api_key, self.other_api_key = _api_key(self.tenant), _api_key(self.other_tenant)
+        self.webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         self.access_key = "mudsc" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(30)
         try:
@@ -229,6 +235,8 @@ class LocalStack:
             self._create_buckets()
             if worker:
                 self.start_worker("w1")
+                # the webhook sender: its own queue, as in production (docker-compose.yml's webhooks service)
+                self.start_worker("webhooks1", queues=WEBHOOKS_QUEUE, concurrency=2)
             if api:
                 self.api_url, _ = self.start_api(name="api", wait_path="/readyz")
             self._write_env_files()
@@ -472,6 +480,16 @@ class LocalStack:
             "MUDSC_WORKER__DEVICE": "auto",
             "MUDSC_WORKER__SCRATCH_DIR": str(self.root / "scratch"),
             "MUDSC_WORKER__TIME_LIMIT_S": "1800",
+            # Webhooks of the demo tenant may go to receivers on this machine, over plain http.
+            "MUDSC_WEBHOOKS__TENANTS": json.dumps(self.webhooks_setting()),
+            "MUDSC_WEBHOOKS__ALLOW_HTTP": "true",
+            "MUDSC_WEBHOOKS__ALLOW_PRIVATE_ADDRESSES": "true",
+        }
+
+    def webhooks_setting(self) -> dict[str, Any]:
+        loopback = ["127.0.0.1", "localhost", "::1"]
+        return {
+            self.tenant: {"secrets": [self.webhook_secret] if self.webhook_secret else [], "allowed_hosts": loopback}
         }
 
     def client_env(self) -> dict[str, str]:
@@ -490,6 +508,7 @@ class LocalStack:
             "MUDSC_DATA_BUCKET": self.buckets["data"],
             "MUDSC_RESULTS_BUCKET": self.buckets["results"],
             "MUDSC_REDIS_URL": self.redis_url,
+            "MUDSC_WEBHOOK_SECRET": self.webhook_secret,
         }
 
     def _write_env_files(self) -> None:
@@ -506,10 +525,12 @@ class LocalStack:
         env_overrides: Mapping[str, str] | None = None,
         wait: bool = True,
         concurrency: int = 1,
+        queues: str = "gpu",
     ) -> subprocess.Popen[bytes]:
-        """Start a Celery worker ``name@host`` on the ``gpu`` queue; by default wait until it says ready."""
+        """Start a Celery worker ``name@host`` on ``queues`` (the merge queue ``gpu`` by default, or the webhook
+        sender's ``webhooks``); by default wait until it says ready."""
         (self.root / "scratch").mkdir(exist_ok=True)
-        cmd = worker_command(name, concurrency)
+        cmd = worker_command(name, concurrency, queues)
         proc_name = f"worker-{name}"
         proc = self._spawn(proc_name, cmd, env={**self.settings_env(), **(env_overrides or {})})
         self._save()
@@ -636,6 +657,7 @@ class LocalStack:
         stack.other_api_key = env.get("MUDSC_OTHER_API_KEY", "")
         stack.access_key = env.get("MUDSC_S3_ACCESS_KEY", "")
         stack.secret_key = env.get("MUDSC_S3_SECRET_KEY", "")
+        stack.webhook_secret = env.get("MUDSC_WEBHOOK_SECRET", "")
         return stack
 
     def status(self) -> dict[str, Any]:
@@ -689,8 +711,8 @@ def _stop_process(
             popen.wait(timeout=5)
 
 
-def worker_command(name: str, concurrency: int = 1) -> list[str]:
-    """The Celery worker command line of the stack: ``name@host`` on the ``gpu`` queue, prefork pool."""
+def worker_command(name: str, concurrency: int = 1, queues: str = "gpu") -> list[str]:
+    """The Celery worker command line of the stack: ``name@host`` on ``queues`` (default ``gpu``), prefork pool."""
     return [
         sys.executable,
         "-m",
@@ -699,7 +721,7 @@ def worker_command(name: str, concurrency: int = 1) -> list[str]:
         "worker.celery_app:app",
         "worker",
         "-Q",
-        "gpu",
+        queues,
         "-c",
         str(concurrency),
         "--pool",

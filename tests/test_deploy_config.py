@@ -37,6 +37,7 @@ CLIENT_VARS = {
     "MUDSC_DATA_BUCKET",
     "MUDSC_RESULTS_BUCKET",
     "MUDSC_REDIS_URL",
+    "MUDSC_WEBHOOK_SECRET",  # the demo tenant's webhook secret, for a local receiver to verify deliveries
     "MUDSC_PUBLIC_S3_URL",  # compose interpolation input, mapped onto MUDSC_S3__PUBLIC_ENDPOINT_URL
 }
 
@@ -102,6 +103,14 @@ def _assert_entry_point(cmd: list[str]) -> None:
         assert cmd[cmd.index("-Q") + 1] == Settings().celery.queue, "the worker must consume the queue the API sends to"
     else:
         raise AssertionError(f"unexpected command {cmd}")
+
+
+def test_webhook_sender_consumes_the_webhooks_queue_without_a_gpu(compose: dict[str, Any]) -> None:
+    service = compose["services"]["webhooks"]
+    cmd = _command(service["command"])
+    _assert_attribute_defined(*cmd[cmd.index("-A") + 1].split(":"))
+    assert cmd[cmd.index("-Q") + 1] == Settings().webhooks.queue
+    assert "deploy" not in service, "webhook senders need no GPU"
 
 
 def test_compose_parses_and_has_the_services(compose: dict[str, Any]) -> None:

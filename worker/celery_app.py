@@ -1,6 +1,7 @@
 """The worker's Celery app, built from Settings.
 
 ``celery -A worker.celery_app:app worker -Q gpu -c 1 --pool prefork -n w1@%h``
+(and the webhook sender: ``-Q webhooks -c 4 -n webhooks@%h``, ``worker/webhooks.py``)
 
 Late acks with a prefetch of one: a message is acknowledged only after its task returns, so
 a worker that dies mid-merge leaves the message to be redelivered (``reject_on_worker_lost``),
@@ -20,7 +21,7 @@ from mudsc_jobs.settings import Settings
 
 settings = Settings()
 
-app = Celery("mudsc-worker", include=["worker.tasks"], set_as_current=True)
+app = Celery("mudsc-worker", include=["worker.tasks", "worker.webhooks"], set_as_current=True)
 app.conf.update(celery_config(settings))
 app.conf.update(
     task_acks_late=True,

@@ -26,6 +26,7 @@ from mudsc_core.errors import MergeCanceled, MergeError
 from mudsc_core.schema import JobSpec
 from mudsc_jobs.dispatch import TASK_NAME
 from mudsc_jobs.store import TERMINAL, Claim, JobNotFound, StaleAttempt, TransitionConflict
+from mudsc_jobs.webhooks import notify
 from worker import context
 from worker.celery_app import app
 from worker.transfer import Transfers, describe_outputs
@@ -37,6 +38,12 @@ MANIFEST_NAME = "manifest.json"
 
 class LeaseLost(Exception):
     """A newer attempt owns the job (or it ended elsewhere): stop without writing anything."""
+
+
+def notify_webhook(ctx: context.WorkerContext, job_id: str) -> None:
+    """After a terminal status: hand the job's webhook delivery (if any) to the webhooks queue, never waiting on
+    HTTP here; a message that cannot be sent now is sent by the reconciler (the delivery is recorded pending)."""
+    notify(app, ctx.settings, ctx.store.webhooks, job_id)
 
 
 def _release_memory() -> None:
@@ -195,6 +202,8 @@ class JobRunner:
             self.ctx.store.complete(self.job_id, job["tenant"], self.attempt, status=status, result=result, error=error)
         except (StaleAttempt, TransitionConflict) as exc:
             logger.warning("job %s attempt %d: outcome %s not recorded (%s)", self.job_id, self.attempt, status, exc)
+            return
+        notify_webhook(self.ctx, self.job_id)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Claim:
@@ -202,6 +211,8 @@ class JobRunner:
         claim = self.ctx.store.claim(
             self.job_id, owner=self.owner, lease_ttl_s=self.lease_ttl_s, max_attempts=settings.worker.max_attempts
         )
+        if claim.outcome == "terminal":  # perhaps ended just now (a lost attempt's cancel or worker_lost)
+            notify_webhook(self.ctx, self.job_id)
         if claim.outcome != "claimed":
             logger.info(
                 "job %s: %s (attempt %d, status %s): nothing to do",
@@ -422,6 +433,7 @@ class MergeTask(Task):
                 "retryable": False,
             }
             store.complete(job_id, job["tenant"], job["attempt"], status="failed", error=error)
+            notify_webhook(context.get(), job_id)
         except (JobNotFound, StaleAttempt, TransitionConflict, RedisError) as failure:
             logger.warning("job %s: could not record the hard timeout: %s", job_id, failure)
 

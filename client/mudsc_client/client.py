@@ -159,6 +159,10 @@ class MudscClient:
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/v1/merges/{job_id}/artifacts").json()["data"]
 
+    def webhook_deliveries(self, job_id: str) -> dict[str, Any]:
+        """The job's webhook delivery and its attempts: ``{"delivery": {...} | None, "data": [attempts]}``."""
+        return self._request("GET", f"/v1/merges/{job_id}/webhook-deliveries").json()
+
     def methods(self) -> list[dict[str, Any]]:
         body = self._request("GET", "/v1/methods").json()
         return body["data"] if isinstance(body, dict) else body

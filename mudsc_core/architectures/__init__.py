@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mudsc_core.architectures import mlp, resnet, torchvision_resnet, vgg, vit
+from mudsc_core.architectures import mlp, resnet, torchvision_resnet, transformers, vgg, vit
 from mudsc_core.errors import ArchitectureMismatch
 from mudsc_core.permutation.spec import PermSpec, validate_state_dict
-from mudsc_core.permutation.trace import TraceResult, trace_spec
+from mudsc_core.permutation.trace import Inputs, TraceResult, trace_spec
 from mudsc_core.schema.job import ArchitectureSpec
 
 _MODULES: dict[str, ModuleType] = {
@@ -31,6 +31,7 @@ _MODULES: dict[str, ModuleType] = {
     "resnet": resnet,
     "vit": vit,
     "torchvision_resnet": torchvision_resnet,
+    "transformers": transformers,
 }
 
 ArchitectureLike = ArchitectureSpec | Mapping[str, Any]
@@ -54,11 +55,23 @@ def build_model(architecture: ArchitectureLike) -> nn.Module:
     return builder(config)
 
 
-def example_inputs(architecture: ArchitectureLike) -> tuple[Tensor, ...]:
-    """A small batch of synthetic inputs (for tracing, and for the self-check when there is no calibration)."""
+def example_inputs(architecture: ArchitectureLike) -> Inputs:
+    """A small batch of synthetic inputs (for tracing, and for the self-check when there is no calibration):
+    positional tensors, or forward keywords (transformers models)."""
     module, config = _resolve(architecture)
-    make: Callable[[Any], tuple[Tensor, ...]] = module.example_inputs
+    make: Callable[[Any], Inputs] = module.example_inputs
     return make(config)
+
+
+def complete_state(architecture: ArchitectureLike, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
+    """The checkpoint with the entries its format omits filled in (a tied LM head), and their names."""
+    module, config = _resolve(architecture)
+    complete: Callable[[Any, Mapping[str, Tensor]], tuple[dict[str, Tensor], set[str]]] | None = getattr(
+        module, "complete_state", None
+    )
+    if complete is None:
+        return dict(state), set()
+    return complete(config, state)
 
 
 def infer_architecture(architecture: ArchitectureLike, state: Mapping[str, Any]) -> ArchitectureSpec:
@@ -126,5 +139,6 @@ __all__ = [
     "example_inputs",
     "infer_architecture",
     "check_checkpoint",
+    "complete_state",
     "expected_shapes",
 ]

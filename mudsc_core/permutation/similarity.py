@@ -77,10 +77,18 @@ def row_correlation(features: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- activations
-def _site_features(site: ActivationSite | None, tensor: Tensor) -> Tensor:
-    """Tensor at a site -> (units, samples): unit axis first, every other position a sample."""
+def _site_features(site: ActivationSite | None, tensor: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Tensor at a site -> (units, samples): unit axis first, every other position a sample.
+
+    ``mask`` (the batch's ``attention_mask``, (batch, tokens)) drops padded positions of a token tensor
+    (batch, tokens, ..., units) before they count as samples.
+    """
     assert site is not None  # callers keep only groups with a site
-    units_first = tensor.movedim(site.unit_dim, 0)
+    unit_dim = site.unit_dim % tensor.ndim
+    if mask is not None and tensor.ndim >= 3 and unit_dim >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+        tensor = tensor[mask.to(torch.bool)]  # (kept positions, ..., units)
+        unit_dim -= 1
+    units_first = tensor.movedim(unit_dim, 0)
     if site.segments:
         units_first = torch.cat([units_first[start:stop] for start, stop in site.segments], dim=1)
     return units_first.reshape(units_first.shape[0], -1)
@@ -139,32 +147,133 @@ def activation_taps(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> 
     return graph_module
 
 
+Batch = Tensor | Mapping[str, Tensor]  # positional inputs, or forward keywords (transformers models)
+
+
+class HookTaps:
+    """The tensors at each group's site, captured by forward hooks on the model's modules.
+
+    For models whose forward torch.fx cannot capture (their spec was derived on a torch.export graph,
+    whose sites name the module each op belongs to): the model runs as it is, with keywords.
+    """
+
+    def __init__(self, model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> None:
+        self.model = model
+        self.sites = {g: site for g in groups if (site := spec.groups[g].activation) is not None}
+        self.captured: dict[tuple[str, str], Tensor] = {}
+        self.handles: list[Any] = []
+        for module_name, io in sorted({(site.module, site.io) for site in self.sites.values()}):
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise SpecError(f"activation site {module_name!r} is not a module of {type(model).__name__}") from None
+            key = (module_name, io)
+            if io == "input":
+                self.handles.append(module.register_forward_pre_hook(self._keep_input(key), with_kwargs=True))
+            else:
+                self.handles.append(module.register_forward_hook(self._keep_output(key)))
+
+    def _keep_input(self, key: tuple[str, str]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(first, Tensor):
+                self.captured[key] = first
+
+        return hook
+
+    def _keep_output(self, key: tuple[str, str]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            tensor = output if isinstance(output, Tensor) else output[0] if isinstance(output, tuple) else None
+            if isinstance(tensor, Tensor):
+                self.captured[key] = tensor
+
+        return hook
+
+    def __call__(self, batch: Batch) -> dict[str, Tensor]:
+        self.captured.clear()
+        if isinstance(batch, Mapping):
+            self.model(**batch)
+        else:
+            self.model(batch)
+        missing = [g for g, site in self.sites.items() if (site.module, site.io) not in self.captured]
+        if missing:
+            site = self.sites[missing[0]]
+            raise SpecError(f"group {missing[0]}: activation site {site.module!r} ({site.io}) was not called")
+        return {g: self.captured[(site.module, site.io)] for g, site in self.sites.items()}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _taps(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> Callable[[Batch], dict[str, Tensor]]:
+    """The captured graph's taps where torch.fx can capture the model, else forward hooks."""
+    try:
+        graph = activation_taps(model, spec, groups)
+    except UnsupportedArchitecture:
+        return HookTaps(model, spec, groups)
+    return lambda batch: graph(**batch) if isinstance(batch, Mapping) else graph(batch)
+
+
+def site_samples(model: nn.Module, spec: PermSpec, batch: Batch, batch_size: int) -> dict[str, int]:
+    """Per group with a site: the samples (positions) a calibration batch of ``batch_size`` gives there.
+
+    Measured on ``batch`` (a few samples: one forward with hooks); padding behind an attention mask
+    does not count, as in :func:`activation_correlations`. Empty when a site cannot be hooked.
+    """
+    groups = [g for g in spec.group_order() if spec.groups[g].activation is not None]
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    count = int(next(iter(batch.values())).shape[0]) if isinstance(batch, Mapping) else int(batch.shape[0])
+    try:
+        taps = HookTaps(model, spec, groups)
+    except SpecError:
+        return {}
+    try:
+        with torch.no_grad():
+            captured = taps(batch)
+    except SpecError:
+        return {}
+    finally:
+        taps.close()
+    return {
+        g: -(-_site_features(spec.groups[g].activation, t, mask).shape[1] * batch_size // max(count, 1))
+        for g, t in captured.items()
+    }
+
+
 def activation_correlations(
     models: Sequence[nn.Module],
     spec: PermSpec,
-    batches: Iterable[Tensor],
+    batches: Iterable[Batch],
     progress: Callable[[float], None] | None = None,
     num_batches: int | None = None,
 ) -> dict[str, Tensor]:
     """Pearson correlation of every group's stacked units over the calibration inputs."""
     groups = [g for g in spec.group_order() if spec.groups[g].activation is not None]
     sites = {g: spec.groups[g].activation for g in groups}
-    taps = [activation_taps(model, spec, groups) for model in models]
+    taps = [_taps(model, spec, groups) for model in models]
     accumulators = {g: CorrelationAccumulator() for g in groups}
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            per_model = [{g: _site_features(sites[g], t) for g, t in tap(batch).items()} for tap in taps]
-            for model_index, features in enumerate(per_model):
-                for g, values in features.items():
-                    if not bool(torch.isfinite(values).all()):  # the inputs are checked finite: the weights did it
-                        raise ComputeOverflow(
-                            f"model {model_index}: activations of group {g} overflow float32 on the calibration "
-                            "inputs (weights too large for the model's forward pass)"
-                        )
-            for g in groups:
-                accumulators[g].update(torch.cat([features[g] for features in per_model], dim=0))
-            if progress is not None and num_batches:
-                progress((index + 1) / num_batches)
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                per_model = [{g: _site_features(sites[g], t, mask) for g, t in tap(batch).items()} for tap in taps]
+                for model_index, features in enumerate(per_model):
+                    for g, values in features.items():
+                        if not bool(torch.isfinite(values).all()):  # the inputs are checked finite: the weights did it
+                            raise ComputeOverflow(
+                                f"model {model_index}: activations of group {g} overflow float32 on the calibration "
+                                "inputs (weights too large for the model's forward pass)"
+                            )
+                for g in groups:
+                    accumulators[g].update(torch.cat([features[g] for features in per_model], dim=0))
+                if progress is not None and num_batches:
+                    progress((index + 1) / num_batches)
+    finally:
+        for tap in taps:
+            if isinstance(tap, HookTaps):
+                tap.close()
     return {g: acc.correlation() for g, acc in accumulators.items()}
 
 

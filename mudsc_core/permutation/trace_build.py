@@ -40,8 +40,36 @@ log = logging.getLogger(__name__)
 
 Sig = tuple[int, ...]
 ROTARY_REASON = "dims inside a head pinned by rotary tables: heads move only as wholes"
+# The same tables with no head axis to move (one kv head: multi-query attention): nothing can move.
+TABLE_FIXED_REASON = "dims pinned by rotary tables, with no heads to move as wholes"
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 _CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The same in an exported graph, by ATen op name (``aten.linear.default`` -> ``linear``).
+_ATEN_CONSUMERS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution"})
+_ATEN_NORMS = frozenset(
+    {"layer_norm", "group_norm", "batch_norm", "_native_batch_norm_legit_no_training", "native_layer_norm"}
+)
+# Where an op's weight is among its arguments (every other module op takes it second).
+_WEIGHT_ARG = {"embedding": 0, "layer_norm": 2, "group_norm": 2, "batch_norm": 1}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return str(getattr(target, "_opname", "")) if node.op == "call_function" else ""
+
+
+def _op_module(node: fx.Node) -> str | None:
+    """The module whose call an ATen op is: the owner of the ``<module>.weight`` it takes (``linear`` of
+    ``model.layers.0.mlp.down_proj.weight`` -> ``model.layers.0.mlp.down_proj``), else None."""
+    name = _op_name(node)
+    if not name:
+        return None
+    index = _WEIGHT_ARG.get(name, 1)
+    weight = node.args[index] if len(node.args) > index else node.kwargs.get("weight")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    target = str(weight.target)
+    return target[: -len(".weight")] if target.endswith(".weight") else None
 
 
 @dataclass(frozen=True)
@@ -304,6 +332,8 @@ class SpecAssembler:
                 continue
             reasons = set().union(*(self.bad_reasons.get(r, set()) | event_roots.get(r, set()) for r in sig))
             reasons.discard("pinned")
+            if not reasons and any(r in self.whole for r in sig):
+                reasons.add(TABLE_FIXED_REASON)
             size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
             label = f"{occ[0].param}[{occ[0].axis}]"
             params = tuple(sorted({o.param for o in occ}))
@@ -326,7 +356,13 @@ class SiteFinder:
         self.alg = walker.algebra
         self.normalize = normalize or self.alg.normalize
         self.modules = walker.modules
-        self.calls = Counter(str(n.target) for n in walker.gm.graph.nodes if n.op == "call_module")
+        nodes = walker.gm.graph.nodes
+        # An exported (ATen) graph has no module calls: a module's call is its op on its weight (``_op_module``).
+        self.aten = not any(n.op == "call_module" for n in nodes)
+        self.calls = Counter(
+            str(n.target) if n.op == "call_module" else _op_module(n) for n in nodes if n.op != "get_attr"
+        )
+        self.calls.pop(None, None)
         self.best: dict[Sig, tuple[int, int, ActivationSite]] = {}
         self.partial: dict[Sig, ActivationSite] = {}
         self._index()
@@ -334,22 +370,37 @@ class SiteFinder:
     def _once(self, target: object) -> bool:
         return self.calls[str(target)] == 1
 
+    def _module_call(self, node: fx.Node) -> tuple[str, bool] | None:
+        """(module, is a Linear/Conv) when ``node`` is the one call of a module taking its input as args[0]."""
+        if node.op == "call_module":
+            if not self._once(node.target):
+                return None
+            return str(node.target), isinstance(self.modules[str(node.target)], _CONSUMERS)
+        module = _op_module(node) if self.aten else None
+        if module is None or not self._once(module) or _op_name(node) == "embedding":
+            return None
+        return module, _op_name(node) in _ATEN_CONSUMERS
+
     def _capture(self, node: fx.Node) -> tuple[str, Literal["input", "output"]] | None:
         consumers: list[str] = []
         others: list[str] = []
         for user in node.users:
-            if user.op == "call_module" and user.args and user.args[0] is node and self._once(user.target):
-                module = self.modules[str(user.target)]
-                (consumers if isinstance(module, _CONSUMERS) else others).append(str(user.target))
+            call = self._module_call(user) if user.args and user.args[0] is node else None
+            if call is not None:
+                (consumers if call[1] else others).append(call[0])
         if consumers:
             return consumers[0], "input"
         if node.op == "call_module" and self._once(node.target):
             return str(node.target), "output"
+        if self.aten and _op_name(node) in _ATEN_CONSUMERS and (module := _op_module(node)) and self._once(module):
+            return module, "output"
         if others:
             return others[0], "input"
         return None
 
     def _is_norm_output(self, node: fx.Node) -> bool:
+        if self.aten:
+            return _op_name(node) in _ATEN_NORMS
         return node.op == "call_module" and isinstance(self.modules[str(node.target)], _NORMS)
 
     def _index(self) -> None:

@@ -12,11 +12,17 @@ says otherwise:
   Difference from mergekit: with ``int(gamma * numel) == 0`` mergekit's slice
   ``indices[n_bot:-0]`` keeps nothing (a small tensor loses its whole task vector); here the
   band is what the paper means, the kept ranks ``[n_bot, numel - n_top)``.
-- ``random`` (DARE): keep each entry with probability ``density``, survivors divided by
-  ``density`` when rescaling (1 / (1 - p), the paper and mergekit's ``rescale``).
+- ``random`` (DARE): keep each entry with probability ``density``.
 - ``della``: keep probabilities rise linearly with the magnitude rank along dim 1 (a row;
-  1-D tensors are one row) from ``density - epsilon`` to ``density + epsilon``; survivors are
-  divided by their keep probability when rescaling (mergekit ``della_magprune``).
+  1-D tensors are one row) from ``density - epsilon`` to ``density + epsilon`` (mergekit
+  ``della_magprune``).
+
+The random sparsifiers rescale their survivors by one of two rules (:data:`RescaleRule`):
+``"keep_probability"`` divides each survivor by its keep probability (``1 / density`` for DARE,
+``1 / p_i`` for DELLA: the papers, unbiased per entry); ``"l1_norm"`` multiplies every survivor
+of the tensor by one factor ``||delta||_1 / ||kept||_1`` so that the tensor keeps its L1 norm
+(mergekit 0.1.5's ``rescale``: ``rescaled_masked_tensor`` with ``RescaleNorm.l1``, used by every
+sparsifier there; left unscaled when either norm is below 1e-7, as there).
 
 Random masks come from a ``torch.Generator`` the caller seeds per (seed, tensor, model), so
 a merge is reproducible and independent of tensor order; the numbers cannot equal
@@ -30,6 +36,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+
+from mudsc_core.schema.same_base_params import RescaleRule
 
 ConsensusRule = Literal["sum", "count", "none"]
 _CHUNK = 1 << 20  # elements per block where a step would otherwise allocate large temporaries
@@ -57,7 +65,8 @@ def topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(magnitudes.shape)
 
 
-def _l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def _l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``kept`` scaled in place to ``delta``'s L1 norm (mergekit's ``rescaled_masked_tensor``, its eps)."""
     before, after = float(delta.abs().sum()), float(kept.abs().sum())
     if before >= eps and after >= eps:
         kept.mul_(before / after)
@@ -95,13 +104,22 @@ def breadcrumbs(delta: torch.Tensor, density: float, gamma: float, rescale: bool
     return _l1_rescaled(delta, kept) if rescale else kept
 
 
-def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
-    """DARE: drop each entry with probability ``1 - density``; survivors / density when rescaling."""
+def random_drop(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+    rule: RescaleRule = "keep_probability",
+) -> torch.Tensor:
+    """DARE: drop each entry with probability ``1 - density``; when rescaling, survivors / density
+    (``rule="keep_probability"``) or times the tensor's L1 norm over theirs (``"l1_norm"``, mergekit)."""
     if density >= 1.0:
         return delta.clone()
     keep = torch.rand(delta.shape, generator=generator) < density
     kept = delta * keep
-    return kept.div_(density) if rescale else kept
+    if not rescale:
+        return kept
+    return _l1_rescaled(delta, kept) if rule == "l1_norm" else kept.div_(density)
 
 
 def della_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -113,11 +131,19 @@ def della_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: 
 
 
 def della(
-    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+    rule: RescaleRule = "keep_probability",
 ) -> torch.Tensor:
-    """DELLA MagPrune: magnitude-ranked keep probabilities, survivors / probability when rescaling."""
+    """DELLA MagPrune: magnitude-ranked keep probabilities; when rescaling, each survivor / its
+    probability (``rule="keep_probability"``) or the whole tensor's survivors times one factor that
+    restores its L1 norm (``"l1_norm"``, mergekit)."""
     if density >= 1.0 or delta.numel() == 0:
         return delta.clone()
+    per_entry = rescale and rule == "keep_probability"
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta  # 0-d and 1-D: one row of all entries
     out = torch.empty_like(rows)
     # Row blocks keep the int64 argsort temporaries small.
@@ -127,8 +153,9 @@ def della(
         probs = della_keep_probabilities(part.abs(), density, epsilon)
         keep = torch.rand(part.shape, generator=generator) < probs
         kept = part * keep
-        out[start : start + block] = kept.div_(probs) if rescale else kept
-    return out.view(delta.shape)
+        out[start : start + block] = kept.div_(probs) if per_entry else kept
+    out = out.view(delta.shape)
+    return _l1_rescaled(delta, out) if rescale and rule == "l1_norm" else out
 
 
 def elect_and_merge(
@@ -137,20 +164,24 @@ def elect_and_merge(
     consensus: ConsensusRule,
     normalize: bool,
     out: torch.Tensor | None = None,
+    scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Mix weighted task vectors ``w_i * tau_i`` into one (mergekit ``get_mask`` + mix).
 
     consensus 'sum': majority sign s = +1 where sum_i w_i tau_i >= 0 else -1; 'count': by the
     count of signs; entries whose sign differs from s (zeros included) are left out; the mix is
     sum over agreeing entries, divided (normalize) by the sum of the agreeing entries' weights
-    (1 where none agree). 'none': plain sum, divided (normalize) by sum_i w_i. Works in blocks
-    so that the temporaries stay small; writes into ``out`` when given.
+    (1 where none agree). 'none': plain sum, divided (normalize) by sum_i w_i. ``scales``: a
+    factor per task vector applied in the mix only (per-model lambdas: the election and the
+    divisor do not see it). Works in blocks so that the temporaries stay small; writes into
+    ``out`` when given.
     """
+    factors = list(scales) if scales is not None else [1.0] * len(weighted)
     shape = weighted[0].shape
     flats = [w.reshape(-1) for w in weighted]
     result = (out if out is not None else torch.empty(shape, dtype=torch.float32)).reshape(-1)
     if consensus == "none":
-        _sum_into(flats, result)
+        _sum_into(flats, result, factors)
         if normalize:
             total_weight = float(sum(weights))
             result.div_(total_weight if abs(total_weight) >= 1e-8 else 1.0)
@@ -169,9 +200,9 @@ def elect_and_merge(
         majority = torch.where(total >= 0, 1.0, -1.0)
         mixed = torch.zeros_like(majority)
         divisor = torch.zeros_like(majority)
-        for p, s, w in zip(part, signs, weights):
+        for p, s, w, factor in zip(part, signs, weights, factors):
             agree = s == majority
-            mixed.add_(torch.where(agree, p, 0.0))
+            mixed.add_(torch.where(agree, p, 0.0), alpha=factor)
             divisor.add_(agree.to(torch.float32), alpha=w)
         if normalize:
             divisor[divisor == 0] = 1.0
@@ -180,10 +211,12 @@ def elect_and_merge(
     return result.view(shape)
 
 
-def _sum_into(flats: Sequence[torch.Tensor], result: torch.Tensor) -> None:
+def _sum_into(flats: Sequence[torch.Tensor], result: torch.Tensor, factors: Sequence[float]) -> None:
     result.copy_(flats[0])
-    for f in flats[1:]:
-        result.add_(f)
+    if factors[0] != 1.0:
+        result.mul_(factors[0])
+    for f, factor in zip(flats[1:], factors[1:]):
+        result.add_(f, alpha=factor)
 
 
 class MagnitudeHistogram:

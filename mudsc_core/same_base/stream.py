@@ -159,8 +159,9 @@ def merge_checkpoints(
     :class:`~mudsc_core.lora.LoraCheckpoint`, a base with a LoRA adapter applied as it is read).
 
     ``model_parameters``: per model, mergekit's ``models[i].parameters`` (``weight``, ``density``,
-    ``gamma``, ``epsilon``: numbers, gradients over the layers or filter lists); they override the
-    method's values for that model, and ``parameters["weight"]`` overrides ``weights[i]``.
+    ``gamma``, ``epsilon``, ``lambda``: numbers, gradients over the layers or filter lists); they override
+    the method's values for that model (``lambda`` its ``scaling_factor``), and ``parameters["weight"]``
+    overrides ``weights[i]``.
     """
     started = time.perf_counter()
     info = same_base_method(method_name)

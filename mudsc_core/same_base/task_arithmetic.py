@@ -11,7 +11,13 @@ and della_linear are configurations of :class:`TaskArithmeticFamily` (see
 
 Per-model knobs (density, gamma, epsilon) and per-tensor ones (lambda too) come resolved for
 the tensor in ``values`` (see :mod:`mudsc_core.same_base.base`); each task vector is sparsified
-with its own model's values.
+with its own model's values. A model's own ``lambda`` (``models[i].parameters.lambda``) scales
+that model's term instead of the method's lambda:
+
+    theta  = theta_0 + sum_i lambda_i w_i tau_i' [* agree_i] / (sum_i w_i [* agree_i])
+
+(the sign election and the divisor are unchanged; a model without its own lambda has the method's,
+so equal lambdas give the formula above, where lambda is applied once after mixing, as mergekit).
 
 Memory: without a sign rule the task vectors are summed as they arrive (one at a time);
 with one, the N sparsified task vectors are held and mixed in blocks into one output. The
@@ -74,13 +80,19 @@ class TaskArithmeticFamily:
             return sp.breadcrumbs(delta, density, self.value("gamma", values, model_id), rescale=p.rescale)
         generator = sp.rng_for(p.seed, name, model_id)
         if p.sparsifier == "random":
-            return sp.random_drop(delta, density, generator, rescale=p.rescale)
+            return sp.random_drop(delta, density, generator, rescale=p.rescale, rule=p.rescale_rule)
         epsilon = self.value("epsilon", values, model_id)
         try:
             check_della_band(density, epsilon)
         except ValueError as exc:
             raise InvalidParameters(f"tensor {name!r}, model {model_id}: {exc}") from exc
-        return sp.della(delta, density, epsilon, generator, rescale=p.rescale)
+        return sp.della(delta, density, epsilon, generator, rescale=p.rescale, rule=p.rescale_rule)
+
+    def model_lambdas(self, values: TensorValues | None, model_ids: Sequence[int]) -> list[float]:
+        """Each model's lambda for this tensor: its own (``parameters.lambda``), else the method's."""
+        lam = self.value("scaling_factor", values)
+        own = [values.get("lambda", i) if values is not None else None for i in model_ids]
+        return [lam if x is None else x for x in own]
 
     def merge(
         self,
@@ -91,18 +103,21 @@ class TaskArithmeticFamily:
         values: TensorValues | None = None,
     ) -> torch.Tensor:
         p = self.params
-        lam = self.value("scaling_factor", values)
+        lambdas = self.model_lambdas(values, model_ids)
+        # One lambda for every model: applied once after mixing (mergekit's order); else per model, in the mix.
+        common = lambdas[0] if len(set(lambdas)) <= 1 else None
+        scales = [1.0] * len(lambdas) if common is not None else lambdas
         if p.consensus == "none":
             mixed: torch.Tensor | None = None
-            for delta, weight, model_id in zip(deltas, weights, model_ids):
+            for delta, weight, model_id, scale in zip(deltas, weights, model_ids, scales):
                 # Without a sparsifier, accumulate straight into the first input (the task vectors
                 # are the merger's to overwrite): no allocation at all.
                 part = delta if p.sparsifier == "none" else self.sparsify(name, delta, model_id, values)
                 del delta
                 if mixed is None:
-                    mixed = part.mul_(weight)
+                    mixed = part.mul_(weight * scale)
                 else:
-                    mixed.add_(part, alpha=weight)
+                    mixed.add_(part, alpha=weight * scale)
                 del part
             assert mixed is not None  # at least one model holds every merged tensor
             if p.normalize:
@@ -113,8 +128,8 @@ class TaskArithmeticFamily:
             for delta, weight, model_id in zip(deltas, weights, model_ids):
                 weighted.append(self.sparsify(name, delta, model_id, values).mul_(weight))
                 del delta
-            mixed = sp.elect_and_merge(weighted, weights, p.consensus, p.normalize)
-        return mixed.mul_(lam) if lam != 1.0 else mixed
+            mixed = sp.elect_and_merge(weighted, weights, p.consensus, p.normalize, scales=scales)
+        return mixed.mul_(common) if common is not None and common != 1.0 else mixed
 
 
 class WholeModelThresholds:

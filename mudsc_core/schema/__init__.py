@@ -8,6 +8,7 @@ from mudsc_core.schema.job import (
     MethodSpec,
     ModelRef,
     OutputSpec,
+    WebhookSpec,
     parse_s3_uri,
 )
 from mudsc_core.schema.methods import METHODS, MethodInfo, MudscParams, register
@@ -24,6 +25,7 @@ __all__ = [
     "MethodSpec",
     "ModelRef",
     "OutputSpec",
+    "WebhookSpec",
     "parse_s3_uri",
     "METHODS",
     "MethodInfo",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mudsc_core.schema._base import Frozen
 
@@ -112,10 +113,51 @@ class ViTConfig(Frozen):
         return self
 
 
+_CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9]{0,127}$")
+_MODEL_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+class TransformersConfig(Frozen):
+    """A Hugging Face transformers model, built from its config (``config.json``) with random weights, never
+    downloaded: the class is ``architectures[0]`` (``BertModel``, ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+    ``ViTForImageClassification``, ``CLIPVisionModel``, ...). Empty (the default): the config is read from
+    the first model folder's ``config.json``, and every model folder's config must agree with it. Its
+    permutation spec is derived by tracing the model's computation (torch.export) and checked before every
+    merge. Every group that reaches the model's outputs is pinned, logits and features alike, so the merged
+    model's outputs are in the input models' order: an LM head or classifier contracts the residual stream,
+    which stays free; a features encoder (a ``...Model`` class) keeps its residual stream pinned and merges
+    its attention heads and MLP units. Calibration tensors are the forward's keywords (``input_ids``,
+    ``attention_mask``, ``pixel_values``, ...); padding (``attention_mask`` 0) is not counted."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+
+    model_type: str | None = Field(None, description="the config's model_type (bert, gpt2, llama, vit, ...)")
+    architectures: list[str] | None = Field(None, min_length=1, max_length=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> TransformersConfig:
+        extra = self.model_extra or {}
+        if self.model_type is None and self.architectures is None and not extra:
+            return self  # read from the first model folder
+        if self.model_type is None or not _MODEL_TYPE.match(self.model_type):
+            raise ValueError("a transformers config needs its model_type (lower-case letters, digits, _ or -)")
+        if not self.architectures or not all(isinstance(a, str) and _CLASS_NAME.match(a) for a in self.architectures):
+            raise ValueError("a transformers config needs architectures: [<model class name>, ...]")
+        return self
+
+    @property
+    def given(self) -> bool:
+        return self.model_type is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 ARCHITECTURE_CONFIGS: dict[str, type[Frozen]] = {
     "mlp": MLPConfig,
     "vgg": VGGConfig,
     "resnet": ResNetConfig,
     "vit": ViTConfig,
     "torchvision_resnet": TorchvisionResNetConfig,
+    "transformers": TransformersConfig,
 }

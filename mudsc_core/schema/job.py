@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from mudsc_core.schema._base import Frozen
-from mudsc_core.schema.architectures import ARCHITECTURE_CONFIGS
+from mudsc_core.schema.architectures import ARCHITECTURE_CONFIGS, TransformersConfig
 from mudsc_core.schema.methods import METHODS
 from mudsc_core.schema.parameters import ParameterValue, check_model_parameter_values
 from mudsc_core.schema.same_base_params import TensorParams
@@ -74,8 +75,9 @@ class ModelRef(Frozen):
     weight: float = Field(1.0, gt=0.0, le=1e6)
     parameters: Annotated[dict[str, ParameterValue], AfterValidator(check_model_parameter_values)] = Field(
         default_factory=dict,
-        description="mergekit's models[i].parameters: weight, density, gamma, epsilon for this model "
-        "(each a number, a gradient over the layers or a filter list); they override the method's values",
+        description="mergekit's models[i].parameters: weight, density, gamma, epsilon, lambda for this model "
+        "(each a number, a gradient over the layers or a filter list); they override the method's values "
+        "(lambda: the method's scaling_factor, for this model's task vector)",
     )
 
     @model_validator(mode="after")
@@ -112,8 +114,16 @@ class ArchitectureSpec(Frozen):
         config_model = ARCHITECTURE_CONFIGS.get(self.name)
         if config_model is None:
             raise ValueError(f"unknown architecture {self.name!r}; known: {', '.join(sorted(ARCHITECTURE_CONFIGS))}")
-        object.__setattr__(self, "config", config_model.model_validate(self.config).model_dump(mode="json"))
+        typed = config_model.model_validate(self.config)
+        # A transformers config keeps exactly the keys it was given (its explicit nulls included).
+        unset = isinstance(typed, TransformersConfig)
+        object.__setattr__(self, "config", typed.model_dump(mode="json", exclude_unset=unset))
         return self
+
+    @property
+    def reads_config_from_models(self) -> bool:
+        """``{"name": "transformers"}`` without a config: built from the first model folder's config.json."""
+        return self.name == "transformers" and not self.config
 
     def typed_config(self) -> Any:
         return ARCHITECTURE_CONFIGS[self.name].model_validate(self.config)
@@ -214,9 +224,57 @@ class LayerSlice(Frozen):
         return value
 
 
+WebhookEvent = Literal["succeeded", "failed", "canceled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "canceled")
+
+
+class WebhookSpec(Frozen):
+    """Where the job's outcome is delivered (Standard Webhooks, signed with the tenant's secret). Which schemes
+    and hosts a tenant may name is the service's settings' decision, checked at submission."""
+
+    url: str = Field(max_length=2048, examples=["https://hooks.example.com/mudsc"])
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1, max_length=len(WEBHOOK_EVENTS)
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if any(ord(c) <= 32 or ord(c) == 127 for c in url):
+            raise ValueError("URL contains whitespace or control characters")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if parts.scheme not in ("https", "http"):
+            raise ValueError("must be an https:// URL")
+        if not parts.hostname:
+            raise ValueError("URL names no host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("URL must not carry credentials (user:password@)")
+        if parts.fragment:
+            raise ValueError("URL must not have a #fragment")
+        if port == 0:
+            raise ValueError("URL port must be 1..65535")
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, events: list[WebhookEvent]) -> list[WebhookEvent]:
+        if len(set(events)) != len(events):
+            raise ValueError("events must not repeat")
+        return events
+
+
 class JobSpec(Frozen):
     method: MethodSpec
-    models: list[ModelRef] = Field(min_length=2, max_length=64)
+    models: list[ModelRef] = Field(
+        min_length=1,
+        max_length=64,
+        description="the models to merge: at least 2, except for passthrough (1 model: its slices may stack its "
+        "own layer ranges)",
+    )
     base_model: ModelRef | None = None
     architecture: ArchitectureSpec | None = None
     calibration: CalibrationSpec | None = None
@@ -229,6 +287,22 @@ class JobSpec(Frozen):
         description="passthrough only: the output's layers, slice after slice, each a layer range of one model "
         "(embeddings from the first slice's model, final norm and head from the last's)",
     )
+    webhook: WebhookSpec | None = Field(
+        None, description="deliver the outcome to this URL (default: the tenant's webhook, if any)"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _enough_models(cls, models: list[ModelRef], info: ValidationInfo) -> list[ModelRef]:
+        """The method's model count, reported at ``models`` (the method is validated before them)."""
+        method = info.data.get("method")
+        if isinstance(method, MethodSpec):
+            problem = METHODS[method.name].model_count_problem(len(models))
+            if problem:
+                raise ValueError(problem)
+        elif len(models) < 2:  # the method did not validate: the common rule
+            raise ValueError(f"at least 2 models are needed, got {len(models)} (1 only with method 'passthrough')")
+        return models
 
     @model_validator(mode="before")
     @classmethod
@@ -248,6 +322,14 @@ class JobSpec(Frozen):
             weighted=any(m.weight != 1.0 for m in self.models),
         )
         self._check_slices()
+        if self.architecture is not None and self.architecture.reads_config_from_models:
+            files = [i for i, m in enumerate(self.models) if not m.uri.endswith("/")]
+            if files:
+                raise ValueError(
+                    f"architecture transformers without a config reads config.json from the model folders, but "
+                    f"models[{files[0]}] is a single file: give Hugging Face folders (URIs ending in '/') or "
+                    "architecture.config"
+                )
         if any(m.lora is not None for m in self.models) and METHODS[self.method.name].family != "same_base":
             raise ValueError(
                 f"method {self.method.name!r} takes no LoRA adapters (models[i].lora): adapters are inputs of "

@@ -14,16 +14,22 @@ model's parameters, as before); gradients stay lists of numbers and filter lists
 **mergekit -> ours** (:func:`parse_mergekit_yaml`, :func:`from_mergekit`, what ``POST /v1/merges``
 does with an ``application/yaml`` body): the YAML is bounded before it is built (no aliases, at most
 :data:`MAX_DEPTH` levels and :data:`MAX_EVENTS` nodes), read with ``yaml.safe_load``, then translated
-key by key; mergekit's defaults are written explicitly where ours differ (``density`` 1.0). Every key
+key by key; mergekit's defaults are written explicitly where ours differ (``density`` 1.0; for DARE/DELLA
+``rescale_rule: "l1_norm"``, mergekit 0.1.5's rescaling: survivors scaled to each tensor's L1 norm, where a
+JSON job's default divides them by their keep probability). Every key
 we cannot honour is a :class:`MergekitConfigError` whose ``errors[].loc`` points at it. For a method we
 both have, ``to_mergekit(from_mergekit(config))`` gives the configuration back when it is written the
 way :func:`to_mergekit` writes it (every per-model knob in each model, ``dtype`` given); any other
 spelling gives an equivalent configuration (``int8_mask``, ``name`` and ``model_name`` are accepted
 and dropped: they change no number).
 
+A model's ``lambda`` (``models[i].parameters.lambda``) is taken and honoured (it scales that model's task
+vector); mergekit 0.1.5 reads ``lambda`` globally only and ignores a per-model one, which :func:`to_mergekit`
+writes back all the same and names in its reason.
+
 ``passthrough`` is translated with its ``slices`` (one source each: ``{model: s3://..., layer_range: [a, b]}``):
-our ``models`` are the distinct models in order of first use and each source names its model by index;
-``slices`` with any other method stays refused at its key.
+our ``models`` are the distinct models in order of first use (one is enough: a model stacked on itself) and each
+source names its model by index; ``slices`` with any other method stays refused at its key.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
         return MergekitConfig(None, "mergekit trims each tensor on its own (topk_scope 'tensor')")
     for key in _NOT_IN_MERGEKIT:
         params.pop(key, None)
+    rescale_rule = params.pop("rescale_rule", "l1_norm")
     if method not in _RANDOM and not params.get("rescale"):  # mergekit's default there: no rescaling
         params.pop("rescale", None)
     per_model = {k: v for k, v in params.items() if k in _PER_MODEL}
@@ -149,10 +156,28 @@ def to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
     tokenizer = _tokenizer_source(spec, spec["models"])
     if tokenizer is not None:
         config["tokenizer_source"] = tokenizer
-    reason = (
-        "same drop rates and rescaling; mergekit draws its random masks itself (no seed)" if method in _RANDOM else ""
-    )
-    return MergekitConfig(config, reason)
+    return MergekitConfig(config, _differences(method, params, rescale_rule, spec["models"]))
+
+
+def _differences(method: str, params: Mapping[str, Any], rescale_rule: str, models: Sequence[Mapping[str, Any]]) -> str:
+    """Where mergekit 0.1.5 would compute something else from the configuration written (empty: nothing)."""
+    notes = []
+    if method in _RANDOM:
+        if params.get("rescale", True) and rescale_rule != "l1_norm":
+            notes.append(
+                "same drop rates; mergekit draws its random masks itself (no seed) and rescales a tensor's survivors "
+                "to its L1 norm, where this job divided each by its keep probability (rescale_rule "
+                "'keep_probability'; 'l1_norm' is mergekit's rule)"
+            )
+        else:
+            notes.append("same drop rates and rescaling; mergekit draws its random masks itself (no seed)")
+    with_lambda = [i for i, m in enumerate(models) if "lambda" in (m.get("parameters") or {})]
+    if with_lambda:
+        notes.append(
+            f"models[{with_lambda[0]}].parameters.lambda: mergekit 0.1.5 reads lambda from the global parameters only "
+            "and ignores a per-model value, which scaled that model's task vector here"
+        )
+    return "; ".join(notes)
 
 
 def _passthrough_to_mergekit(spec: dict[str, Any]) -> MergekitConfig:
@@ -222,7 +247,10 @@ _DTYPES = {
 # mergekit's global parameters of a method that we take and drop: they change no number.
 _IGNORED_PARAMETERS = {"int8_mask": "int8_mask (the sign mask's dtype) changes no result; it is accepted and ignored"}
 # mergekit's defaults where they differ from ours (filled in explicitly so the merge is mergekit's).
-_MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {m: {"density": 1.0} for m in _SPARSIFYING}
+# DARE/DELLA: mergekit 0.1.5 rescales survivors to each tensor's L1 norm (our rescale_rule "l1_norm").
+_MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
+    m: {"density": 1.0, **({"rescale_rule": "l1_norm"} if m in _RANDOM else {})} for m in _SPARSIFYING
+}
 # Parameters mergekit requires (no default).
 _REQUIRED = {"slerp": ("t",), "nearswap": ("t",)}
 # mergekit parameters we have only at mergekit's default value.
@@ -369,7 +397,7 @@ def _translate(config: Mapping[Any, Any]) -> _Translation:
     params_class = _params_class(method)
     fields = params_class.model_fields
     per_model_names = params_class.PER_MODEL_PARAMETERS
-    ours_only = set(_NOT_IN_MERGEKIT) | {"sparsifier"}
+    ours_only = set(_NOT_IN_MERGEKIT) | {"sparsifier", "rescale_rule"}
     shared_names = sorted(
         {_RENAMED.get(k, k) for k in fields if k not in ours_only and k not in _PER_MODEL}
         | {k for k in per_model_names}
@@ -628,13 +656,6 @@ def _translate_slices(
                 model_locs.append(where)
             ours.append({"model": uris.index(uri), "layer_range": source["layer_range"]})
         slices.append({"sources": ours})
-    if not errors and len(uris) < 2:
-        errors.append(
-            _error(
-                ("slices",),
-                f"passthrough needs layers from at least 2 models here (the job spec takes 2 to 64), got {len(uris)}",
-            )
-        )
     return slices
 
 

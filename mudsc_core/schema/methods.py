@@ -83,11 +83,8 @@ class MethodInfo:
         self, *, models: int, base: bool, architecture: bool, calibration: bool, weighted: bool = False
     ) -> list[str]:
         """Every way the given inputs miss this method's requirements (empty when they fit)."""
-        problems = []
-        if models < self.min_models:
-            problems.append(f"method {self.name!r} needs at least {self.min_models} models, got {models}")
-        if self.max_models is not None and models > self.max_models:
-            problems.append(f"method {self.name!r} takes at most {self.max_models} models, got {models}")
+        count = self.model_count_problem(models)
+        problems = [count] if count else []
         if self.requires_base and not base:
             problems.append(f"method {self.name!r} requires a base model (base_model)")
         if not self.requires_base and base:
@@ -106,6 +103,14 @@ class MethodInfo:
                 "used by same-base methods"
             )
         return problems
+
+    def model_count_problem(self, models: int) -> str | None:
+        """Why ``models`` models do not fit this method (None when they do)."""
+        if models < self.min_models:
+            return f"method {self.name!r} needs at least {self.min_models} models, got {models}{_ONE_MODEL}"
+        if self.max_models is not None and models > self.max_models:
+            return f"method {self.name!r} takes at most {self.max_models} models, got {models}"
+        return None
 
     def check_inputs(self, **inputs: Any) -> None:
         """Raise ``ValueError`` naming the first requirement the inputs miss."""
@@ -129,6 +134,7 @@ class MethodInfo:
 
 
 METHODS: dict[str, MethodInfo] = {}
+_ONE_MODEL = " (only 'passthrough' takes a single model: its slices stack that model's layers)"
 
 
 def register(info: MethodInfo) -> None:
@@ -154,6 +160,7 @@ def _same_base(
     implementation: str,
     *,
     requires_base: bool = True,
+    min_models: int = 2,
     max_models: int | None = None,
 ) -> MethodInfo:
     return MethodInfo(
@@ -163,6 +170,7 @@ def _same_base(
         description,
         "mudsc_core.same_base." + implementation,
         requires_base=requires_base,
+        min_models=min_models,
         max_models=max_models,
     )
 
@@ -286,6 +294,7 @@ for _info in (
         "(needs the job's slices)",
         "passthrough:Passthrough.from_params",
         requires_base=False,
+        min_models=1,  # one model's layer ranges stacked (mergekit's self-stacking frankenmerge)
     ),
 ):
     register(_info)

@@ -191,15 +191,17 @@ BOUNDS: dict[str, Bound] = {
     "gamma": Bound(0.0, 1.0, high_open=True),
     "epsilon": Bound(0.0, 1.0, high_open=True),
     "scaling_factor": Bound(-100.0, 100.0),
+    "lambda": Bound(-100.0, 100.0),  # a model's own scaling_factor (models[i].parameters, mergekit's name)
     "t": Bound(0.0, 1.0),
 }
-# Parameters a model may carry (``models[i].parameters``): mergekit's tensor parameters.
-PER_MODEL_NAMES = ("weight", "density", "gamma", "epsilon")
+# Parameters a model may carry (``models[i].parameters``), by mergekit's names: its per-model tensor
+# parameters, and ``lambda`` (a model's own scaling factor; mergekit 0.1.5 reads lambda globally only).
+PER_MODEL_NAMES = ("weight", "density", "gamma", "epsilon", "lambda")
+# A per-model name -> the method's parameter it overrides, where the names differ.
+METHOD_PARAMETER = {"lambda": "scaling_factor"}
 _GLOBAL_ONLY_HINTS = {
-    "lambda": "our name for mergekit's 'lambda' is 'scaling_factor', and it applies to the whole merge "
-    "(as in mergekit): set it in method.params (it may be a gradient or a filter list)",
-    "scaling_factor": "'scaling_factor' (mergekit's 'lambda') applies to the whole merge, not per model "
-    "(as in mergekit): set it in method.params (it may be a gradient or a filter list)",
+    "scaling_factor": "per model, the scaling factor has mergekit's name 'lambda' (models[i].parameters.lambda); "
+    "'scaling_factor' is the method's (method.params)",
     "t": "'t' applies to the whole merge (as in mergekit): set it in method.params "
     "(it may be a gradient or a filter list)",
 }
@@ -354,8 +356,12 @@ class ParameterResolver:
             values: dict[str, float] = {}
             for key in self.model_keys:
                 value = resolve(own[key], name, layer, self.layers) if key in own else None
-                if value is None:
-                    value = self.weights[i] if key == "weight" else self._method_value(key, name, layer)
+                if value is None:  # the model's weight, else the method's value (lambda: its scaling_factor)
+                    value = (
+                        self.weights[i]
+                        if key == "weight"
+                        else self._method_value(METHOD_PARAMETER.get(key, key), name, layer)
+                    )
                 if value is not None:
                     values[key] = value
             per_model[i] = values

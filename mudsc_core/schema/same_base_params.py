@@ -21,6 +21,15 @@ from mudsc_core.schema.parameters import ParameterValue, checker
 Fraction = float  # documented alias: fractions are fractions (0..1), never percentages
 Sparsifier = Literal["none", "magnitude", "random", "breadcrumbs", "della"]
 Consensus = Literal["sum", "count", "none"]
+# How the random sparsifiers (DARE, DELLA) rescale their survivors (``sparsify.py``): divided by their keep
+# probability (the papers) or scaled so that each tensor keeps its L1 norm (mergekit 0.1.5).
+RescaleRule = Literal["keep_probability", "l1_norm"]
+_RESCALE_RULE = (
+    "random/della with rescale: 'keep_probability' divides each survivor by its keep probability "
+    "(1/density for DARE, 1/p_i for DELLA: the papers); 'l1_norm' multiplies a tensor's survivors by one "
+    "factor, ||tau||_1 / ||kept tau||_1, so that it keeps its L1 norm (mergekit 0.1.5's rescale; a mergekit "
+    "YAML gets it)"
+)
 
 # Knobs that may vary per tensor: a number, a gradient over the layers or a filter list
 # (``parameters.py``); every number in them is checked against the scalar bounds.
@@ -81,7 +90,7 @@ class GeneralizedTaskArithmeticParams(_Scaled):
     """Every option of the task-arithmetic family (what each named method's ``to_gta`` returns)."""
 
     TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "gamma", "epsilon", "scaling_factor")
-    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "epsilon")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "epsilon", "lambda")
 
     sparsifier: Sparsifier = "none"
     density: Density = Field(1.0, description="fraction of each task vector's entries kept, in (0, 1]" + _VARIES)
@@ -97,8 +106,11 @@ class GeneralizedTaskArithmeticParams(_Scaled):
     normalize: bool = Field(False, description="divide by the sum of the (agreeing) weights")
     rescale: bool = Field(
         False,
-        description="random/della: survivors / keep probability; "
+        description="rescale the survivors: random/della by rescale_rule; "
         "magnitude/breadcrumbs: match the task vector's L1 norm",
+    )
+    rescale_rule: RescaleRule = Field(
+        "keep_probability", description=_RESCALE_RULE + "; magnitude/breadcrumbs always match the L1 norm"
     )
     topk_scope: Literal["tensor", "model"] = Field(
         "tensor", description="magnitude trim per tensor (mergekit, default) or over the whole model (TIES paper)"
@@ -160,7 +172,12 @@ def _gta(params: Frozen, **fixed: object) -> GeneralizedTaskArithmeticParams:
 
 
 class _GtaFamily(_Scaled):
-    """A named method of the task-arithmetic family: defaults and knobs over the general configuration."""
+    """A named method of the task-arithmetic family: defaults and knobs over the general configuration.
+
+    Per model it takes (besides its sparsifier's knobs) ``lambda``: that model's own scaling factor (see
+    :class:`~mudsc_core.same_base.task_arithmetic.TaskArithmeticFamily`)."""
+
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "lambda")
 
     @abstractmethod
     def to_gta(self) -> GeneralizedTaskArithmeticParams: ...
@@ -187,7 +204,7 @@ class TaskArithmeticParams(_GtaFamily):
 
 class TiesParams(_GtaFamily):
     TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "scaling_factor")
-    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "lambda")
 
     density: Density = Field(0.2, description="top fraction kept by magnitude (paper: k=20%), in (0, 1]" + _VARIES)
     topk_scope: Literal["tensor", "model"] = "tensor"
@@ -201,10 +218,11 @@ class TiesParams(_GtaFamily):
 
 class _DareKnobs(_GtaFamily):
     TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "scaling_factor")
-    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "lambda")
 
     density: Density = Field(0.5, description="keep probability 1-p (p: drop rate), in (0, 1]" + _VARIES)
     rescale: bool = True
+    rescale_rule: RescaleRule = Field("keep_probability", description=_RESCALE_RULE)
     normalize: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -223,7 +241,7 @@ class DareTiesParams(_DareKnobs):
 
 class _BreadcrumbsKnobs(_GtaFamily):
     TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "gamma", "scaling_factor")
-    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "lambda")
 
     density: Density = Field(0.9, description="fraction kept between the two cuts, in (0, 1]" + _VARIES)
     gamma: Gamma = Field(0.01, description="fraction of largest magnitudes removed, in [0, 1)" + _VARIES)
@@ -245,7 +263,7 @@ class BreadcrumbsTiesParams(_BreadcrumbsKnobs):
 
 class _DellaKnobs(_GtaFamily):
     TENSOR_PARAMETERS: ClassVar[tuple[str, ...]] = ("density", "epsilon", "scaling_factor")
-    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "epsilon")
+    PER_MODEL_PARAMETERS: ClassVar[tuple[str, ...]] = ("weight", "density", "epsilon", "lambda")
 
     density: Density = Field(0.5, description="mean keep probability, in (0, 1]" + _VARIES)
     epsilon: Epsilon = Field(
@@ -254,6 +272,7 @@ class _DellaKnobs(_GtaFamily):
         "in [0, 1)" + _VARIES,
     )
     rescale: bool = True
+    rescale_rule: RescaleRule = Field("keep_probability", description=_RESCALE_RULE)
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

@@ -248,3 +248,76 @@ def test_a_job_canceled_while_queued_frees_its_explicit_output(s3_client: TestCl
     assert s3_client.post(f"/v1/merges/{first.json()['id']}/cancel", headers=auth()).json()["status"] == "canceled"
     again = s3_client.post("/v1/merges", json=_spec(objects, output={"uri": output}, labels={"n": "3"}), headers=auth())
     assert again.status_code == 202, again.text
+
+
+def _passthrough_yaml(uri: str, ranges: list[list[int]]) -> str:
+    slices = "".join(f"  - sources:\n      - model: {uri}\n        layer_range: {r}\n" for r in ranges)
+    return f"merge_method: passthrough\nslices:\n{slices}dtype: float32\n"
+
+
+def test_one_model_passthrough_is_accepted_as_json_and_as_mergekit_yaml(
+    s3_client: TestClient, objects: dict[str, str]
+) -> None:
+    """mergekit's self-stacking frankenmerge: layers 0-1 then 1 of ONE model (any other method needs two)."""
+    slices = [{"sources": [{"model": 0, "layer_range": r}]} for r in ([0, 2], [1, 2])]
+    spec = {"method": {"name": "passthrough"}, "models": [{"uri": objects["a"]}], "slices": slices}
+    response = s3_client.post("/v1/merges", json=spec, headers=auth())
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert [m["uri"] for m in job["spec"]["models"]] == [objects["a"]] and job["spec"]["slices"] == slices
+    response = s3_client.post(
+        "/v1/merges",
+        content=_passthrough_yaml(objects["a"], [[0, 2], [1, 2]]).encode(),
+        headers={**auth(), "Content-Type": "application/yaml"},
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert [m["uri"] for m in job["spec"]["models"]] == [objects["a"]] and job["spec"]["slices"] == slices
+
+
+def test_one_model_for_another_method_is_a_422_naming_the_method(
+    s3_client: TestClient, objects: dict[str, str]
+) -> None:
+    spec = {"method": {"name": "ties"}, "models": [{"uri": objects["a"]}], "base_model": {"uri": objects["b"]}}
+    body = assert_problem(s3_client.post("/v1/merges", json=spec, headers=auth()), 422)
+    assert any(
+        e["loc"] == ["body", "models"] and "method 'ties' needs at least 2 models, got 1" in e["msg"]
+        for e in body["errors"]
+    ), body["errors"]
+    text = f"merge_method: ties\nbase_model: {objects['b']}\nmodels:\n  - model: {objects['a']}\n"
+    response = s3_client.post(
+        "/v1/merges", content=text.encode(), headers={**auth(), "Content-Type": "application/yaml"}
+    )
+    body = assert_problem(response, 422)
+    assert any(e["loc"] == ["body", "models"] and "needs at least 2 models" in e["msg"] for e in body["errors"]), body
+
+
+def test_per_model_lambda_and_mergekit_rescaling_through_the_api(
+    s3_client: TestClient, objects: dict[str, str]
+) -> None:
+    """models[i].parameters.lambda is accepted (JSON and YAML); a mergekit YAML's DARE gets mergekit's rescaling."""
+    spec = {
+        "method": {"name": "dare_ties", "params": {"density": 0.5}},
+        "base_model": {"uri": objects["ok_folder"]},
+        "models": [{"uri": objects["a"], "parameters": {"lambda": [0.5, 1.5]}}, {"uri": objects["b"]}],
+    }
+    response = s3_client.post("/v1/merges", json=spec, headers=auth())
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["spec"]["models"][0]["parameters"] == {"lambda": [0.5, 1.5]}
+    assert job["spec"]["method"]["params"]["rescale_rule"] == "keep_probability"
+    text = (
+        f"merge_method: dare_ties\nbase_model: {objects['ok_folder']}\nmodels:\n"
+        f"  - model: {objects['a']}\n    parameters: {{weight: 1.0, density: 0.5, lambda: 0.7}}\n"
+        f"  - model: {objects['b']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+    )
+    response = s3_client.post(
+        "/v1/merges", content=text.encode(), headers={**auth(), "Content-Type": "application/yaml"}
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["spec"]["models"][0]["parameters"]["lambda"] == 0.7
+    assert job["spec"]["method"]["params"]["rescale_rule"] == "l1_norm"
+    spec["models"][0]["parameters"] = {"lambda": 500}
+    body = assert_problem(s3_client.post("/v1/merges", json=spec, headers=auth()), 422)
+    assert any("lambda: 500 is outside [-100, 100]" in e["msg"] for e in body["errors"]), body["errors"]

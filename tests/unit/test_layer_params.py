@@ -28,7 +28,7 @@ from mudsc_core.schema.parameters import (
     layer_index,
     resolve,
 )
-from mudsc_core.schema.same_base_params import SlerpParams, TiesParams
+from mudsc_core.schema.same_base_params import GeneralizedTaskArithmeticParams, SlerpParams, TiesParams
 
 T = torch.tensor
 
@@ -206,6 +206,43 @@ def test_della_band_is_checked_per_tensor_at_merge_time(tmp_path: Path) -> None:
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_per_model_lambda_scales_that_model_s_term_only() -> None:
+    """theta_0 + sum_i lambda_i w_i tau_i' [agree_i] / divisor: the election and the divisor do not see lambda_i."""
+    base = torch.zeros(4)
+    tau0, tau1 = T([1.0, -2.0, 0.5, 3.0]), T([-3.0, 1.0, 0.5, 0.9])
+    # task arithmetic: 0.5 * tau0 + 2 * tau1 (model 1 has no lambda of its own: the method's, 2)
+    values = TensorValues({"scaling_factor": 2.0}, {0: {"lambda": 0.5}, 1: {}})
+    out = task_arithmetic(base, [tau0, tau1], [1.0, 1.0], GeneralizedTaskArithmeticParams(scaling_factor=2.0),
+                          values=values)  # fmt: skip
+    assert_close(out, 0.5 * tau0 + 2.0 * tau1)
+    # ties at density 1: signs elected from tau0 + tau1 = [-2, -1, 1, 3.9] as without lambdas; agreeing terms
+    # scaled by their own lambda, divided by the agreeing weights: [-3*3, -2*1, (0.5*1 + 0.5*3)/2, (3*1 + 0.9*3)/2]
+    ties = TiesParams(density=1.0).to_gta()
+    values = TensorValues({"scaling_factor": 1.0}, {0: {"lambda": 1.0}, 1: {"lambda": 3.0}})
+    out = task_arithmetic(base, [tau0, tau1], [1.0, 1.0], ties, values=values)
+    assert_close(out, T([-9.0, -2.0, 1.0, 2.85]))
+    # every model with the same lambda: the method's lambda
+    same = TensorValues({"scaling_factor": 1.0}, {0: {"lambda": 0.7}, 1: {"lambda": 0.7}})
+    scaled = task_arithmetic(base, [tau0, tau1], [1.0, 1.0], ties.model_copy(update={"scaling_factor": 0.7}))
+    assert_close(task_arithmetic(base, [tau0, tau1], [1.0, 1.0], ties, values=same), scaled)
+
+
+def test_stream_applies_a_per_model_lambda_gradient(tmp_path: Path) -> None:
+    base_dir, models, base, taus = _checkpoints(tmp_path)
+    # model 1's lambda runs 0 -> 2 over the 3 layers (0 outside them); model 0 keeps the method's 0.5
+    merged = _merge(
+        tmp_path, "task_arithmetic", {"scaling_factor": 0.5}, models, base_dir, model_parameters=[{}, {"lambda": [0.0, 2.0]}]
+    )  # fmt: skip
+    for name, lam1 in [("embed.weight", 0.0), ("model.layers.0.w", 0.0), ("model.layers.1.w", 1.0),
+                       ("model.layers.2.w", 2.0), ("lm_head.weight", 0.0)]:  # fmt: skip
+        assert_close(merged[name], 0.5 * taus[0][name] + lam1 * taus[1][name], msg=name)
+    spec = _spec({}, "dare_ties", parameters={"lambda": [0.5, 1.5], "density": 0.4})
+    assert spec.models[0].parameters["lambda"] == [0.5, 1.5]
+    card = to_mergekit(spec.model_dump(mode="json"))
+    assert card.config is not None and card.config["models"][0]["parameters"]["lambda"] == [0.5, 1.5]
+    assert "ignores a per-model value" in card.reason
+
+
 def test_stream_refuses_per_model_parameters_the_method_lacks(tmp_path: Path) -> None:
     base_dir, models, _, _ = _checkpoints(tmp_path)
     with pytest.raises(InvalidParameters, match="'gamma'"):
@@ -247,8 +284,8 @@ def test_spec_accepts_per_model_gradients_and_filter_lists() -> None:
     ("kwargs", "message"),
     [
         ({"parameters": {"foo": 0.5}}, "unknown per-model parameter 'foo'"),
-        ({"parameters": {"lambda": 0.5}}, "scaling_factor"),
-        ({"parameters": {"scaling_factor": 0.5}}, "applies to the whole merge"),
+        ({"parameters": {"scaling_factor": 0.5}}, "mergekit's name 'lambda'"),
+        ({"parameters": {"lambda": 500}}, r"lambda: 500 is outside \[-100, 100\]"),
         ({"parameters": {"gamma": 0.1}}, "no per-model parameter 'gamma'"),
         ({"parameters": {"density": [0.5, 1.5]}}, r"density \(gradient element 1\): 1.5 is outside \(0, 1\]"),
         ({"parameters": {"density": [{"filter": "mlp", "value": 0}]}}, r"filter entry 0 \('mlp'\)"),
@@ -277,6 +314,10 @@ def test_spec_refuses_what_the_method_cannot_do() -> None:
         _spec({}, "slerp", parameters={"weight": 2.0})
     with pytest.raises(ValidationError, match=r"t \(gradient element 0\)"):
         _spec({"t": [-0.5, 1.0]}, "slerp")
+    with pytest.raises(ValidationError, match=r"no per-model parameter 'lambda' for this method \(it takes: none\)"):
+        _spec({}, "slerp", parameters={"lambda": 0.5})
+    with pytest.raises(ValidationError, match=r"no per-model parameter 'lambda' for this method \(it takes: weight\)"):
+        _spec({}, "tsv_merge", parameters={"lambda": 0.5})
     with pytest.raises(ValidationError, match="takes no per-model parameters"):
         JobSpec.model_validate(
             {

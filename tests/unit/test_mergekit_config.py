@@ -9,6 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mudsc_core.schema import JobSpec
 from mudsc_core.schema.mergekit import (
     MergekitConfigError,
     from_mergekit,
@@ -141,7 +142,11 @@ def test_what_we_cannot_honour_is_refused_at_its_key(config: dict[str, Any], loc
         ([{"model": "hf-org/model-a"}, {"model": B}], ["models", 0, "model"]),
         ([{"model": A, "lora": "x"}, {"model": B}], ["models", 0, "lora"]),
         ([{"model": A, "parameters": {"gamma": 0.1}}, {"model": B}], ["models", 0, "parameters", "gamma"]),
-        ([{"model": A, "parameters": {"lambda": 0.1}}, {"model": B}], ["models", 0, "parameters", "lambda"]),
+        (
+            [{"model": A, "parameters": {"scaling_factor": 0.1}}, {"model": B}],
+            ["models", 0, "parameters", "scaling_factor"],
+        ),
+        ([{"model": A, "parameters": {"lambda": 200}}, {"model": B}], ["models", 0, "parameters"]),
         ([{"model": A}, {"model": B, "parameters": {"density": 1.5}}], ["models", 1, "parameters"]),
         ([{"model": A}, {"model": "s3://models/acme/x.bin"}], ["models", 1, "model"]),
         ([{"model": A}], ["models"]),
@@ -151,6 +156,34 @@ def test_what_we_cannot_honour_is_refused_at_its_key(config: dict[str, Any], loc
 def test_model_entries_are_refused_at_their_key(models: Any, loc: list[Any]) -> None:
     errors = _errors({"merge_method": "ties", "base_model": BASE, "models": models})
     assert any(e["loc"][: len(loc)] == loc for e in errors), errors
+
+
+def test_dare_and_della_get_mergekit_s_rescaling_and_a_per_model_lambda() -> None:
+    """A mergekit YAML gives mergekit's numbers: survivors rescaled to each tensor's L1 norm (rescale_rule
+    'l1_norm'); a JSON job keeps the papers' 1/keep-probability unless it asks otherwise."""
+    for method in ("dare_linear", "dare_ties", "della", "della_linear"):
+        spec = from_mergekit(
+            {
+                "merge_method": method,
+                "base_model": BASE,
+                "models": [{"model": A, "parameters": {"density": 0.5, "lambda": 0.7}}, {"model": B}],
+                "parameters": {"lambda": [1.0, 0.5]},
+            }
+        ).model_dump(mode="json")
+        assert spec["method"]["params"]["rescale_rule"] == "l1_norm" and spec["method"]["params"]["rescale"] is True
+        assert spec["models"][0]["parameters"] == {"density": 0.5, "lambda": 0.7}
+        assert spec["method"]["params"]["scaling_factor"] == [1.0, 0.5]
+        back = to_mergekit(spec)
+        assert back.config is not None and "rescale_rule" not in back.config["parameters"]
+        assert "same drop rates and rescaling" in back.reason and "models[0].parameters.lambda" in back.reason
+        json_job = spec | {"method": {"name": method, "params": {}}}
+        typed = JobSpec.model_validate(json_job).model_dump(mode="json")
+        assert typed["method"]["params"]["rescale_rule"] == "keep_probability"
+        assert "divided each by its keep probability" in to_mergekit(typed).reason
+    assert ["parameters", "rescale_rule"] in _locs(
+        {"merge_method": "dare_ties", "base_model": BASE, "models": [{"model": A}, {"model": B}],
+         "parameters": {"rescale_rule": "l1_norm"}}
+    )  # fmt: skip
 
 
 def test_method_specific_refusals() -> None:
@@ -241,6 +274,9 @@ _PER_MODEL = {
 }
 
 
+_LAMBDA_PER_MODEL = {m for m in _PER_MODEL if m not in ("linear", "multislerp", "model_stock")}
+
+
 @st.composite
 def mergekit_configs(draw: st.DrawFn) -> dict[str, Any]:
     """Configurations written as to_mergekit writes them (every per-model knob in each model, dtype given)."""
@@ -260,6 +296,8 @@ def mergekit_configs(draw: st.DrawFn) -> dict[str, Any]:
             parameters: dict[str, Any] = {}
             if method != "model_stock":
                 parameters["weight"] = draw(_setting(_WEIGHT))
+            if method in _LAMBDA_PER_MODEL and draw(st.booleans()):
+                parameters["lambda"] = draw(_setting(st.floats(-2, 2).map(lambda x: round(x, 3))))
             for key in _PER_MODEL[method]:
                 if method.startswith("della"):  # the band density +/- epsilon must stay inside (0, 1)
                     values = st.floats(0.3, 0.7).map(lambda x: round(x, 3)) if key == "density" else st.just(0.15)

@@ -146,42 +146,105 @@ def test_deterministic_methods_equal_mergekit(name: str, folders: dict[str, Path
     assert gap <= TOL, f"{name}: {gap}"
 
 
-@pytest.mark.parametrize(("method", "density"), [("dare_linear", 0.3), ("dare_ties", 0.6), ("della_linear", 0.4)])
+RANDOM_CASES = [("dare_linear", 0.3, None), ("dare_ties", 0.6, None), ("della", 0.4, 0.15), ("della_linear", 0.5, 0.2)]
+
+
+def _drop_statistics(result: dict, base: dict, delta: dict) -> dict[str, Any]:
+    """Per tensor (>= 512 entries): survivors, the L1 and L2 norms of the sparsified task vector relative to the
+    task vector's, and the survivors' scale (out / tau on the survivors: its mean and its spread)."""
+    kept = total = 0
+    l1, l2, scale, spread = [], [], [], []
+    for key, d in delta.items():
+        if d.numel() < 512:
+            continue
+        out = (result[key] - base[key]).double()
+        survived = out != 0
+        kept += int(survived.sum())
+        total += d.numel()
+        l1.append(float(out.abs().sum() / d.double().abs().sum()))
+        l2.append(float(out.norm() / d.double().norm()))
+        ratio = out[survived] / d.double()[survived]
+        scale.append(float(ratio.mean()))
+        spread.append(float(ratio.std() / ratio.mean()))
+    return {"rate": kept / total, "total": total, "l1": l1, "l2": l2, "scale": scale, "spread": spread}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std() / len(values) ** 0.5)
+
+
+@pytest.mark.parametrize(("method", "density", "epsilon"), RANDOM_CASES)
 def test_random_drops_have_mergekit_s_survival_rate_and_rescaling(
-    method: str, density: float, folders: dict[str, Path], tmp_path: Path
+    method: str, density: float, epsilon: float | None, folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    """DARE: survivors within 3 sigma of density, scaled by 1/density; DELLA: mean keep rate density."""
+    """DARE/DELLA from a mergekit YAML (rescale_rule 'l1_norm'): the same survival rate as mergekit 0.1.5 (within
+    3 sigma of the keep probability and of each other) and the same rescaling: every tensor keeps its L1 norm
+    exactly on both sides, its survivors share one factor, and the factors and L2 norms agree statistically."""
     # The second model is the base itself (task vector 0), so the result minus the base is the first
     # model's sparsified task vector (weight 1, lambda 1, no normalisation).
+    own = {"weight": 1.0, "density": density, **({"epsilon": epsilon} if epsilon is not None else {})}
     config: dict[str, Any] = {
         "merge_method": method,
         "base_model": URI["base"],
-        "models": _models({"weight": 1.0, "density": density}, {"weight": 1.0, "density": density}),
+        "models": _models(own, dict(own)),
         "parameters": {"normalize": False, "rescale": True},
     }
+    assert from_mergekit(config).method.params["rescale_rule"] == "l1_norm"
     base = _tensors(folders["base"])
     delta = {k: v - base[k] for k, v in _tensors(folders["a"]).items()}
     b_folder = tmp_path / "b_is_base"
     transformers.LlamaForCausalLM.from_pretrained(folders["base"]).save_pretrained(b_folder)
     folders = {**folders, "b": b_folder}
+    torch.manual_seed(1234)  # mergekit draws its masks from torch's global generator: a reproducible test
     ours, theirs = _run_both(config, folders, tmp_path)
-    for side, result in (("ours", ours), ("mergekit", theirs)):
-        kept = total = 0
-        ratios = []
-        for key, d in delta.items():
-            if d.numel() < 512:
-                continue
-            out = result[key] - base[key]
-            survived = out.abs() > 1e-7
-            kept += int(survived.sum())
-            total += d.numel()
-            ratios.append(float((out[survived] / d[survived]).median()))
-        rate = kept / total
-        sigma = (density * (1 - density) / total) ** 0.5
-        print(f"parity {method} {side}: survival {rate:.4f} (density {density}, 3 sigma {3 * sigma:.4f}), "
-              f"median survivor scale {sum(ratios) / len(ratios):.3f} (1/density {1 / density:.3f})")  # fmt: skip
-        if not method.startswith("della"):
-            assert abs(rate - density) <= 3 * sigma + 1e-3, (side, rate)
-            assert abs(sum(ratios) / len(ratios) - 1 / density) < 0.1 / density, side
-        else:  # della: mean keep probability = density; the scale of a survivor depends on its rank
-            assert abs(rate - density) <= 0.02, (side, rate)
+    stats = {side: _drop_statistics(result, base, delta) for side, result in (("ours", ours), ("mergekit", theirs))}
+    sigma = (density * (1 - density) / stats["ours"]["total"]) ** 0.5  # DELLA's spread of p_i only lowers it
+    for side, st in stats.items():
+        l1, l1_sd = _mean_sd(st["l1"])
+        l2, l2_sd = _mean_sd(st["l2"])
+        scale, scale_sd = _mean_sd(st["scale"])
+        print(f"parity {method} {side}: survival {st['rate']:.4f} (density {density}, 3 sigma {3 * sigma:.4f}); "
+              f"per tensor |out|_1/|tau|_1 {l1:.6f}, |out|_2/|tau|_2 {l2:.4f} +- {l2_sd:.4f}, survivor scale "
+              f"{scale:.4f} +- {scale_sd:.4f} (1/density {1 / density:.4f}), max spread within a tensor "
+              f"{max(st['spread']):.2g}")  # fmt: skip
+        assert abs(st["rate"] - density) <= 3 * sigma, (side, st["rate"])
+        # mergekit's rule: each tensor's survivors times ||tau||_1 / ||kept||_1, one factor per tensor
+        assert max(abs(x - 1.0) for x in st["l1"]) < 1e-5, side
+        assert max(st["spread"]) < 1e-5, side
+    a, b = stats["ours"], stats["mergekit"]
+    assert abs(a["rate"] - b["rate"]) <= 3 * 2**0.5 * sigma
+    for key in ("scale", "l2"):
+        (mean_a, sd_a), (mean_b, sd_b) = _mean_sd(a[key]), _mean_sd(b[key])
+        assert abs(mean_a - mean_b) <= 4 * (sd_a**2 + sd_b**2) ** 0.5, (key, mean_a, mean_b)
+
+
+def test_a_json_dare_job_keeps_the_papers_rescaling(folders: dict[str, Path], tmp_path: Path) -> None:
+    """The JSON default (rescale_rule 'keep_probability'): DARE survivors are exactly tau / density, so a tensor's
+    L1 norm is kept in expectation only; DELLA's survivors are tau / p_i (no common factor)."""
+    from mudsc_core.schema import JobSpec
+
+    base = _tensors(folders["base"])
+    delta = {k: v - base[k] for k, v in _tensors(folders["a"]).items()}
+    for method, density in (("dare_linear", 0.3), ("della_linear", 0.4)):
+        spec = JobSpec.model_validate(
+            {
+                "method": {"name": method, "params": {"density": density}},
+                "base_model": {"uri": URI["base"]},
+                "models": [{"uri": URI["a"]}, {"uri": URI["b"]}],
+            }
+        )
+        assert spec.method.params["rescale_rule"] == "keep_probability"
+        out = tmp_path / method
+        merge_files(spec, LocalInputs(models=[folders["a"], folders["base"]], base_model=folders["base"]), out,
+                    device="cpu")  # fmt: skip
+        st = _drop_statistics(_tensors(out), base, delta)
+        l1, l1_sd = _mean_sd(st["l1"])
+        scale, _ = _mean_sd(st["scale"])
+        print(f"{method} rescale_rule keep_probability: survival {st['rate']:.4f}, |out|_1/|tau|_1 {l1:.4f} +- "
+              f"{l1_sd:.4f}, survivor scale {scale:.4f}, max spread within a tensor {max(st['spread']):.2g}")  # fmt: skip
+        assert abs(l1 - 1.0) <= 4 * l1_sd + 0.02
+        if method == "dare_linear":
+            assert max(abs(x - 1 / density) for x in st["scale"]) < 1e-4 and max(st["spread"]) < 1e-5
+        else:
+            assert min(st["spread"]) > 0.05  # 1/p_i varies with the magnitude rank

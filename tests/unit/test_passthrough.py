@@ -1,4 +1,4 @@
-"""passthrough with slices: layer ranges of two tiny Llamas stacked into a deeper model.
+"""passthrough with slices: layer ranges of two tiny Llamas (or of one, stacked on itself) into a deeper model.
 
 Known answer (output layer k = the slice's source layer, renamed; embeddings from the first slice's model,
 final norm and lm_head from the last's; config depth = the layers stacked), the result loads and runs with
@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from tests.tiny_llama import tiny_llama
@@ -123,6 +124,47 @@ def test_parity_with_mergekit(folders: dict[str, Path], tmp_path: Path) -> None:
     assert depth == [3, 3]
 
 
+SELF_STACK = f"""
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {A}
+        layer_range: [0, 2]
+  - sources:
+      - model: {A}
+        layer_range: [1, 2]
+  - sources:
+      - model: {A}
+        layer_range: [0, 1]
+dtype: float32
+"""
+
+
+def test_one_model_stacked_on_itself_equals_mergekit(folders: dict[str, Path], tmp_path: Path) -> None:
+    """mergekit's self-stacking frankenmerge: one model, layers 0-1 then 1 then 0 (depth 4)."""
+    spec = from_mergekit_yaml(SELF_STACK)
+    assert [m.uri for m in spec.models] == [A]
+    ours = _ours(spec, folders, tmp_path / "ours")
+    theirs = tmp_path / "theirs"
+    mergekit_merge.run_merge(
+        mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(SELF_STACK.replace(A, str(folders[A])))),
+        str(theirs),
+        options=MergeOptions(cuda=False, lazy_unpickle=False, copy_tokenizer=False, write_model_card=False),
+    )
+    mine, other, a = _tensors(ours), _tensors(theirs), _tensors(folders[A])
+    assert set(mine) == set(other), set(mine) ^ set(other)
+    gap = max(float((mine[k].float() - other[k].float()).abs().max()) for k in mine)
+    print(f"parity passthrough, one model: {len(mine)} tensors, max |ours - mergekit| = {gap:.3g}")
+    assert gap == 0.0
+    for k, layer in enumerate((0, 1, 1, 0)):
+        name = "self_attn.q_proj.weight"
+        assert torch.equal(mine[f"model.layers.{k}.{name}"], a[f"model.layers.{layer}.{name}"])
+    depth = [json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (ours, theirs)]
+    assert depth == [4, 4]
+    config = to_mergekit(spec.model_dump(mode="json")).config
+    assert config is not None and from_mergekit(config) == spec
+
+
 def test_the_card_s_yaml_translates_back_to_the_same_spec() -> None:
     spec = from_mergekit_yaml(YAML)
     config = to_mergekit(spec.model_dump(mode="json")).config
@@ -176,6 +218,23 @@ def test_bad_specs_are_refused(changes: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValidationError) as caught:
         JobSpec.model_validate(_spec(**changes))
     assert fragment in str(caught.value), str(caught.value)
+
+
+def test_one_model_is_for_passthrough_only() -> None:
+    one = _spec(models=[{"uri": A}], slices=[{"sources": [{"model": 0, "layer_range": [0, 2]}]}] * 2)
+    assert len(JobSpec.model_validate(one).models) == 1
+    for method, extra in (("ties", {"base_model": {"uri": B}}), ("linear", {}), ("slerp", {})):
+        body = {"method": {"name": method}, "models": [{"uri": A}], **extra}
+        with pytest.raises(ValidationError) as caught:
+            JobSpec.model_validate(body)
+        errors = caught.value.errors()
+        assert errors[0]["loc"] == ("models",), errors
+        assert f"method {method!r} needs at least 2 models, got 1" in errors[0]["msg"]
+        assert "only 'passthrough' takes a single model" in errors[0]["msg"]
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        JobSpec.model_validate(_spec(models=[]))
+    errors = _yaml_errors({"merge_method": "ties", "base_model": B, "models": [{"model": A}]})
+    assert any(e["loc"] == ["models"] and "needs at least 2 models" in e["msg"] for e in errors), errors
 
 
 def test_passthrough_without_slices_and_slices_without_passthrough_are_refused() -> None:

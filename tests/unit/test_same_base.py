@@ -109,6 +109,25 @@ def test_della_probabilities_and_rescale() -> None:
     assert kept[big].float().mean() > kept[small].float().mean()  # larger magnitudes survive more
 
 
+def test_l1_norm_rescale_rule_is_mergekit_s() -> None:
+    """rule="l1_norm": the same mask as the papers' rule, survivors times ||tau||_1 / ||kept||_1 (mergekit 0.1.5's
+    rescaled_masked_tensor with RescaleNorm.l1), for DARE and DELLA alike."""
+    tau = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
+    for drop in (
+        lambda rule: sp.random_drop(tau, 0.3, sp.rng_for(0, "w", 0), rule=rule),
+        lambda rule: sp.della(tau, 0.5, 0.2, sp.rng_for(0, "w", 0), rule=rule),
+    ):
+        papers, l1 = drop("keep_probability"), drop("l1_norm")
+        kept = papers != 0
+        assert torch.equal(kept, l1 != 0)
+        masked = tau * kept
+        assert_close(l1, masked * (tau.abs().sum() / masked.abs().sum()))
+        assert_close(l1.abs().sum(), tau.abs().sum())
+    tiny = torch.full((10,), 1e-9)  # norms below mergekit's eps 1e-7: left unscaled, as there
+    unscaled = sp.random_drop(tiny, 0.5, sp.rng_for(0, "t", 0), rescale=False)
+    assert torch.equal(sp.random_drop(tiny, 0.5, sp.rng_for(0, "t", 0), rule="l1_norm"), unscaled)
+
+
 def test_slerp_known_answers() -> None:
     v0, v1 = T([1.0, 0.0]), T([0.0, 1.0])
     assert_close(slerp(0.5, v0, v1), T([math.sqrt(0.5), math.sqrt(0.5)]))

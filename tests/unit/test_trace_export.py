@@ -9,17 +9,18 @@ that gives the same outputs.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from mudsc_core.errors import UnsupportedArchitecture
-from mudsc_core.permutation.permute import permute_state_dict, random_permutations
-from mudsc_core.permutation.spec import PermSpec, Segment
+from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.permutation.trace import TraceResult, self_check, trace_spec
+from tests.trace_checks import assert_check_passes, assert_permuted_copy_agrees
+from tests.trace_checks import group_of as _group_of
+from tests.trace_checks import segments as _segments
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,39 +75,12 @@ def _traced(build: Callable[[], nn.Module]) -> tuple[nn.Module, TraceResult]:
     return model, result
 
 
-def _segments(spec: PermSpec, param: str, axis: int) -> tuple[Segment, ...]:
-    segments = spec.axes[param][axis]
-    assert segments is not None, f"{param}[{axis}] is pinned"
-    return segments
-
-
-def _group_of(spec: PermSpec, param: str, axis: int) -> str:
-    (segment,) = _segments(spec, param, axis)
-    return segment.group
-
-
-def _outputs(model: nn.Module, inputs: Mapping[str, Tensor]) -> list[Tensor]:
-    with torch.no_grad():
-        out = model(**inputs)
-    return [v for v in out.values() if isinstance(v, Tensor)]
-
-
 def _assert_permuted_copy_agrees(model: nn.Module, spec: PermSpec) -> None:
-    inputs = _ids()
-    expected = _outputs(model, inputs)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    perms = random_permutations(spec, torch.Generator().manual_seed(3))
-    moved = {k: v for k, v in permute_state_dict(spec, state, perms).items()}
-    assert any(not torch.equal(moved[k], state[k]) for k in state)  # the weights did move
-    permuted = copy.deepcopy(model)
-    permuted.load_state_dict(moved)
-    for a, b in zip(expected, _outputs(permuted, inputs), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_permuted_copy_agrees(model, spec, _ids())
 
 
 def _assert_check_passes(model: nn.Module, result: TraceResult) -> None:
-    error = self_check(model, result.spec, _ids())
-    assert error < 1e-4
+    assert_check_passes(model, result.spec, _ids())
 
 
 # --------------------------------------------------------------------------- BERT
@@ -128,7 +102,10 @@ def test_bert_model_heads_and_mlp_groups_residual_pinned_by_output() -> None:
     assert spec.axes["embeddings.word_embeddings.weight"][1] is None
     pinned = {g.name: g for g in result.pinned_groups}
     assert "model output" in pinned["embeddings.word_embeddings.weight[1]"].reasons
-    assert all(g.activation is None for g in spec.groups.values())  # sites are module calls; none in ATen graphs
+    # Sites in an ATen graph name the module each op belongs to (the owner of the weight it takes).
+    inner = spec.groups[_group_of(spec, "encoder.layer.0.output.dense.weight", 1)].activation
+    assert inner is not None and (inner.module, inner.io) == ("encoder.layer.0.output.dense", "input")
+    assert all(g.activation is not None for g in spec.groups.values())
     _assert_check_passes(model, result)
     _assert_permuted_copy_agrees(model, spec)
 
