@@ -5,7 +5,7 @@ under docs/. Names: zip_speed (fast zip vs the straightforward definition), same
 (streaming vs load-everything peak RSS and wall time, ~3 GB of generated checkpoints),
 task_vectors (per-task accuracy of every same-base method), mudsc_digits (every permutation
 method x setting x BN reset on digits; ~20 min on one core), load (1,000 jobs against a live
-local stack).
+local stack), trace_families (trace and self-check time of the derived spec per Hugging Face family).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ BENCHES: dict[str, list[str]] = {
     "task_vectors": ["-m", "bench.task_vectors"],
     "mudsc_digits": ["-m", "bench.mudsc_digits"],
     "load": ["-m", "bench.load"],
+    "trace_families": ["-m", "bench.trace_families", "--out", "docs/bench_trace_families.txt"],
 }
 
 

@@ -53,6 +53,7 @@ class TraceResult:
     output_note: str = _OUTPUT_NOTE
     source: str = "traced"  # "given" when a caller supplied the spec
     capture: str = "fx"  # "fx" (torch.fx.symbolic_trace) or "export" (torch.export, ATen ops)
+    capture_seconds: float = 0.0  # the part of ``seconds`` spent capturing the graph (torch.export dominates)
 
     @property
     def free_groups(self) -> tuple[GroupSummary, ...]:
@@ -157,6 +158,7 @@ def trace_spec(model: nn.Module, example_inputs: Inputs) -> TraceResult:
     """Derive the permutation spec of ``model`` from its computation on ``example_inputs``."""
     start = time.perf_counter()
     gm, args, capture = _capture_any(model, example_inputs)
+    captured = time.perf_counter() - start
     values = _record(gm, args, set_eval=capture == "fx")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     walker = Walker(gm, values, shapes)
@@ -180,7 +182,7 @@ def trace_spec(model: nn.Module, example_inputs: Inputs) -> TraceResult:
     log.info(
         "traced %s (%s): %d free groups in %.1f ms", type(model).__name__, capture, len(spec.groups), 1000 * seconds
     )
-    return TraceResult(spec, tuple(groups), dict(pinned_by), seconds, capture=capture)
+    return TraceResult(spec, tuple(groups), dict(pinned_by), seconds, capture=capture, capture_seconds=captured)
 
 
 # --------------------------------------------------------------------------- self-check
