@@ -86,16 +86,26 @@ def infer_architecture(architecture: ArchitectureLike, state: Mapping[str, Any])
 
 
 @lru_cache(maxsize=32)
-def _traced(name: str, config_json: str) -> TraceResult:
+def _traced(name: str, config_json: str, free_outputs: bool) -> TraceResult:
     arch = ArchitectureSpec(name=name, config=json.loads(config_json))
     model = build_model(arch).eval()
-    return trace_spec(model, example_inputs(arch))
+    return trace_spec(model, example_inputs(arch), free_outputs=free_outputs)
 
 
-def trace_architecture(architecture: ArchitectureLike) -> TraceResult:
-    """The derived spec of a built-in and what the derivation found (cached per architecture and config)."""
+def trace_architecture(architecture: ArchitectureLike, *, free_outputs: bool = False) -> TraceResult:
+    """The derived spec of an architecture and what the derivation found (cached per architecture, config and
+    ``free_outputs``: outputs left free, for a features model merged by align; see ``trace_spec``)."""
     arch = _spec_of(architecture)
-    return _traced(arch.name, json.dumps(arch.config, sort_keys=True))
+    return _traced(arch.name, json.dumps(arch.config, sort_keys=True), free_outputs)
+
+
+def outputs_features(architecture: ArchitectureLike) -> bool:
+    """True when the model's outputs are features, not logits (a transformers ``...Model`` encoder class)."""
+    arch = _spec_of(architecture)
+    if arch.name != "transformers":
+        return False
+    classes = arch.config.get("architectures") or [""]
+    return "For" not in str(classes[0])
 
 
 def perm_spec(architecture: ArchitectureLike) -> PermSpec:
@@ -140,5 +150,6 @@ __all__ = [
     "infer_architecture",
     "check_checkpoint",
     "complete_state",
+    "outputs_features",
     "expected_shapes",
 ]

@@ -87,6 +87,9 @@ class PermSpec:
     head_params: tuple[str, ...] = ()
     # Groups in the order a forward pass meets them (coordinate ascent shuffles this order).
     order: tuple[str, ...] = field(default=())
+    # Per flattened model output, its axes where groups reach it freely (a features encoder traced with
+    # free outputs); empty: every output axis is pinned. The self-check permutes expected outputs by it.
+    outputs: tuple[tuple[AxisSpec, ...], ...] = ()
 
     def group_order(self) -> tuple[str, ...]:
         return self.order or tuple(self.groups)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from mudsc_core.errors import ComputeOverflow, MergeError, UnsupportedArchitecture
-from mudsc_core.permutation.permute import block_permutation, permute_state_dict, random_permutations
+from mudsc_core.permutation.permute import axis_index, block_permutation, permute_state_dict, random_permutations
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.permutation.trace_build import GroupSummary, SpecAssembler
 from mudsc_core.permutation.trace_export import export_capture
@@ -154,14 +154,25 @@ def _join_aliases(walker: Walker, model: nn.Module) -> None:
             walker.join(x, y, f"tied parameters {first[key]} and {name}")
 
 
-def trace_spec(model: nn.Module, example_inputs: Inputs) -> TraceResult:
-    """Derive the permutation spec of ``model`` from its computation on ``example_inputs``."""
+_FREE_OUTPUT_NOTE = (
+    "the model's outputs are features: their groups are free, so an align merge returns them in model 0's "
+    "unit order (the merged model is a drop-in replacement for model 0)"
+)
+
+
+def trace_spec(model: nn.Module, example_inputs: Inputs, *, free_outputs: bool = False) -> TraceResult:
+    """Derive the permutation spec of ``model`` from its computation on ``example_inputs``.
+
+    ``free_outputs`` leaves the outputs' axes free (a features encoder merged by align, in model 0's order):
+    the spec's ``outputs`` say how a permutation moves them, and the self-check permutes the expected
+    outputs alike. By default every output axis is pinned (logits, labels).
+    """
     start = time.perf_counter()
     gm, args, capture = _capture_any(model, example_inputs)
     captured = time.perf_counter() - start
     values = _record(gm, args, set_eval=capture == "fx")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    walker = Walker(gm, values, shapes)
+    walker = Walker(gm, values, shapes, free_outputs=free_outputs)
     try:
         for index, node in enumerate(gm.graph.nodes):
             walker.index = index
@@ -182,7 +193,10 @@ def trace_spec(model: nn.Module, example_inputs: Inputs) -> TraceResult:
     log.info(
         "traced %s (%s): %d free groups in %.1f ms", type(model).__name__, capture, len(spec.groups), 1000 * seconds
     )
-    return TraceResult(spec, tuple(groups), dict(pinned_by), seconds, capture=capture, capture_seconds=captured)
+    note = _FREE_OUTPUT_NOTE if spec.outputs else _OUTPUT_NOTE
+    return TraceResult(
+        spec, tuple(groups), dict(pinned_by), seconds, output_note=note, capture=capture, capture_seconds=captured
+    )
 
 
 # --------------------------------------------------------------------------- self-check
@@ -229,7 +243,7 @@ class _Checker:
 
     def error(self, perms: Mapping[str, Tensor]) -> float:
         self.model.load_state_dict(permute_state_dict(self.spec, self.state, perms))
-        return _relative_error(self.expected, _run(self.model, self.inputs))
+        return _relative_error(permute_outputs(self.spec, self.expected, perms), _run(self.model, self.inputs))
 
     def culprits(self, generator: torch.Generator, rtol: float) -> list[tuple[str, float]]:
         """Groups that break the outputs on their own (re-checked one by one).
@@ -256,6 +270,22 @@ class _Checker:
                 within = torch.arange(g.block_size).repeat(g.num_blocks, 1)
                 along[other] = block_permutation(block_order, within)
         return along
+
+
+def permute_outputs(spec: PermSpec, outputs: list[Tensor], perms: Mapping[str, Tensor]) -> list[Tensor]:
+    """The outputs a model permuted by ``perms`` returns: free output axes (``spec.outputs``) moved alike."""
+    if not spec.outputs:
+        return outputs
+    moved = []
+    for index, tensor in enumerate(outputs):
+        axes = spec.outputs[index] if index < len(spec.outputs) else ()
+        for axis, segments in enumerate(axes):
+            pseudo = PermSpec(groups=spec.groups, axes={"t": (None,) * axis + (segments,)})
+            gather = axis_index(pseudo, "t", axis, perms) if segments is not None else None
+            if gather is not None:
+                tensor = tensor.index_select(axis, gather.to(tensor.device))
+        moved.append(tensor)
+    return moved
 
 
 def _params_of(spec: PermSpec, group: str) -> list[str]:

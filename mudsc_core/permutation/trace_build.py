@@ -44,6 +44,9 @@ ROTARY_REASON = "dims inside a head pinned by rotary tables: heads move only as 
 TABLE_FIXED_REASON = "dims pinned by rotary tables, with no heads to move as wholes"
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 _CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Names of free outputs among the spec's axis sources (never a state-dict entry: those hold no spaces).
+OUTPUT_PREFIX = " output "
+
 # The same in an exported graph, by ATen op name (``aten.linear.default`` -> ``linear``).
 _ATEN_CONSUMERS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution"})
 _ATEN_NORMS = frozenset(
@@ -147,8 +150,18 @@ class SpecAssembler:
             return sig[:k] + sig[k + 1 :], self.alg.sizes[self.alg.members[sig[k]][0]]
         return sig, 1
 
+    def _sources(self) -> dict[str, AbsTensor]:
+        """The tensors whose axes the spec describes: the parameters, and free outputs (``OUTPUT_PREFIX`` i)."""
+        sources = dict(self.w.params)
+        last = max(self.w.first_use.values(), default=0) + 1
+        for index, tensor in enumerate(self.w.outputs):
+            if tensor is not None:
+                sources[f"{OUTPUT_PREFIX}{index}"] = tensor
+                self.w.first_use.setdefault(f"{OUTPUT_PREFIX}{index}", last)
+        return sources
+
     def _collect(self) -> None:
-        for name, tensor in self.w.params.items():
+        for name, tensor in self._sources().items():
             for axis, layout in enumerate(tensor.axes):
                 norm = self.normalize(layout)
                 if norm is None:
@@ -245,12 +258,19 @@ class SpecAssembler:
         names = self._names(free)
         groups = self._groups(free, names)
         axes = self._axes(names)
+        outputs = tuple(
+            ()
+            if tensor is None
+            else tuple(self._axis_spec(f"{OUTPUT_PREFIX}{i}", axis, names) for axis in range(tensor.ndim))
+            for i, tensor in enumerate(self.w.outputs)
+        )
         spec = PermSpec(
             groups=groups,
             axes=axes,
             excluded=frozenset(n for n in self.w.state_shapes if n.endswith("num_batches_tracked")),
             head_params=self._head_params(),
             order=tuple(names[s] for s in free),
+            outputs=outputs if any(a is not None for axes_ in outputs for a in axes_) else (),
         )
         spec.check()
         return spec, self._summaries(free, names)
@@ -291,18 +311,17 @@ class SpecAssembler:
         for name, shape in self.w.state_shapes.items():
             if name.endswith("num_batches_tracked"):
                 continue
-            per_axis: list[AxisSpec] = []
-            for axis in range(len(shape)):
-                sigs = self.axis_sigs.get((name, axis))
-                if not sigs or any(s not in names for s in sigs):
-                    per_axis.append(None)
-                    continue
-                role = self.w.roles.get((name, axis), "out")
-                lengths = [prod(self.alg.sizes[self.alg.members[r][0]] for r in s) for s in sigs]
-                expands = self.axis_expand[(name, axis)]
-                per_axis.append(tuple(Segment(names[s], n * e, role, e) for s, n, e in zip(sigs, lengths, expands)))
-            axes[name] = tuple(per_axis)
+            axes[name] = tuple(self._axis_spec(name, axis, names) for axis in range(len(shape)))
         return axes
+
+    def _axis_spec(self, name: str, axis: int, names: dict[Sig, str]) -> AxisSpec:
+        sigs = self.axis_sigs.get((name, axis))
+        if not sigs or any(s not in names for s in sigs):
+            return None
+        role = self.w.roles.get((name, axis), "out")
+        lengths = [prod(self.alg.sizes[self.alg.members[r][0]] for r in s) for s in sigs]
+        expands = self.axis_expand[(name, axis)]
+        return tuple(Segment(names[s], n * e, role, e) for s, n, e in zip(sigs, lengths, expands))
 
     def _head_params(self) -> tuple[str, ...]:
         # The label axis: an output axis that parameters produce and that no input axis reaches
@@ -321,7 +340,8 @@ class SpecAssembler:
             size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
             blocks = self.alg.sizes[self.alg.members[sig[0]][0]] if len(sig) == 2 else 1
             why: tuple[str, ...] = (ROTARY_REASON,) if len(sig) == 2 and sig[1] in self.whole else ()
-            out.append(GroupSummary(names[sig], size, blocks, True, why, tuple(sorted({o.param for o in occ}))))
+            params = tuple(sorted({o.param for o in occ if not o.param.startswith(OUTPUT_PREFIX)}))
+            out.append(GroupSummary(names[sig], size, blocks, True, why, params))
         event_roots: dict[int, set[str]] = defaultdict(set)
         for event in self.alg.events:
             for atom in event.atoms:
@@ -336,7 +356,7 @@ class SpecAssembler:
                 reasons.add(TABLE_FIXED_REASON)
             size = prod(self.alg.sizes[self.alg.members[r][0]] for r in sig)
             label = f"{occ[0].param}[{occ[0].axis}]"
-            params = tuple(sorted({o.param for o in occ}))
+            params = tuple(sorted({o.param for o in occ if not o.param.startswith(OUTPUT_PREFIX)}))
             out.append(GroupSummary(label, size, 1, False, tuple(sorted(reasons)), params))
         return out
 

@@ -175,6 +175,24 @@ def _contains_tensor(info: object) -> bool:
     return False
 
 
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
+
+
+def _output_tensor(walker: Walker, leaf: object) -> AbsTensor | None:
+    """A flattened output's layouts (None for a non-tensor output or one no rule followed: it stays pinned)."""
+    if not isinstance(leaf, fx.Node):
+        return None
+    value = walker.env.get(leaf)
+    if value is None or not isinstance(walker.values.get(leaf), TensorInfo):
+        return None
+    return walker.plain(value)
+
+
 def apply_rule(walker: Walker, node: fx.Node) -> AbsValue:
     """The abstract value of one node (pinning what no rule covers)."""
     if node.op == "placeholder":
@@ -185,8 +203,11 @@ def apply_rule(walker: Walker, node: fx.Node) -> AbsValue:
     if node.op == "get_attr":
         return _get_attr(walker, node)
     if node.op == "output":
+        if walker.free_outputs:  # one entry per flattened output, in the order the model returns them
+            walker.outputs = [_output_tensor(walker, leaf) for leaf in _leaves(node.args[0])]
         for tensor in iter_tensors(fx.node.map_arg(node.args[0], lambda n: walker.env.get(n))):
-            walker.pin(tensor, "model output")
+            if not walker.free_outputs:
+                walker.pin(tensor, "model output")
             walker.output_atoms.extend(a for layout in tensor.axes for a in walker.algebra.leaves(layout))
         return None
     call = Call(walker, node)

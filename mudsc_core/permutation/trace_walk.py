@@ -89,6 +89,10 @@ class Walker:
     output_atoms: list[int] = field(default_factory=list)
     input_atoms: list[int] = field(default_factory=list)
     index: int = 0
+    # Leave the outputs' axes free (a features output, merged in model 0's order) instead of pinning them;
+    # ``outputs`` then holds each flattened output's layouts for the spec.
+    free_outputs: bool = False
+    outputs: list[AbsTensor | None] = field(default_factory=list)
     modules: dict[str, nn.Module] = field(init=False)
     _param_free: dict[fx.Node, bool] | None = field(default=None, init=False)
 

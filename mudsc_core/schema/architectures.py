@@ -123,10 +123,11 @@ class TransformersConfig(Frozen):
     ``ViTForImageClassification``, ``CLIPVisionModel``, ...). Empty (the default): the config is read from
     the first model folder's ``config.json``, and every model folder's config must agree with it. Its
     permutation spec is derived by tracing the model's computation (torch.export) and checked before every
-    merge. Every group that reaches the model's outputs is pinned, logits and features alike, so the merged
-    model's outputs are in the input models' order: an LM head or classifier contracts the residual stream,
-    which stays free; a features encoder (a ``...Model`` class) keeps its residual stream pinned and merges
-    its attention heads and MLP units. Calibration tensors are the forward's keywords (``input_ids``,
+    merge. Logits outputs are pinned (an LM head or classifier contracts the residual stream, which stays
+    free). A features encoder (a class without ``For`` in its name: ``BertModel``, ``CLIPVisionModel``) merged
+    by align (``mode: "align"``) keeps its output groups free: the merged model returns its features in
+    model 0's unit order, a drop-in replacement for model 0; merged by zip, whose merged order is no input
+    model's, its outputs (so its residual stream) are pinned. Calibration tensors are the forward's keywords (``input_ids``,
     ``attention_mask``, ``pixel_values``, ...); padding (``attention_mask`` 0) is not counted."""
 
     model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)

@@ -260,3 +260,31 @@ def test_calibration_that_does_not_fit_the_forward_is_invalid_calibration(case: 
 
 
 _BERT = _model(_bert(), 0)
+
+
+def test_a_features_encoder_merged_by_align_keeps_its_stream_free_in_model_0s_order() -> None:
+    """``BertModel`` returns features: align leaves its residual stream and pooler free (the outputs come
+    back in model 0's order, a drop-in for model 0); zip, whose merged order is no model's, pins them."""
+    config = _bert()
+    config.architectures = ["BertModel"]
+    arch = _arch(config)
+    model = _model(config, 0)
+    free = trace_architecture(arch, free_outputs=True).spec
+    pinned = trace_architecture(arch).spec
+    assert len(free.groups) == len(pinned.groups) + 2  # + the residual stream and the pooler
+    moved = permute_state_dict(free, model.state_dict(), random_permutations(free, torch.Generator().manual_seed(4)))
+    assert not torch.equal(
+        moved["embeddings.word_embeddings.weight"], model.state_dict()["embeddings.word_embeddings.weight"]
+    )
+    calibration = _calibration(config, samples=8)
+    for method in ({"name": "git_rebasin"}, {"name": "mudsc", "params": {"mode": "align"}}):
+        result = merge([model.state_dict(), moved], arch, method, calibration)
+        assert "model 0's unit order" in result.report["spec"]["outputs"]
+        merged = _model(config, 3)
+        merged.load_state_dict(result.state_dict)
+        with torch.no_grad():
+            expected, got = model(**calibration), merged(**calibration)
+        torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-4)
+    zipped = merge([model.state_dict(), moved], arch, {"name": "mudsc", "params": {"mode": "zip"}}, calibration)
+    assert "pinned" in zipped.report["spec"]["outputs"]
