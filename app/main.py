@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app import problems
 from app.auth import KeyRing
 from app.limits import BodySizeLimit
-from app.metrics import MetricsMiddleware
+from app.metrics import MetricsMiddleware, recorded_metrics
 from app.reconcile import Reconciler
 from app.routes import health, v1
 from app.service import Services
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s3_public=make_client(settings.s3, public=True),
         sender=make_sender(settings),
     )
+    app.state.recorded_metrics = recorded_metrics(app.state.services.store)
     app.state.readiness_s3 = make_client(settings.s3, max_attempts=1, timeout_s=2.0)
     # XREAD blocks up to 2 s server-side; the socket timeout must exceed it.
     app.state.async_redis = aioredis.Redis.from_url(

@@ -21,6 +21,7 @@ are sent again to the webhooks queue. ``sweep()`` can also be called once by han
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -29,8 +30,9 @@ from celery import Celery
 from redis import RedisError
 
 from mudsc_jobs.dispatch import send_merge
+from mudsc_jobs.metrics import record_finished
 from mudsc_jobs.settings import Settings
-from mudsc_jobs.store import JobStore
+from mudsc_jobs.store import JobNotFound, JobStore
 from mudsc_jobs.webhooks import notify, send_delivery
 
 logger = logging.getLogger(__name__)
@@ -53,8 +55,12 @@ def sweep(store: JobStore, sender: Celery, settings: Settings) -> Counter[str]:
                     store.tenant_of(job_id) or "",
                     "the job was re-queued after its worker was lost, but the queue is unavailable",
                 )
+                with contextlib.suppress(JobNotFound):
+                    record_finished(store, store.get(job_id), "failed", "broker_unavailable")
         elif outcome in ("failed", "canceled"):
             logger.warning("job %s: lease expired with no live worker; %s", job_id, outcome)
+            with contextlib.suppress(JobNotFound):  # counted unless the record expired meanwhile
+                record_finished(store, store.get(job_id), outcome, "worker_lost" if outcome == "failed" else None)
             notify(sender, settings, store.webhooks, job_id)
     if settings.reconcile.resend_queued_after_s > 0:
         for job_id in store.stale_queued(settings.reconcile.resend_queued_after_s):

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from app import service
 from app.auth import Tenant, authenticate
@@ -45,7 +46,8 @@ v1 = APIRouter(prefix="/v1", responses=PROBLEMS)
 health = APIRouter()
 
 
-def services(request: Request) -> service.Services:
+async def services(request: Request) -> service.Services:
+    # async: no I/O here, and a sync dependency would cost a thread-pool hop on every request
     return request.app.state.services
 
 
@@ -184,8 +186,10 @@ def list_merges(
 
 
 @v1.get("/merges/{job_id}", response_model=Job)
-def get_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
-    return _owned_job(svc, job_id, tenant)
+async def get_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
+    # The most frequent request (clients poll it): one thread-pool hop for the blocking store read, and the
+    # response rendered on the event loop (a sync route would hop once more for the serialisation).
+    return await run_in_threadpool(_owned_job, svc, job_id, tenant)
 
 
 @v1.post("/merges/{job_id}/cancel", status_code=202, response_model=Job, responses={409: {"model": Problem}})
@@ -350,5 +354,7 @@ def readyz(request: Request) -> Response:
 
 
 @health.get("/metrics", response_class=Response)
-def prometheus_metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def prometheus_metrics(request: Request) -> Response:
+    # this process's own metrics, then what the workers recorded into Redis (app/metrics.py)
+    body = generate_latest(REGISTRY) + generate_latest(request.app.state.recorded_metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

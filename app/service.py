@@ -17,6 +17,7 @@ from app.inputs import ObjectChecker, check_access, check_limits
 from app.problems import ApiProblem
 from mudsc_core.schema import JobSpec
 from mudsc_jobs.dispatch import send_merge
+from mudsc_jobs.metrics import record_finished
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.store import IdempotencyConflict, JobNotFound, JobStore, OutputTaken, TenantLimitReached, new_job_id
 from mudsc_jobs.webhooks import WebhookRefused, check_resolved, check_url, notify
@@ -135,6 +136,7 @@ def submit(
     except Exception as exc:  # noqa: BLE001 - kombu raises several types; the job must not stay queued forever
         logger.error("could not send job %s to the broker: %s", job["id"], exc)
         services.store.fail_unsent(job["id"], tenant.name, "the job could not be queued (broker unavailable)")
+        record_finished(services.store, job, "failed", "broker_unavailable")
         raise ApiProblem(
             503, "the job queue is unavailable; the job was not started", code="broker_unavailable", job_id=job["id"]
         ) from None
@@ -174,6 +176,7 @@ def cancel(services: Services, tenant: Tenant, job_id: str) -> dict[str, Any]:
     """Request cancellation; a job canceled at once (it was queued) has its webhook sent now."""
     job = services.store.request_cancel(job_id, tenant.name)
     if job["status"] == "canceled":
+        record_finished(services.store, job, "canceled")
         notify(services.sender, services.settings, services.store.webhooks, job_id)
     return job
 

@@ -5,7 +5,10 @@ under docs/. Names: zip_speed (fast zip vs the straightforward definition), same
 (streaming vs load-everything peak RSS and wall time, ~3 GB of generated checkpoints),
 task_vectors (per-task accuracy of every same-base method), mudsc_digits (every permutation
 method x setting x BN reset on digits; ~20 min on one core), load (1,000 jobs against a live
-local stack), trace_families (trace and self-check time of the derived spec per Hugging Face family).
+local stack), trace_families (trace and self-check time of the derived spec per Hugging Face family),
+same_base_vs_mergekit (task arithmetic and TIES against mergekit in a throwaway venv, whole processes),
+api_load (wrk reads/s of one API process, submission -> running, a fresh worker's first job vs its second),
+gpu_check (MuDSC and TIES on CUDA against the CPU; says "no CUDA device" and exits 0 without one).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ BENCHES: dict[str, list[str]] = {
     "mudsc_digits": ["-m", "bench.mudsc_digits"],
     "load": ["-m", "bench.load"],
     "trace_families": ["-m", "bench.trace_families", "--out", "docs/bench_trace_families.txt"],
+    "same_base_vs_mergekit": ["bench/same_base_vs_mergekit.py", "--out", "docs/bench_same_base_vs_mergekit.txt"],
+    "api_load": ["-m", "bench.api_load", "--out", "docs/bench_api_load.txt"],
+    "gpu_check": ["-m", "bench.gpu_check", "--out", "docs/bench_gpu_check.txt"],
 }
 
 

@@ -89,3 +89,10 @@ class ComputeOverflow(MergeError):
     beyond 3.4e38, or weights so large that a forward pass reaches inf): the inputs' fault, not calibration's."""
 
     code = "compute_overflow"
+
+
+class TooLarge(MergeError):
+    """A merge whose estimated peak memory exceeds the worker's budget (``MUDSC_WORKER__MEMORY_BUDGET_BYTES``):
+    refused before the heavy work instead of being killed by the kernel. Deterministic, so not retried."""
+
+    code = "too_large"

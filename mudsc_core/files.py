@@ -102,8 +102,13 @@ def merge_files(
     *,
     device: str,
     progress: Progress | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Merge the checkpoints named by ``inputs`` as ``spec`` says; write into ``out_dir``."""
+    """Merge the checkpoints named by ``inputs`` as ``spec`` says; write into ``out_dir``.
+
+    ``memory_budget_bytes`` (None or 0: no limit) bounds a permutation merge's estimated peak memory
+    (:class:`~mudsc_core.errors.TooLarge` beyond it).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     info = METHODS[spec.method.name]
     spec_json = spec.model_dump(mode="json")
@@ -161,6 +166,7 @@ def merge_files(
             device=device,
             progress=progress,
             calibration_batch_size=spec.calibration.batch_size if spec.calibration else 128,
+            memory_budget_bytes=memory_budget_bytes,
         )
         report = result.report
         merged = result.state_dict

@@ -9,12 +9,15 @@ Every output folder holds the weights (``model.safetensors`` or shards + index, 
   files, its chat template and the generation config (``output.tokenizer_source``);
 - ``spec.json``: the job spec that produced the folder;
 - ``README.md``: a Hugging Face model card (method, parameters, models, the mergekit equivalent);
-- ``report.json``: what the merge measured (the job's ``result.metrics`` come from it).
+- ``report.json``: what the merge measured (the job's ``result.metrics`` come from it);
+- ``report.html`` and ``report.png``: the same report as a page to look at and its figure
+  (:mod:`mudsc_core.report_html`; skipped, with a warning, where matplotlib is missing or rendering fails).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +33,7 @@ SPEC_NAME = "spec.json"
 CARD_NAME = "README.md"
 REPORT_NAME = "report.json"
 _DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, 5 the second
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -78,7 +82,22 @@ def write_sidecars(
     if report is not None:
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         written.append(REPORT_NAME)
+        written += _write_report_views(folder, report)
     return written
+
+
+def _write_report_views(folder: Path, report: dict[str, Any]) -> list[str]:
+    """``report.html`` and ``report.png``; a page that cannot be drawn never fails the merge it describes."""
+    from mudsc_core import report_html
+
+    try:
+        page, png = report_html.render(report)
+    except Exception as exc:  # noqa: BLE001 - matplotlib missing or a report it cannot draw: the merge stands
+        logger.warning("report.html not written: %s: %s", type(exc).__name__, exc)
+        return []
+    (folder / report_html.HTML_NAME).write_text(page, encoding="utf-8")
+    (folder / report_html.PNG_NAME).write_bytes(png)
+    return [report_html.HTML_NAME, report_html.PNG_NAME]
 
 
 def carried_files(folder: Path | None) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -135,6 +136,19 @@ class WorkerSettings(BaseModel):
         ge=1,
         le=100,
         description="Deliveries of one job before it fails with `worker_lost` (MUDSC_WORKER__MAX_ATTEMPTS)",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Worker log lines: Celery's text, or one JSON object per line with the job id and attempt "
+        "(MUDSC_WORKER__LOG_FORMAT)",
+    )
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Largest estimated peak memory of a permutation merge; a job estimated above it fails with "
+        "`too_large` before the heavy work. Default: 90% of the worker's memory (its cgroup limit, else the "
+        "machine's RAM); 0: no limit. The estimate counts host and device memory together "
+        "(MUDSC_WORKER__MEMORY_BUDGET_BYTES)",
     )
 
     debug_stage_delay_s: float = Field(

@@ -3,6 +3,8 @@
 #   scripts/ensure_deps.sh python   a Python >= 3.11 with the venv module
 #   scripts/ensure_deps.sh redis    redis-server, only when no Redis answers on 127.0.0.1:6379
 #   scripts/ensure_deps.sh net      iproute2 (ip, tc): the network-partition tests make namespaces with it
+#   scripts/ensure_deps.sh chromium Debian's chromium: the report test renders report.html in it (headless)
+#   scripts/ensure_deps.sh wrk      Debian's wrk: the HTTP load generator of bench/api_load.py
 #   scripts/ensure_deps.sh all      all three
 set -euo pipefail
 
@@ -59,10 +61,22 @@ ensure_net() {
   apt_install iproute2
 }
 
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then return 0; fi
+  apt_install chromium
+}
+
+ensure_wrk() {
+  if command -v wrk >/dev/null 2>&1; then return 0; fi
+  apt_install wrk
+}
+
 case "$want" in
   python) ensure_python ;;
   redis) ensure_redis ;;
   net) ensure_net ;;
+  chromium) ensure_chromium ;;
+  wrk) ensure_wrk ;;
   all) ensure_python; ensure_redis; ensure_net || echo "ensure_deps: no iproute2: the partition tests will be skipped" >&2 ;;
-  *) echo "usage: $0 [python|redis|net|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [python|redis|net|chromium|wrk|all]" >&2; exit 2 ;;
 esac

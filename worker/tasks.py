@@ -24,10 +24,12 @@ from redis import RedisError
 
 from mudsc_core.errors import MergeCanceled, MergeError
 from mudsc_core.schema import JobSpec
+from mudsc_jobs import logs
 from mudsc_jobs.dispatch import TASK_NAME
+from mudsc_jobs.metrics import method_of
 from mudsc_jobs.store import TERMINAL, Claim, JobNotFound, StaleAttempt, TransitionConflict
 from mudsc_jobs.webhooks import notify
-from worker import context
+from worker import context, observe
 from worker.celery_app import app
 from worker.transfer import Transfers, describe_outputs
 
@@ -203,14 +205,27 @@ class JobRunner:
         except (StaleAttempt, TransitionConflict) as exc:
             logger.warning("job %s attempt %d: outcome %s not recorded (%s)", self.job_id, self.attempt, status, exc)
             return
+        self.close_stage()
+        code = (error or {}).get("code")
+        logger.info("job %s attempt %d: %s%s", self.job_id, self.attempt, status, f" ({code})" if code else "")
+        observe.attempt_ended(self.ctx.store, job, status, code, self.timings, observe.peak_memory())
         notify_webhook(self.ctx, self.job_id)
+
+    def close_stage(self) -> None:
+        """Add the current stage's seconds so far to ``timings`` (for the record of an attempt that ends)."""
+        now = time.monotonic()
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + now - self._stage_started
+        self._stage_started = now
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Claim:
         settings = self.ctx.settings
+        before = observe.status_of(self.ctx.store, self.job_id)
         claim = self.ctx.store.claim(
             self.job_id, owner=self.owner, lease_ttl_s=self.lease_ttl_s, max_attempts=settings.worker.max_attempts
         )
+        if claim.outcome == "terminal" and before in ("running", "canceling"):
+            observe.ended_by_claim(self.ctx.store, self.job_id)  # this claim ended it: its worker was gone
         if claim.outcome == "terminal":  # perhaps ended just now (a lost attempt's cancel or worker_lost)
             notify_webhook(self.ctx, self.job_id)
         if claim.outcome != "claimed":
@@ -223,7 +238,12 @@ class JobRunner:
             )
             return claim
         self.attempt = claim.attempt
+        logs.bind(attempt=self.attempt)
         job = self.ctx.store.get(self.job_id)
+        logger.info("job %s attempt %d: running (%s)", self.job_id, self.attempt, method_of(job))
+        if self.attempt == 1:
+            observe.queue_wait(self.ctx.store, job)
+        observe.reset_peak_memory()
         keeper = LeaseKeeper(self)
         keeper.start()
         scratch_root = Path(settings.worker.scratch_dir) if settings.worker.scratch_dir else None
@@ -338,7 +358,12 @@ class JobRunner:
         except (StaleAttempt, JobNotFound, TransitionConflict):
             raise LeaseLost(self.job_id) from None
         out_dir = scratch / "out"
-        report = merge_files(spec, inputs, out_dir, device=device, progress=self.progress)
+        from mudsc_core.permutation.memory import peak_rss_bytes, reset_peak_rss, resolve_budget
+
+        reset_peak_rss()  # the job's own peak, not the pool process's since it started
+        budget = resolve_budget(settings.worker.memory_budget_bytes)
+        report = merge_files(spec, inputs, out_dir, device=device, progress=self.progress, memory_budget_bytes=budget)
+        measured_peak = peak_rss_bytes()
         self.cancellation_point()
 
         # ---- outputs
@@ -346,12 +371,14 @@ class JobRunner:
         output_uri = spec.output.uri or job["spec"]["output"]["uri"]
         artifacts = self.publish(out_dir, output_uri, job, transfers)
         self.progress("uploading", 1.0, f"{len(artifacts)} files")
-        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self._stage_started
+        self.close_stage()
         metrics = dict(report.get("metrics") or {})
         metrics.setdefault("timings_s", {})
         if isinstance(metrics["timings_s"], dict):
             metrics["timings_s"] = {**{k: round(v, 3) for k, v in self.timings.items()}, **metrics["timings_s"]}
         metrics["device"] = device
+        estimated = (metrics.get("memory") or {}).get("estimated_peak_bytes")
+        metrics["memory"] = {"estimated_peak_bytes": estimated, "measured_peak_rss_bytes": measured_peak}
         self.finish("succeeded", result={"artifacts": artifacts, "metrics": metrics})
 
     def publish(
@@ -433,6 +460,7 @@ class MergeTask(Task):
                 "retryable": False,
             }
             store.complete(job_id, job["tenant"], job["attempt"], status="failed", error=error)
+            observe.attempt_ended(store, job, "failed", "timeout", {}, {})
             notify_webhook(context.get(), job_id)
         except (JobNotFound, StaleAttempt, TransitionConflict, RedisError) as failure:
             logger.warning("job %s: could not record the hard timeout: %s", job_id, failure)
@@ -441,7 +469,7 @@ class MergeTask(Task):
 @app.task(name=TASK_NAME, bind=True, base=MergeTask, acks_late=True, reject_on_worker_lost=True)
 def merge(self: MergeTask, job_id: str) -> None:
     owner = f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
-    claim = JobRunner(job_id, context.get(), owner).run()
+    claim = JobRunner(job_id, context.get(), owner).run()  # (its log lines name the job: celery_app.py)
     if claim.outcome == "leased":
         # Another delivery holds a live lease. Usually it is running; if its worker died, the
         # lease runs out: look again then, and take over (or fail `worker_lost`) if it did.

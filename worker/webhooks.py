@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from mudsc_jobs import metrics
 from mudsc_jobs.settings import Settings
 from mudsc_jobs.store import JobNotFound
 from mudsc_jobs.webhooks import (
@@ -155,6 +156,7 @@ def attempt_delivery(job_id: str, owner: str) -> str:
         code or outcome.error,
         duration_ms,
     )
+    metrics.MetricsRecorder(ctx.store.redis, ctx.store.prefix).inc(metrics.WEBHOOK_ATTEMPTS, [attempt_status])
     if recorded == "ok" and status == "retrying":
         try:
             send_delivery(app, ctx.settings, job_id, countdown=max(0.0, (next_attempt_ms - now_ms) / 1000))

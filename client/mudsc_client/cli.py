@@ -4,6 +4,7 @@
                                       a mergekit configuration (it has merge_method) is sent as application/yaml
     mudsc watch ID                    progress bar on stderr until the job is terminal
     mudsc download ID DIR             fetch the artifacts (sha256-checked)
+    mudsc report ID [DIR]             fetch the merge report to look at (report.html, report.png; DIR default .)
     mudsc list [--status S] [--label k:v]
     mudsc cancel ID
     mudsc methods
@@ -144,6 +145,12 @@ def _cmd_download(client: MudscClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(client: MudscClient, args: argparse.Namespace) -> int:
+    for path in client.download_report(args.job_id, args.dest):
+        print(path)
+    return EXIT_OK
+
+
 def _cmd_list(client: MudscClient, args: argparse.Namespace) -> int:
     page = client.list(status=args.status, label=args.label, limit=args.limit, after=args.after)
     if args.json:
@@ -210,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("job_id")
     download.add_argument("dest")
     download.set_defaults(run=_cmd_download)
+
+    report = sub.add_parser("report", help="download a succeeded job's merge report (report.html and report.png)")
+    report.add_argument("job_id")
+    report.add_argument("dest", nargs="?", default=".")
+    report.set_defaults(run=_cmd_report)
 
     list_cmd = sub.add_parser("list", help="list your jobs, newest first")
     list_cmd.add_argument("--status")

@@ -14,7 +14,7 @@ import json
 import os
 import shlex
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -23,6 +23,7 @@ import httpx
 # The job statuses that never change again (the REST contract; the server's copy is ``mudsc_jobs.store.TERMINAL``,
 # and a test keeps the two equal: this package installs without the server).
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+REPORT_FILES = ("report.html", "report.png")  # the merge report to look at (beside report.json)
 
 
 class ApiError(Exception):
@@ -226,12 +227,15 @@ class MudscClient:
             time.sleep(poll_s)
 
     # ------------------------------------------------------------------ download
-    def download(self, job_id: str, dest_dir: Path | str) -> list[Path]:
-        """Fetch every artifact through its presigned URL into ``dest_dir``; checks size and sha256."""
+    def download(self, job_id: str, dest_dir: Path | str, names: Collection[str] | None = None) -> list[Path]:
+        """Fetch every artifact (or those ``names``) through its presigned URL into ``dest_dir``; checks size and
+        sha256."""
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         paths = []
         for artifact in self.artifacts(job_id):
+            if names is not None and artifact["name"] not in names:
+                continue
             name = PurePosixPath(artifact["name"])
             if name.is_absolute() or ".." in name.parts or not name.parts:
                 raise DownloadError(f"refusing artifact name {artifact['name']!r}")
@@ -257,6 +261,13 @@ class MudscClient:
                 )
             partial.replace(target)
             paths.append(target)
+        return paths
+
+    def download_report(self, job_id: str, dest_dir: Path | str) -> list[Path]:
+        """Fetch the job's merge report to look at: ``report.html`` (self-contained) and ``report.png``."""
+        paths = self.download(job_id, dest_dir, names=REPORT_FILES)
+        if not any(p.name == REPORT_FILES[0] for p in paths):
+            raise DownloadError(f"job {job_id} has no {REPORT_FILES[0]} among its artifacts")
         return paths
 
 

@@ -112,6 +112,8 @@ def find_correspondences(
     """Initial activation matching, then seeded coordinate ascent over unit groups."""
     num_models = len(states)
     clusters = match_clusters(spec)
+    if params.beta == "auto":
+        raise ValueError('beta "auto" is resolved by merge() before matching (permutation.auto_beta)')
     beta = params.beta if activation_sims else 1.0
     if not params.match:
         correspondences = {

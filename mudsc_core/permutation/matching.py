@@ -121,7 +121,9 @@ def _similarity_array(similarity: torch.Tensor, num_models: int) -> tuple[np.nda
     if not np.isfinite(values).all():
         raise InvalidCalibration("similarity contains NaN or infinite values", stage="matching")
     # (S + S^T) / 2 is a fresh array (never the caller's memory) and equals S when symmetric.
-    return (values + values.T) / 2.0, rows // num_models
+    symmetric = values + values.T
+    symmetric /= 2.0  # in place: no second (N*n, N*n) temporary
+    return symmetric, rows // num_models
 
 
 def _check_blocks(num_blocks: int, n: int) -> int:
@@ -415,6 +417,19 @@ def _row_bests(sim: np.ndarray, live: np.ndarray, rows: np.ndarray) -> tuple[np.
     return best, partner
 
 
+def _best_after(values: np.ndarray, live: np.ndarray, row: int) -> tuple[float, int]:
+    """``_row_bests`` of one row given its (O,) values: best over live units of index > ``row``."""
+    tail = np.where(live[row + 1 :], values[row + 1 :], _NEG_INF)  # (O - row - 1,)
+    if tail.shape[0] == 0:
+        return _NEG_INF, -1
+    offset = int(tail.argmax())  # first maximum = smallest index
+    best = float(tail[offset])
+    if best == _NEG_INF:
+        successors = np.flatnonzero(live[row + 1 :])
+        return best, (row + 1 + int(successors[0])) if successors.shape[0] else -1
+    return best, row + 1 + offset
+
+
 def _zip_labels_fast(sim: np.ndarray, num_models: int, width: int, alpha: float, budget: float) -> np.ndarray:
     """Greedy zip with per-row best partners and lazy invalidation: O(n) per fusion on average.
 
@@ -457,8 +472,7 @@ def _zip_labels_fast(sim: np.ndarray, num_models: int, width: int, alpha: float,
             p = int(np.argmax(best))
             if best[p] == _NEG_INF or not dirty[p]:
                 break
-            rows = np.array([p])
-            best[rows], partner[rows] = _row_bests(current, live, rows)
+            best[p], partner[p] = _best_after(current[p], live, p)
             dirty[p] = False
         if best[p] == _NEG_INF:
             # Every remaining pair is closed: the first pair in tie-rule order.
@@ -486,7 +500,8 @@ def _zip_labels_fast(sim: np.ndarray, num_models: int, width: int, alpha: float,
                 dirty[block] |= live[block]
 
         # Rows r < p: entry p changed (read from row p: the matrix is symmetric), q is gone.
-        entry = current[p, :p]  # (p,)
+        row = current[p]  # (O,) view, closed pairs included
+        entry = row[:p]  # (p,)
         head_best, head_partner, head_dirty = best[:p], partner[:p], dirty[:p]  # views
         raised = live[:p] & ((entry > head_best) | (~head_dirty & (entry == head_best) & (p < head_partner)))
         lost = ~raised & ~head_dirty & ((head_partner == q) | ((head_partner == p) & (entry < head_best)))
@@ -497,8 +512,7 @@ def _zip_labels_fast(sim: np.ndarray, num_models: int, width: int, alpha: float,
         # Rows p < r < q whose best partner was q (p is not a candidate for them).
         dirty[p + 1 : q] |= partner[p + 1 : q] == q
 
-        rows = np.array([p])
-        best[rows], partner[rows] = _row_bests(current, live, rows)
+        best[p], partner[p] = _best_after(row, live, p)
         dirty[p] = False
 
     survivors = np.flatnonzero(live)  # merged units in index order

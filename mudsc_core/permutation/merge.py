@@ -20,19 +20,33 @@ from torch import Tensor, nn
 from mudsc_core.architectures import (
     build_model,
     check_checkpoint,
+    complete_state,
     example_inputs,
     infer_architecture,
+    outputs_features,
     trace_architecture,
 )
+from mudsc_core.architectures import transformers as hf
 from mudsc_core.devices import resolve_device
-from mudsc_core.errors import ComputeOverflow, InvalidCalibration, InvalidCheckpoint, MergeError
+from mudsc_core.errors import (
+    ComputeOverflow,
+    InvalidCalibration,
+    InvalidCheckpoint,
+    InvalidParameters,
+    MergeError,
+    TooLarge,
+)
+from mudsc_core.permutation import auto_beta
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
-from mudsc_core.permutation.similarity import activation_correlations
+from mudsc_core.permutation.memory import MemoryEstimate, estimate_merge_memory
+from mudsc_core.permutation.repair import repair
+from mudsc_core.permutation.similarity import Batch, activation_correlations, site_samples
 from mudsc_core.permutation.spec import PermSpec
-from mudsc_core.permutation.trace import TraceResult, self_check
+from mudsc_core.permutation.trace import Inputs, TraceResult, self_check
 from mudsc_core.permutation.trace_build import GroupSummary
 from mudsc_core.progress import Progress
 from mudsc_core.schema import METHODS, ArchitectureSpec, MethodSpec
+from mudsc_core.schema.permutation_params import MudscParams
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +57,27 @@ class MergeResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _batches(calibration: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
-    for start in range(0, calibration.shape[0], batch_size):
-        yield calibration[start : start + batch_size].to(device)
+def _samples(batch: Batch) -> int:
+    return int(next(iter(batch.values())).shape[0]) if isinstance(batch, Mapping) else int(batch.shape[0])
+
+
+def _head(batch: Batch, count: int, device: torch.device) -> Batch:
+    """The first ``count`` samples of a batch, on ``device``."""
+    if isinstance(batch, Mapping):
+        return {name: t[:count].to(device) for name, t in batch.items()}
+    return batch[:count].to(device)
+
+
+def _batches(calibration: Batch, batch_size: int, device: torch.device) -> Iterator[Batch]:
+    for start in range(0, _samples(calibration), batch_size):
+        if isinstance(calibration, Mapping):
+            yield {name: t[start : start + batch_size].to(device) for name, t in calibration.items()}
+        else:
+            yield calibration[start : start + batch_size].to(device)
+
+
+def _forward(model: nn.Module, batch: Batch) -> Any:
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
 
 def _check_weights(index: int, state: Mapping[str, Tensor], excluded: frozenset[str]) -> None:
@@ -65,7 +97,9 @@ def _check_weights(index: int, state: Mapping[str, Tensor], excluded: frozenset[
             )
 
 
-def _check_calibration(calibration: Tensor, probe: nn.Module, device: torch.device) -> Tensor:
+def _check_calibration(calibration: Batch, probe: nn.Module, device: torch.device, arch: ArchitectureSpec) -> Batch:
+    if isinstance(calibration, Mapping):
+        return _check_keyword_calibration(calibration, probe, device, arch)
     if not isinstance(calibration, Tensor) or not calibration.is_floating_point():
         raise InvalidCalibration("calibration inputs must be a floating-point tensor")
     if calibration.ndim < 2 or calibration.shape[0] == 0:
@@ -84,7 +118,26 @@ def _check_calibration(calibration: Tensor, probe: nn.Module, device: torch.devi
     return calibration
 
 
-def reset_batchnorm(model: nn.Module, calibration: Tensor, batch_size: int, device: torch.device) -> bool:
+def _check_keyword_calibration(
+    calibration: Mapping[str, Tensor], probe: nn.Module, device: torch.device, arch: ArchitectureSpec
+) -> dict[str, Tensor]:
+    """Calibration tensors passed to forward by name (transformers models): checked, floats in float32."""
+    if arch.name != "transformers":
+        raise InvalidCalibration(f"architecture {arch.name!r} takes one calibration tensor, not keywords")
+    hf.check_inputs(arch.typed_config(), calibration, probe)
+    inputs = {name: t.to(torch.float32) if t.is_floating_point() else t for name, t in calibration.items()}
+    try:
+        with torch.no_grad():
+            _forward(probe, _head(inputs, 2, device))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        shapes = ", ".join(f"{name} {list(t.shape[1:])}" for name, t in sorted(inputs.items()))
+        raise InvalidCalibration(
+            f"calibration inputs ({shapes} per sample) do not fit the model: {str(exc).splitlines()[0]}"
+        ) from exc
+    return inputs
+
+
+def reset_batchnorm(model: nn.Module, calibration: Batch, batch_size: int, device: torch.device) -> bool:
     """Re-estimate BatchNorm running statistics: reset, one pass in train mode, cumulative average."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -95,8 +148,8 @@ def reset_batchnorm(model: nn.Module, calibration: Tensor, batch_size: int, devi
     model.train()
     with torch.no_grad():
         for batch in _batches(calibration, batch_size, device):
-            if batch.shape[0] > 1:  # BatchNorm cannot train on one sample
-                model(batch)
+            if _samples(batch) > 1:  # BatchNorm cannot train on one sample
+                _forward(model, batch)
     model.eval()
     return True
 
@@ -123,11 +176,14 @@ class PermutationReport:
     heads: str
     architecture: dict[str, Any]
     bn_reset: bool
+    repair: dict[str, Any] | None  # REPAIR's per-group std ratios before/after, and the groups it skipped
+    beta_search: dict[str, Any] | None  # beta "auto": every candidate's held-out score and the choice
     groups: dict[str, GroupReport]
     spec: dict[str, Any]  # how the permutation spec was derived and checked (spec_summary)
     objective_per_sweep: list[float]
     sweeps: int
     timings_s: dict[str, float]
+    memory: dict[str, Any] = field(default_factory=dict)  # the peak estimate (memory.estimate_merge_memory)
 
     def metrics(self) -> dict[str, Any]:
         """The job's ``result.metrics``: the numbers worth listing without reading the whole report."""
@@ -137,9 +193,14 @@ class PermutationReport:
             "sweeps": self.sweeps,
             "similarity_space": self.similarity_space,
             "bn_reset": self.bn_reset,
+            "beta_chosen": None if self.beta_search is None else self.beta_search["chosen"],
+            "repair_std_ratio": None
+            if self.repair is None
+            else {g: (r["std_ratio_before"], r["std_ratio_after"]) for g, r in self.repair["groups"].items()},
             "spec_groups": len(self.groups),
             "self_check_max_rel_error": self.spec["self_check"]["max_rel_error"],
             "timings_s": {stage: round(seconds, 4) for stage, seconds in self.timings_s.items()},
+            "memory": {"estimated_peak_bytes": self.memory.get("estimated_peak_bytes")},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,19 +218,20 @@ class _Stopwatch:
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - started
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started  # candidates add up
 
 
 def merge(
     models: Sequence[Mapping[str, Tensor]],
     architecture: ArchitectureSpec | Mapping[str, Any],
     method: MethodSpec | Mapping[str, Any],
-    calibration: Tensor | None = None,
+    calibration: Batch | None = None,
     *,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     calibration_batch_size: int = 128,
     spec: PermSpec | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> MergeResult:
     """Merge N >= 2 models of one architecture trained separately. Never mutates its inputs.
 
@@ -178,6 +240,10 @@ def merge(
 
     ``progress(stage, fraction, message)`` is called between units of work; it may raise
     :class:`~mudsc_core.errors.MergeCanceled` to stop.
+
+    ``memory_budget_bytes`` (None or 0: no limit): the merge fails with
+    :class:`~mudsc_core.errors.TooLarge` before its heavy work when its estimated peak memory
+    (:func:`~mudsc_core.permutation.memory.estimate_merge_memory`) exceeds it.
     """
     arch = architecture if isinstance(architecture, ArchitectureSpec) else ArchitectureSpec.model_validate(architecture)
     method_spec = method if isinstance(method, MethodSpec) else MethodSpec.model_validate(method)
@@ -192,52 +258,132 @@ def merge(
             problems[0]
         )
     params = method_spec.typed_params().to_mudsc()
+    auto = params.beta == "auto"
+    if auto and calibration is None:
+        raise InvalidCalibration('beta "auto" scores candidate merges on held-out calibration inputs: give calibration')
+    if auto:  # every candidate sets its own; 0.5 stands for them until then (memory estimate, activations)
+        params = params.model_copy(update={"beta": 0.5})
+    if params.repair and calibration is None:
+        raise InvalidCalibration("repair renormalises merged units from activations: give calibration inputs")
+    if params.heads == "separate" and arch.name == "transformers":
+        raise InvalidParameters(
+            'heads "separate" needs an architecture whose class count the merge can widen; transformers models '
+            'keep their config: use heads "shared"'
+        )
     device = resolve_device(device)
     clock = _Stopwatch(progress or (lambda stage, fraction, message: None))
     if models:
         arch = infer_architecture(arch, models[0])
     with clock.stage("tracing"):
-        traced = trace_architecture(arch) if spec is None else given_spec(spec)
+        # A features encoder merged by align keeps its output groups free: the result is in model 0's order.
+        free_outputs = outputs_features(arch) and params.mode == "align" and params.heads == "shared"
+        traced = trace_architecture(arch, free_outputs=free_outputs) if spec is None else given_spec(spec)
     spec = traced.spec
+    collects = calibration is not None and params.match and params.beta < 1.0
+    estimate = _check_memory(models, spec, params, collects, None, device, memory_budget_bytes)  # before loading
 
-    states, networks = _load_models(models, arch, spec, device)
+    states, networks, added = _load_models(models, arch, spec, device)
     if calibration is not None:
-        calibration = _check_calibration(calibration, networks[0], device)
+        calibration = _check_calibration(calibration, networks[0], device, arch)
+        if collects:  # now with one calibration batch's activations, measured on a few samples
+            batch = min(calibration_batch_size, _samples(calibration))
+            samples = site_samples(networks[0], spec, _head(calibration, 4, device), batch)
+            estimate = _check_memory(models, spec, params, collects, samples, device, memory_budget_bytes)
     with clock.stage("self_check"):
         check_error = _self_check(networks, spec, arch, calibration, device)
+    merged_arch = _merged_architecture(arch, params.heads, len(states))
+    scorer, held_out = None, None
+    if auto:  # statistics from the first part of the calibration inputs, candidates scored on the rest
+        assert calibration is not None
+        calibration, held_out = auto_beta.split(calibration)
+        scorer = auto_beta.Scorer(
+            networks,
+            list(_batches(held_out, calibration_batch_size, device)),
+            _forward,
+            heads=params.heads,
+            features=outputs_features(arch),
+            model_zero_order=bool(spec.outputs),
+        )
     activation_sims = None
-    if calibration is not None and params.match and params.beta < 1.0:
+    if collects:
+        assert calibration is not None
         with clock.stage("collecting_activations"):
             activation_sims = _activation_similarities(
                 networks, spec, calibration, calibration_batch_size, device, clock.progress
             )
-    with clock.stage("matching"):
-        clock.progress("matching", 0.0, "starting")
-        outcome = find_correspondences(
-            states, spec, params, activation_sims, progress=lambda f, msg: clock.progress("matching", f, msg)
-        )
-    with clock.stage("merging"):
-        clock.progress("merging", 0.0, "building merged weights")
-        merged = build_merged_state(states, spec, outcome.correspondences, heads=params.heads)
-        merged_arch = _merged_architecture(arch, params.heads, len(states))
-        bn_reset = False
-        if params.reset_bn and calibration is not None:
-            merged, bn_reset = _reset_batchnorm_of(merged, merged_arch, calibration, calibration_batch_size, device)
-        clock.progress("merging", 1.0, "done")
+    del networks  # only the self-check, the calibration pass and the scorer run the models
 
-    space = _similarity_space(params.match, params.beta, activation_sims is not None)
+    def candidate(beta: float) -> tuple[Any, dict[str, Tensor], tuple[bool, dict[str, Any] | None]]:
+        chosen = params.model_copy(update={"beta": beta})
+        with clock.stage("matching"):
+            clock.progress("matching", 0.0, "starting" if not auto else f"beta {beta}")
+            outcome = find_correspondences(
+                states, spec, chosen, activation_sims, progress=lambda f, msg: clock.progress("matching", f, msg)
+            )
+        with clock.stage("merging"):
+            clock.progress("merging", 0.0, "building merged weights")
+            merged = build_merged_state(states, spec, outcome.correspondences, heads=params.heads)
+            bn_reset = False
+            if params.reset_bn and calibration is not None:
+                merged, bn_reset = _reset_batchnorm_of(merged, merged_arch, calibration, calibration_batch_size, device)
+        repaired: dict[str, Any] | None = None
+        if params.repair and calibration is not None:
+            with clock.stage("repair"):
+                clock.progress("repair", 0.0, "renormalising merged units")
+                merged, repaired = _repair(
+                    merged,
+                    states,
+                    spec,
+                    outcome.correspondences,
+                    (arch, merged_arch),
+                    calibration,
+                    calibration_batch_size,
+                    device,
+                )
+        return outcome, merged, (bn_reset, repaired)
+
+    beta_search: dict[str, Any] | None = None
+    if scorer is not None and held_out is not None:
+        results: dict[float, tuple[bool, dict[str, Any] | None]] = {}
+
+        def scored(beta: float) -> tuple[Any, dict[str, Tensor], float | None]:
+            outcome, merged, extras = candidate(beta)
+            results[beta] = extras
+            return outcome, merged, max(outcome.objective_per_sweep, default=None)
+
+        sited = all(g.activation is not None for g in spec.groups.values())  # beta 0 needs every group's site
+        best, outcome, merged, candidates = auto_beta.choose(
+            scored,
+            lambda state: scorer(_network(merged_arch, state, device)),
+            auto_beta.GRID if sited else tuple(b for b in auto_beta.GRID if b > 0),
+        )
+        bn_reset, repaired = results[best]
+        params = params.model_copy(update={"beta": best})
+        beta_search = {
+            "chosen": best,
+            "held_out_samples": _samples(held_out),
+            "candidates": [{"beta": c.beta, "score": c.score, "objective": c.objective} for c in candidates],
+        }
+    else:
+        outcome, merged, (bn_reset, repaired) = candidate(float(params.beta))
+    collected, activation_sims = activation_sims is not None, None  # the merging needs no similarity
+    clock.progress("merging", 1.0, "done")
+
+    space = _similarity_space(params.match, float(params.beta), collected)
     report = PermutationReport(
         method=info.name,
         params=method_spec.params,
         mode=params.mode,
         matching=params.match,
         similarity_space=space,
-        beta=params.beta if space == "dual" else _SPACE_BETA[space],
+        beta=float(params.beta) if space == "dual" else _SPACE_BETA[space],
         weight_space_only=params.match and calibration is None,
         num_models=len(states),
         heads=params.heads,
         architecture=merged_arch.model_dump(mode="json"),
         bn_reset=bn_reset,
+        repair=repaired,
+        beta_search=beta_search,
         groups={
             name: GroupReport(
                 spec.groups[name].size, outcome.correspondences[name].width, outcome.group_scores.get(name, 0.0)
@@ -248,10 +394,45 @@ def merge(
         objective_per_sweep=outcome.objective_per_sweep,
         sweeps=outcome.sweeps,
         timings_s=clock.seconds,
+        memory=estimate.to_dict(),
     )
     if report.weight_space_only:
         log.info("no calibration data: matching in weight space only")
-    return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, report.to_dict())
+    # Entries the input format leaves out (a tied LM head) are left out of the output too.
+    return MergeResult({k: v.detach().cpu() for k, v in merged.items() if k not in added}, report.to_dict())
+
+
+def _check_memory(
+    models: Sequence[Mapping[str, Tensor]],
+    spec: PermSpec,
+    params: MudscParams,
+    activations: bool,
+    samples: Mapping[str, int] | None,
+    device: torch.device,
+    budget: int | None,
+) -> MemoryEstimate:
+    """The merge's estimated peak memory; :class:`TooLarge` when it exceeds ``budget`` (None, 0: no limit)."""
+    estimate = estimate_merge_memory(
+        spec,
+        models,
+        mode=params.mode,
+        reduce=params.reduce,
+        match=params.match,
+        activations=activations,
+        activation_samples=samples,
+        device=device.type,
+    )
+    if budget and estimate.peak_bytes > budget:
+        raise TooLarge(
+            f"the merge needs about {estimate.peak_bytes / 2**30:.2f} GiB ({estimate.peak_bytes} bytes, at its "
+            f"{estimate.peak_stage} stage), over the memory budget of {budget / 2**30:.2f} GiB ({budget} bytes); "
+            f"its largest unit group is {estimate.largest_group!r} with {estimate.largest_group_width} units per "
+            f"model ({len(models)} models: similarity matrices of "
+            f"{len(models) * estimate.largest_group_width}^2). Merge fewer or narrower models, or raise "
+            "MUDSC_WORKER__MEMORY_BUDGET_BYTES",
+            stage="planning",
+        )
+    return estimate
 
 
 def given_spec(spec: PermSpec) -> TraceResult:
@@ -284,14 +465,21 @@ def _self_check(
     networks: Sequence[nn.Module],
     spec: PermSpec,
     arch: ArchitectureSpec,
-    calibration: Tensor | None,
+    calibration: Batch | None,
     device: torch.device,
 ) -> float:
     """Random permutations by the spec must leave every input model's outputs unchanged (else the job fails)."""
-    if calibration is not None:
-        batch: tuple[Tensor, ...] = (calibration[:_SELF_CHECK_SAMPLES].to(device),)
+    batch: Inputs
+    if isinstance(calibration, Mapping):
+        batch = {name: t[:_SELF_CHECK_SAMPLES].to(device) for name, t in calibration.items()}
+    elif calibration is not None:
+        batch = (calibration[:_SELF_CHECK_SAMPLES].to(device),)
     else:
-        batch = tuple(t.to(device) for t in example_inputs(arch))
+        examples = example_inputs(arch)
+        if isinstance(examples, Mapping):
+            batch = {name: t.to(device) for name, t in examples.items()}
+        else:
+            batch = tuple(t.to(device) for t in examples)
     return max(self_check(network, spec, batch, rtol=SELF_CHECK_RTOL) for network in networks)
 
 
@@ -306,8 +494,12 @@ def _similarity_space(match: bool, beta: float, activations: bool) -> str:
 
 def _load_models(
     models: Sequence[Mapping[str, Tensor]], arch: ArchitectureSpec, spec: PermSpec, device: torch.device
-) -> tuple[list[dict[str, Tensor]], list[nn.Module]]:
-    """Checked float32 copies of the state dicts on ``device``, and each loaded into its network (eval mode)."""
+) -> tuple[list[dict[str, Tensor]], list[nn.Module], set[str]]:
+    """Checked float32 copies of the state dicts on ``device``, each loaded into its network (eval mode), and
+    the names of the entries filled in that the checkpoints leave out (``complete_state``)."""
+    completed = [complete_state(arch, state) for state in models]
+    models = [state for state, _ in completed]
+    added = set().union(*(names for _, names in completed)) if completed else set()
     for index, state in enumerate(models):
         check_checkpoint(arch, state, spec)
         _check_weights(index, state, spec.excluded)
@@ -327,18 +519,18 @@ def _load_models(
         network = build_model(arch).to(device)
         network.load_state_dict(state)
         networks.append(network.eval())
-    return states, networks
+    return states, networks, added
 
 
 def _activation_similarities(
     networks: Sequence[nn.Module],
     spec: PermSpec,
-    calibration: Tensor,
+    calibration: Batch,
     batch_size: int,
     device: torch.device,
     progress: Progress,
 ) -> dict[str, Tensor]:
-    num_batches = -(-calibration.shape[0] // batch_size)
+    num_batches = -(-_samples(calibration) // batch_size)
     return activation_correlations(
         networks,
         spec,
@@ -357,8 +549,37 @@ def _merged_architecture(arch: ArchitectureSpec, heads: str, num_models: int) ->
     return ArchitectureSpec(name=arch.name, config=config)
 
 
+def _network(arch: ArchitectureSpec, state: Mapping[str, Tensor], device: torch.device) -> nn.Module:
+    built = build_model(arch).to(device)
+    built.load_state_dict(dict(state))
+    return built.eval()
+
+
+def _repair(
+    merged: dict[str, Tensor],
+    states: Sequence[Mapping[str, Tensor]],
+    spec: PermSpec,
+    correspondences: Mapping[str, Any],
+    archs: tuple[ArchitectureSpec, ArchitectureSpec],
+    calibration: Batch,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """REPAIR (``repair.py``) on the merged state: the input networks are rebuilt from their states."""
+
+    state, report = repair(
+        merged,
+        [_network(archs[0], s, device) for s in states],
+        spec,
+        {g: c.merge for g, c in correspondences.items()},
+        lambda s: _network(archs[1], s, device),
+        lambda: _batches(calibration, batch_size, device),
+    )
+    return state, report.to_dict()
+
+
 def _reset_batchnorm_of(
-    merged: dict[str, Tensor], arch: ArchitectureSpec, calibration: Tensor, batch_size: int, device: torch.device
+    merged: dict[str, Tensor], arch: ArchitectureSpec, calibration: Batch, batch_size: int, device: torch.device
 ) -> tuple[dict[str, Tensor], bool]:
     network = build_model(arch).to(device)
     network.load_state_dict(merged)

@@ -19,6 +19,9 @@ from mudsc_core.permutation.permute import expand_matrix
 from mudsc_core.permutation.spec import ActivationSite, PermSpec
 
 _DEAD_STD = 1e-12
+_ROW_BLOCK = 1024  # rows per block of the in-place (U, U) passes
+# A weight similarity's features are multiplied in float64 slices of at most this many elements.
+GRAM_CHUNK_ELEMENTS = 1 << 23
 
 
 class CorrelationAccumulator:
@@ -48,31 +51,67 @@ class CorrelationAccumulator:
         self.count += x.shape[1]
 
     def correlation(self) -> Tensor:
-        if self.count == 0 or self.outer is None or self.sum is None:
+        """The (U, U) correlation so far; the accumulator can go on."""
+        if self.outer is None:
+            raise ValueError("no samples accumulated")
+        return self._to_correlation(self.outer.clone())
+
+    def finalize(self) -> Tensor:
+        """The (U, U) correlation, computed in the accumulator's own buffer (no second (U, U) matrix)."""
+        if self.outer is None:
+            raise ValueError("no samples accumulated")
+        outer, self.outer = self.outer, None
+        return self._to_correlation(outer)
+
+    def _to_correlation(self, outer: Tensor) -> Tensor:
+        if self.count == 0 or self.sum is None:
             raise ValueError("no samples accumulated")
         mean = self.sum / self.count
-        cov = self.outer / self.count - torch.outer(mean, mean)
+        cov = outer.div_(self.count)
+        for start in range(0, cov.shape[0], _ROW_BLOCK):  # cov -= outer(mean, mean), a block of rows at a time
+            cov[start : start + _ROW_BLOCK] -= torch.outer(mean[start : start + _ROW_BLOCK], mean)
         return covariance_to_correlation(cov)
 
 
 def covariance_to_correlation(cov: Tensor) -> Tensor:
+    """Correlation from a covariance, in place: ``cov`` (a fresh matrix the caller gives up) is returned."""
     variance = torch.diagonal(cov).clamp_min(0)
     std = variance.sqrt()
     dead = std <= _DEAD_STD * max(float(std.max()) if std.numel() else 0.0, 1.0)
     safe = torch.where(dead, torch.ones_like(std), std)
-    corr = cov / torch.outer(safe, safe)
+    corr = cov
+    for start in range(0, corr.shape[0], _ROW_BLOCK):  # / outer(safe, safe), never built whole
+        corr[start : start + _ROW_BLOCK] /= torch.outer(safe[start : start + _ROW_BLOCK], safe)
     corr[dead, :] = 0.0
     corr[:, dead] = 0.0
-    corr = corr.clamp(-1.0, 1.0)
+    corr.clamp_(-1.0, 1.0)
     torch.diagonal(corr)[:] = (~dead).to(corr.dtype)
     return corr
 
 
-def row_correlation(features: Tensor) -> Tensor:
-    """Pearson correlation between rows of (U, F) features; constant rows correlate 0."""
-    x = features.to(torch.float64)
-    x = x - x.mean(dim=1, keepdim=True)
-    cov = x @ x.T / max(x.shape[1], 1)
+def row_correlation(features: Tensor, chunk_elements: int | None = None) -> Tensor:
+    """Pearson correlation between rows of (U, F) features, in float64; constant rows correlate 0.
+
+    Features wider than ``chunk_elements / U`` columns are centred and multiplied a slice of
+    columns at a time, so only a (U, slice) float64 copy exists next to the float32 features
+    (a wide residual stream has F in the hundreds of thousands); narrower ones in one go.
+    """
+    rows, cols = features.shape
+    step = max(1, (chunk_elements or GRAM_CHUNK_ELEMENTS) // max(rows, 1))
+    if cols <= step:
+        x = features.to(torch.float64, copy=True)
+        x -= x.mean(dim=1, keepdim=True)
+        cov = x @ x.T
+    else:
+        mean = torch.zeros(rows, dtype=torch.float64, device=features.device)
+        for start in range(0, cols, step):
+            mean += features[:, start : start + step].to(torch.float64).sum(dim=1)
+        mean /= cols
+        cov = torch.zeros(rows, rows, dtype=torch.float64, device=features.device)
+        for start in range(0, cols, step):
+            x = features[:, start : start + step].to(torch.float64) - mean[:, None]
+            cov.addmm_(x, x.T)
+    cov /= max(cols, 1)
     return covariance_to_correlation(cov)
 
 
@@ -274,7 +313,7 @@ def activation_correlations(
         for tap in taps:
             if isinstance(tap, HookTaps):
                 tap.close()
-    return {g: acc.correlation() for g, acc in accumulators.items()}
+    return {g: accumulators.pop(g).finalize() for g in groups}  # each in its own buffer
 
 
 # --------------------------------------------------------------------------- weights
@@ -355,8 +394,9 @@ def weight_similarity(
             rows = tensor.narrow(axis, start, own_seg.length).movedim(axis, 0)
             if own_seg.expand > 1:  # (G*r*b, ...) -> (G, b, r, ...): copies of a unit side by side
                 rows = rows.reshape(own.num_blocks, own_seg.expand, own.block_size, -1).transpose(1, 2)
-            per_model[i].append(rows.reshape(own.size, -1).to(torch.float64))
-    features = torch.cat([torch.cat(parts, dim=1) for parts in per_model], dim=0)
+            per_model[i].append(rows.reshape(own.size, -1))
+    # (N*n, F) in the weights' dtype (float32): row_correlation computes in float64 a slice at a time.
+    features = torch.cat([torch.cat(per_model.pop(0), dim=1) for _ in range(len(states))], dim=0)
     return row_correlation(features)
 
 
@@ -368,4 +408,6 @@ def dual_similarity(weight: Tensor | None, activation: Tensor | None, beta: floa
         return activation
     if activation is None or beta == 1.0:
         return weight
-    return beta * weight + (1.0 - beta) * activation
+    mixed = beta * weight
+    mixed += (1.0 - beta) * activation  # in place: one (N*n, N*n) temporary fewer
+    return mixed

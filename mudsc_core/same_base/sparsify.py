@@ -35,6 +35,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 from mudsc_core.schema.same_base_params import RescaleRule
@@ -49,6 +50,19 @@ def rng_for(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of a 1-D tensor (0-d, its dtype and device), ``0 < k < numel``.
+
+    On the CPU by numpy's introselect on one copy: the same order statistic as ``torch.kthvalue``,
+    which also allocates an int64 index per entry (three times the input in all) and is several
+    times slower on large tensors."""
+    position = flat.numel() - k  # 0-based position in ascending order
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        value = np.partition(flat.detach().numpy(), position)[position]
+        return torch.tensor(value, dtype=flat.dtype)
+    return torch.kthvalue(flat, position + 1).values
+
+
 def topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` largest entries (ties at the threshold: lowest flat index first)."""
     flat = magnitudes.reshape(-1)
@@ -57,7 +71,7 @@ def topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(magnitudes, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(magnitudes, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest
+    threshold = _kth_largest(flat, k)
     mask = flat > threshold
     missing = k - int(mask.sum())
     if missing > 0:

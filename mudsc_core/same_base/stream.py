@@ -49,6 +49,7 @@ from mudsc_core.output import staged_folder, write_sidecars
 from mudsc_core.progress import Progress
 from mudsc_core.same_base.base import FirstPass, Merger, MergerFactory
 from mudsc_core.same_base.task_arithmetic import linear
+from mudsc_core.same_base.tensor_stats import TaskVectorStats
 from mudsc_core.schema._base import Frozen
 from mudsc_core.schema.mergekit import to_mergekit
 from mudsc_core.schema.methods import METHODS, MethodInfo
@@ -184,6 +185,7 @@ def merge_checkpoints(
     timer = _Timer()
     buffers = _ReadBuffers(max((math.prod(p.shape) * p.dtype.itemsize for p in plan), default=0))
     metrics: dict[str, float] = {"plan_s": time.perf_counter() - started}
+    stats = TaskVectorStats()  # the report's tensor_stats (norms, sign conflicts, fraction kept)
 
     merger = build_merger(method_name, params)
     first_pass = merger.first_pass()
@@ -208,7 +210,7 @@ def merge_checkpoints(
                     if progress is not None:
                         progress("merging", (done_before + step) / total_steps, entry.name)
                     buffers.next_step()
-                    tensor = _merge_one(entry, merger, checkpoints, base_ckpt, resolver, timer, buffers)
+                    tensor = _merge_one(entry, merger, checkpoints, base_ckpt, resolver, timer, buffers, stats)
                     t0 = time.perf_counter()
                     if pending is not None:
                         pending.result()  # the previous write (raises its error, if any)
@@ -252,6 +254,7 @@ def merge_checkpoints(
         "metrics": metrics,
         "notes": notes,
         "params": params.model_dump(mode="json"),
+        "tensor_stats": stats.rows,
     }
 
 
@@ -369,6 +372,7 @@ def _merge_one(
     resolver: ParameterResolver,
     timer: _Timer,
     buffers: _ReadBuffers,
+    stats: TaskVectorStats | None = None,
 ) -> torch.Tensor:
     """The merged tensor; it may live in a read buffer, so write it before the next read."""
     t0 = time.perf_counter()
@@ -395,13 +399,12 @@ def _merge_one(
         assert base is not None
         base_tensor = base.get_float32(entry.name, out=buffers(0))
         timer.add("read_s", t0)
+        task_vectors = _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers)
         delta = merger.merge(
-            entry.name,
-            _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers),
-            holder_weights,
-            entry.holders,
-            values,
+            entry.name, stats.watch(task_vectors) if stats else task_vectors, holder_weights, entry.holders, values
         )
+        if stats is not None:
+            stats.merged(entry.name, delta)
         out = base_tensor.add_(delta)  # the base buffer becomes the output
         del delta
     # compute time = elapsed minus the reads done meanwhile (the merger pulls its inputs lazily)

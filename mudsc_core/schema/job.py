@@ -322,6 +322,8 @@ class JobSpec(Frozen):
             weighted=any(m.weight != 1.0 for m in self.models),
         )
         self._check_slices()
+        if getattr(self.method.typed_params(), "repair", False) and self.calibration is None:
+            raise ValueError("method.params.repair renormalises merged units from activations: give calibration")
         if self.architecture is not None and self.architecture.reads_config_from_models:
             files = [i for i, m in enumerate(self.models) if not m.uri.endswith("/")]
             if files:

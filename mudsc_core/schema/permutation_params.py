@@ -7,7 +7,7 @@ of :class:`MudscParams`: each params model's ``to_mudsc`` returns the configurat
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 from pydantic import Field
 
@@ -22,6 +22,12 @@ class MudscPreset(Protocol):
 
 class _PermutationCommon(Frozen):
     reset_bn: bool = Field(True, description="Re-estimate BatchNorm statistics from the calibration inputs")
+    repair: bool = Field(
+        False,
+        description="REPAIR (Jordan et al., 2022): set each merged unit's pre-activation mean and std over the "
+        "calibration inputs to the interpolation of its input models' (groups with one producing Linear/Conv; "
+        "for models without BatchNorm, e.g. LayerNorm transformers); needs calibration",
+    )
     heads: Literal["shared", "separate"] = Field(
         "shared",
         description="shared: one head, permuted on its input only; separate: merged body feeding every "
@@ -45,7 +51,11 @@ class MudscParams(_PermutationCommon, _ZipKnobs):
     """MuDSC: dual-space similarity S = beta*S_weight + (1-beta)*S_act, coordinate ascent over groups."""
 
     mode: Literal["align", "zip"] = "zip"
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="weight-space share of the similarity")
+    beta: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
+        0.5,
+        description='weight-space share of the similarity; "auto": chosen without labels from calibration '
+        "inputs (a grid of betas scored by how well each merge reproduces the input models on held-out inputs)",
+    )
     iterate: bool = Field(True, description="coordinate ascent over unit groups (False: one matching pass)")
     max_sweeps: int = Field(100, ge=1, le=10_000)
     patience: int = Field(5, ge=1, le=1000, description="stop after this many sweeps without strict improvement")
@@ -58,7 +68,7 @@ class MudscParams(_PermutationCommon, _ZipKnobs):
 
 class WeightAverageParams(_PermutationCommon):
     def to_mudsc(self) -> MudscParams:
-        return MudscParams(mode="align", match=False, reset_bn=self.reset_bn, heads=self.heads)
+        return MudscParams(mode="align", match=False, reset_bn=self.reset_bn, heads=self.heads, repair=self.repair)
 
 
 class GitRebasinParams(_PermutationCommon):

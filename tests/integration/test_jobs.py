@@ -126,6 +126,8 @@ def test_merge_end_to_end_matches_the_core(api: httpx.Client, inputs: dict[str, 
     assert {"model.safetensors", "report.json", "spec.json", "manifest.json"} <= names
     assert set(job["result"]["metrics"]["mean_similarity_per_group"]) == {"fc0", "fc1"}
     assert job["result"]["metrics"]["timings_s"]["downloading"] >= 0
+    memory = job["result"]["metrics"]["memory"]  # the merge's estimate, the worker's measured peak
+    assert memory["estimated_peak_bytes"] > 0 and memory["measured_peak_rss_bytes"] > 0
 
     listed = {a["name"]: a for a in api.get(f"/v1/merges/{job_id}/artifacts").json()["data"]}
     weights = httpx.get(listed["model.safetensors"]["url"], timeout=30)  # presigned: no API key

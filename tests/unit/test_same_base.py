@@ -463,3 +463,22 @@ def test_single_file_inputs(tmp_path: Path) -> None:
     _merge("linear", {}, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], None, tmp_path / "o")
     assert_close(load_state_dict(tmp_path / "o")["w"], torch.full((2,), 2.0))
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 300),
+    distinct=st.integers(1, 8),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+@settings(max_examples=60, deadline=None)
+def test_kth_largest_is_torch_kthvalue(seed: int, n: int, distinct: int, dtype: torch.dtype) -> None:
+    """The CPU selection (numpy's introselect) is the same order statistic as torch.kthvalue, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, distinct, (n,), generator=g).to(dtype) * torch.rand(1, generator=g).to(dtype)
+    for k in {1, n // 2 or 1, n - 1}:
+        expected = torch.kthvalue(values, n - k + 1).values
+        got = sp._kth_largest(values, k)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+        mask = sp.topk_mask(values, k)
+        assert int(mask.sum()) == k and bool(values[mask].min() >= values[~mask].max())

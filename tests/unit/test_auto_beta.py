@@ -1,0 +1,76 @@
+"""``beta: "auto"``: candidates scored on held-out calibration inputs, without labels (mechanics).
+
+Margins on trained models are in tests/unit/test_quality_margins.py; here: every grid value is a
+candidate, the choice is the best-scoring one and is what the report says was used, the statistics come
+from the calibration inputs that were not held out, too few inputs and no inputs are refused, and
+separate heads and transformers models (keyword calibration, padding) are scored.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mudsc_core.architectures import build_model
+from mudsc_core.errors import InvalidCalibration
+from mudsc_core.permutation import auto_beta
+from mudsc_core.permutation.merge import merge
+
+MLP = {"name": "mlp", "config": {"input_dim": 16, "hidden": [32, 32], "num_classes": 5}}
+
+
+def _states(arch: dict, seeds: tuple[int, ...] = (0, 1)) -> list[dict[str, torch.Tensor]]:
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states.append(build_model(arch).state_dict())
+    return states
+
+
+def test_every_candidate_is_scored_and_the_best_one_is_used() -> None:
+    calibration = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    result = merge(_states(MLP), MLP, {"name": "mudsc", "params": {"mode": "zip", "beta": "auto"}}, calibration)
+    search = result.report["beta_search"]
+    assert [c["beta"] for c in search["candidates"]] == list(auto_beta.GRID)
+    best = max(search["candidates"], key=lambda c: (c["score"], -abs(c["beta"] - 0.5)))
+    assert search["chosen"] == best["beta"] == result.report["metrics"]["beta_chosen"]
+    assert search["held_out_samples"] == 16  # the last quarter
+    assert result.report["params"]["beta"] == "auto"
+    fixed = merge(
+        _states(MLP), MLP, {"name": "mudsc", "params": {"mode": "zip", "beta": best["beta"]}}, calibration[:48]
+    )
+    for name, tensor in fixed.state_dict.items():  # the chosen candidate is the merge at that beta on the rest
+        torch.testing.assert_close(result.state_dict[name], tensor, msg=name)
+
+
+def test_auto_needs_enough_calibration_inputs() -> None:
+    with pytest.raises(InvalidCalibration, match="calibration"):
+        merge(_states(MLP), MLP, {"name": "mudsc", "params": {"beta": "auto"}})
+    with pytest.raises(InvalidCalibration, match="at least 16"):
+        merge(_states(MLP), MLP, {"name": "mudsc", "params": {"beta": "auto"}}, torch.randn(10, 16))
+
+
+def test_separate_heads_are_scored_per_model() -> None:
+    calibration = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+    method = {"name": "mudsc", "params": {"mode": "align", "beta": "auto", "heads": "separate"}}
+    search = merge(_states(MLP), MLP, method, calibration).report["beta_search"]
+    assert len(search["candidates"]) == len(auto_beta.GRID) and all(c["score"] <= 0 for c in search["candidates"])
+
+
+def test_a_transformers_model_is_scored_on_its_unpadded_tokens() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=30, n_embd=32, n_layer=1, n_head=4, n_positions=16, architectures=["GPT2LMHeadModel"]
+    )
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(transformers.GPT2LMHeadModel(config).state_dict())
+    ids = torch.randint(0, 30, (32, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 5:] = 0
+    arch = {"name": "transformers", "config": config.to_dict()}
+    report = merge(
+        states, arch, {"name": "mudsc", "params": {"beta": "auto"}}, {"input_ids": ids, "attention_mask": mask}
+    ).report
+    assert report["beta_search"]["held_out_samples"] == 8 and report["beta"] == report["beta_search"]["chosen"]
