@@ -59,8 +59,9 @@ test: install  ## the whole suite: unit, integration (starts its own stack), end
 unit: install  ## unit tests only (no services)
 	$(PY) -m pytest -q tests/unit
 
-demo: up  ## train two digit classifiers, merge them through the API, compare accuracies
+demo: up  ## train two digit classifiers (and two Hugging Face BERTs), merge them through the API, compare accuracies
 	$(PY) scripts/demo.py --env-file $(STACK_ROOT)/env
+	$(PY) scripts/demo_transformers.py --env-file $(STACK_ROOT)/env
 	@echo "The stack is still up ($(STACK_ROOT)/env has its URL and keys). Stop it with: make down"
 
 bench: install  ## benchmarks in bench/ (ratios against a baseline measured in the same run)

@@ -8,7 +8,9 @@ method x setting x BN reset on digits; ~20 min on one core), load (1,000 jobs ag
 local stack), trace_families (trace and self-check time of the derived spec per Hugging Face family),
 same_base_vs_mergekit (task arithmetic and TIES against mergekit in a throwaway venv, whole processes),
 api_load (wrk reads/s of one API process, submission -> running, a fresh worker's first job vs its second),
-gpu_check (MuDSC and TIES on CUDA against the CPU; says "no CUDA device" and exits 0 without one).
+gpu_check (MuDSC and TIES on CUDA against the CPU; says "no CUDA device" and exits 0 without one),
+mudsc_quality (beta "auto" against beta* and the best single-space method, REPAIR rows; digits MLP/VGG/ResNet-8
+and the transformer pairs, docs/mudsc_quality.md).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ BENCHES: dict[str, list[str]] = {
     "mudsc_digits": ["-m", "bench.mudsc_digits"],
     "load": ["-m", "bench.load"],
     "trace_families": ["-m", "bench.trace_families", "--out", "docs/bench_trace_families.txt"],
+    "mudsc_width": ["-m", "bench.mudsc_width", "--max-sweeps", "1", "--out", "docs/bench_mudsc_width.txt"],
+    "transformer_testbed": ["-m", "bench.transformer_testbed"],
     "same_base_vs_mergekit": ["bench/same_base_vs_mergekit.py", "--out", "docs/bench_same_base_vs_mergekit.txt"],
     "api_load": ["-m", "bench.api_load", "--out", "docs/bench_api_load.txt"],
     "gpu_check": ["-m", "bench.gpu_check", "--out", "docs/bench_gpu_check.txt"],
+    "mudsc_quality": ["-m", "bench.mudsc_quality"],
 }
 
 

@@ -147,14 +147,54 @@ def _permutation(report: Mapping[str, Any]) -> tuple[str, bytes]:
         "<p>BatchNorm statistics "
         + ("re-estimated on the calibration data after merging" if report.get("bn_reset") else "not re-estimated")
         + (" (no calibration data: matched in weight space only)" if report.get("weight_space_only") else "")
-        + ". Activation statistics of the merged model (variance collapse per group) are not measured by the "
-        "merge.</p>",
+        + ".</p>",
+        *_repair_section(report.get("repair")),
+        *_beta_section(report.get("beta_search")),
         "<h2>Timings</h2>",
         _table(["stage", "seconds"], list(timings.items())),
         "<h2>Parameters</h2>",
         f"<pre>{_e(json.dumps(report.get('params'), indent=2, default=str))}</pre>",
     ]
     return _page(f"merge report: {report.get('method')}", body), png
+
+
+def _repair_section(repair: Mapping[str, Any] | None) -> list[str]:
+    """Variance collapse per group (merged std / interpolated std of the input models) and REPAIR's fix."""
+    if not repair:
+        return [
+            "<p>Activation statistics of the merged model (variance collapse per group) are measured when the "
+            "merge runs with <code>repair: true</code>.</p>"
+        ]
+    groups: Mapping[str, Mapping[str, Any]] = repair.get("groups") or {}
+    skipped: Mapping[str, str] = repair.get("skipped") or {}
+    return [
+        "<h3>Variance collapse and REPAIR</h3>",
+        '<p class="note">std ratio: the merged units\' pre-activation standard deviation over the calibration '
+        "inputs divided by the interpolation of their input models' (1 = no collapse), before and after REPAIR.</p>",
+        _table(
+            ["group", "std ratio before", "std ratio after", "units rescaled", "mean shifted"],
+            [
+                (n, g.get("std_ratio_before"), g.get("std_ratio_after"), g.get("units_rescaled"), g.get("mean_shifted"))
+                for n, g in groups.items()
+            ],
+        ),
+        _table(["group left alone", "because"], list(skipped.items())) if skipped else "",
+    ]
+
+
+def _beta_section(search: Mapping[str, Any] | None) -> list[str]:
+    if not search:
+        return []
+    return [
+        "<h2>beta chosen without labels</h2>",
+        f'<p class="note">Each candidate was merged and scored on {_e(search.get("held_out_samples"))} held-out '
+        f"calibration inputs by its agreement with the input models (higher is better); chosen: beta "
+        f"{_e(search.get('chosen'))}.</p>",
+        _table(
+            ["beta", "score", "objective"],
+            [(c.get("beta"), c.get("score"), c.get("objective")) for c in search.get("candidates") or []],
+        ),
+    ]
 
 
 def _space_label(space: str, beta: Any) -> str:

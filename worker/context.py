@@ -56,4 +56,21 @@ def warm_up() -> None:
     import mudsc_core.permutation.merge  # noqa: F401 - what a permutation job runs
     import mudsc_core.same_base.stream  # noqa: F401 - what a same-base job runs
 
+    try:
+        _warm_merge()
+    except Exception as exc:  # noqa: BLE001 - a warm-up never stops the worker: the first job pays instead
+        logger.warning("warm-up merge failed (%s); the first job will warm up", exc)
     logger.info("pool process warmed up in %.1f s (connections open, merge code imported)", time.monotonic() - started)
+
+
+def _warm_merge() -> None:
+    """One tiny merge in memory (two 4-wide MLPs, with calibration): the first real job then finds the tracer,
+    torch's kernels and the lazily built caches ready."""
+    import torch
+
+    from mudsc_core import build_model
+    from mudsc_core.permutation.merge import merge
+
+    architecture = {"name": "mlp", "config": {"input_dim": 4, "hidden": [4], "num_classes": 2}}
+    states = [build_model(architecture).state_dict() for _ in range(2)]
+    merge(states, architecture, {"name": "mudsc", "params": {"mode": "zip"}}, torch.randn(8, 4), device="cpu")

@@ -48,12 +48,19 @@ _CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 OUTPUT_PREFIX = " output "
 
 # The same in an exported graph, by ATen op name (``aten.linear.default`` -> ``linear``).
-_ATEN_CONSUMERS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution"})
+_ATEN_CONSUMERS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution", "addmm"})
 _ATEN_NORMS = frozenset(
     {"layer_norm", "group_norm", "batch_norm", "_native_batch_norm_legit_no_training", "native_layer_norm"}
 )
 # Where an op's weight is among its arguments (every other module op takes it second).
-_WEIGHT_ARG = {"embedding": 0, "layer_norm": 2, "group_norm": 2, "batch_norm": 1}
+_WEIGHT_ARG = {"embedding": 0, "layer_norm": 2, "group_norm": 2, "batch_norm": 1, "addmm": 2}
+# Where an op's data input is (every other module op takes it first): GPT-2's Conv1D is addmm(bias, x, weight).
+_INPUT_ARG = {"addmm": 1}
+
+
+def _data_input(node: fx.Node) -> object:
+    index = _INPUT_ARG.get(_op_name(node), 0)
+    return node.args[index] if len(node.args) > index else None
 
 
 def _op_name(node: fx.Node) -> str:
@@ -405,7 +412,7 @@ class SiteFinder:
         consumers: list[str] = []
         others: list[str] = []
         for user in node.users:
-            call = self._module_call(user) if user.args and user.args[0] is node else None
+            call = self._module_call(user) if _data_input(user) is node else None
             if call is not None:
                 (consumers if call[1] else others).append(call[0])
         if consumers:

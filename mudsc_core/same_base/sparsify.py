@@ -50,17 +50,31 @@ def rng_for(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_largest(flat: torch.Tensor, k: int, *, scratch: bool = False) -> torch.Tensor:
     """The ``k``-th largest entry of a 1-D tensor (0-d, its dtype and device), ``0 < k < numel``.
 
-    On the CPU by numpy's introselect on one copy: the same order statistic as ``torch.kthvalue``,
-    which also allocates an int64 index per entry (three times the input in all) and is several
-    times slower on large tensors."""
+    On the CPU by numpy's introselect: the same order statistic as ``torch.kthvalue``, which also
+    allocates an int64 index per entry (three times the input in all) and is several times slower
+    on large tensors. ``scratch``: ``flat`` is the caller's to reorder (selected in place, no copy)."""
     position = flat.numel() - k  # 0-based position in ascending order
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        value = np.partition(flat.detach().numpy(), position)[position]
-        return torch.tensor(value, dtype=flat.dtype)
+        values = flat.detach().numpy()
+        if scratch:
+            values.partition(position)
+        else:
+            values = np.partition(values, position)
+        return torch.tensor(values[position], dtype=flat.dtype)
     return torch.kthvalue(flat, position + 1).values
+
+
+def _mask_at(flat: torch.Tensor, k: int, threshold: torch.Tensor) -> torch.Tensor:
+    """Exactly ``k`` entries of ``flat`` kept: those above ``threshold`` (the k-th largest), then
+    the ones equal to it, lowest index first."""
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
+    return mask
 
 
 def topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,12 +85,7 @@ def topk_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(magnitudes, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(magnitudes, dtype=torch.bool)
-    threshold = _kth_largest(flat, k)
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
-    return mask.view(magnitudes.shape)
+    return _mask_at(flat, k, _kth_largest(flat, k)).view(magnitudes.shape)
 
 
 def _l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -94,6 +103,27 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     mask = topk_mask(delta.abs(), int(density * delta.numel()))
     kept = delta * mask
     return _l1_rescaled(delta, kept) if rescale else kept
+
+
+def magnitude_(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """:func:`magnitude` in place: ``delta`` (the caller's to overwrite) becomes the trimmed task vector.
+    The same numbers, one task-vector-sized tensor fewer per model while TIES holds them all."""
+    if density >= 1.0:
+        return delta
+    k, n = int(density * delta.numel()), delta.numel()
+    if 0 < k < n:  # the threshold from one scratch |delta| (selected in place), then the mask from another
+        threshold = _kth_largest(delta.abs().reshape(-1), k, scratch=True)
+        mask = _mask_at(delta.abs().reshape(-1), k, threshold).view(delta.shape)
+    else:
+        mask = topk_mask(delta.abs(), k)
+    before = float(delta.abs().sum()) if rescale else 0.0
+    kept = delta.mul_(mask)
+    del mask
+    if rescale:
+        after = float(kept.abs().sum())
+        if before >= 1e-7 and after >= 1e-7:  # _l1_rescaled's rule
+            kept.mul_(before / after)
+    return kept
 
 
 def magnitude_above(delta: torch.Tensor, threshold: float, rescale: bool = False) -> torch.Tensor:

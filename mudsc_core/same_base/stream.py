@@ -104,8 +104,15 @@ class _ReadBuffers:
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
         self._step = 0
 
-    def next_step(self) -> None:
-        self._step += 1
+    def next_step(self, *, first_base_buffer: bool = False) -> None:
+        """Go on to the next tensor; ``first_base_buffer``: its base slot is the first buffer (the caller
+        has waited for the previous write), so that the second buffer's pages are only ever touched by
+        tensors smaller than the largest."""
+        self._step = (self._step + 2 - self._step % 2) if first_base_buffer else self._step + 1
+
+    def is_large(self, nbytes: int) -> bool:
+        """A tensor above half the largest: it reuses the first base buffer instead of alternating."""
+        return 2 * nbytes > self._size
 
     def __call__(self, slot: int) -> torch.Tensor:
         key = (slot, self._step % 2 if slot == 0 else 0)
@@ -209,7 +216,15 @@ def merge_checkpoints(
                 for step, entry in enumerate(plan):
                     if progress is not None:
                         progress("merging", (done_before + step) / total_steps, entry.name)
-                    buffers.next_step()
+                    large = buffers.is_large(math.prod(entry.shape) * entry.dtype.itemsize)
+                    if large and pending is not None:
+                        # A large tensor does not alternate: waiting for the previous write here keeps
+                        # a second largest-size buffer from being paged in (the largest ones are few).
+                        t0 = time.perf_counter()
+                        pending.result()
+                        pending = None
+                        timer.add("write_wait_s", t0)
+                    buffers.next_step(first_base_buffer=large)
                     tensor = _merge_one(entry, merger, checkpoints, base_ckpt, resolver, timer, buffers, stats)
                     t0 = time.perf_counter()
                     if pending is not None:

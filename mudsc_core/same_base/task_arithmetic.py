@@ -74,8 +74,8 @@ class TaskArithmeticFamily:
         if p.sparsifier == "magnitude" and p.topk_scope == "model":
             return sp.magnitude_above(delta, self.thresholds[model_id], rescale=p.rescale)
         density = self.value("density", values, model_id)
-        if p.sparsifier == "magnitude":
-            return sp.magnitude(delta, density, rescale=p.rescale)
+        if p.sparsifier == "magnitude":  # in place: the task vectors given to merge() are the merger's own
+            return sp.magnitude_(delta, density, rescale=p.rescale)
         if p.sparsifier == "breadcrumbs":
             return sp.breadcrumbs(delta, density, self.value("gamma", values, model_id), rescale=p.rescale)
         generator = sp.rng_for(p.seed, name, model_id)
@@ -128,7 +128,9 @@ class TaskArithmeticFamily:
             for delta, weight, model_id in zip(deltas, weights, model_ids):
                 weighted.append(self.sparsify(name, delta, model_id, values).mul_(weight))
                 del delta
-            mixed = sp.elect_and_merge(weighted, weights, p.consensus, p.normalize, scales=scales)
+            # Into the first sparsified task vector (block by block, each block read before it is written).
+            into = weighted[0] if weighted[0].is_contiguous() else None
+            mixed = sp.elect_and_merge(weighted, weights, p.consensus, p.normalize, out=into, scales=scales)
         return mixed.mul_(common) if common is not None and common != 1.0 else mixed
 
 

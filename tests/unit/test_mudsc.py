@@ -310,7 +310,7 @@ def test_a_spec_that_fails_the_self_check_fails_the_merge(monkeypatch: pytest.Mo
     axes = dict(traced.spec.axes)
     axes["fc1.weight"] = (axes["fc1.weight"][0], None)
     broken = PermSpec(traced.spec.groups, axes, traced.spec.excluded, traced.spec.head_params, traced.spec.order)
-    monkeypatch.setattr(merge_module, "trace_architecture", lambda _arch: type(traced)(broken, traced.groups))
+    monkeypatch.setattr(merge_module, "trace_architecture", lambda _arch, **_: type(traced)(broken, traced.groups))
     with pytest.raises(UnsupportedArchitecture, match="fc0"):
         merge([_model(arch, 0), _model(arch, 1)], arch, {"name": "git_rebasin"})
 

@@ -2,11 +2,12 @@
 the digits, merged with every permutation method, scored on held-out digits.
 
 What holds at this size (2 layers, width 64; docs/mudsc_transformers.md has the table over 3 seed pairs):
-plain averaging collapses to near chance; every matching method lands well above it but, unlike the small
-CNNs of the digits bed, none comes close to the endpoints: they close roughly a quarter to a half of the gap.
+plain averaging collapses to near chance; the best matching method lands well above it but, unlike the
+small CNNs of the digits bed, no method comes close to the endpoints: on average they close a quarter to a
+half of the gap, and on some seed pairs single methods do no better than averaging.
 Every margin below holds, with slack, on each of seed pairs (0,1), (2,3), (4,5), (6,7), (8,9) (the quoted
 minima are over those 5 pairs); the test runs seed pair (0, 1) only: one pair of each family trains and
-merges in about 80 s of one core.
+merges in about 95 s of CPU on one thread.
 """
 
 from __future__ import annotations

@@ -288,3 +288,18 @@ def test_a_features_encoder_merged_by_align_keeps_its_stream_free_in_model_0s_or
         torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-4)
     zipped = merge([model.state_dict(), moved], arch, {"name": "mudsc", "params": {"mode": "zip"}}, calibration)
     assert "pinned" in zipped.report["spec"]["outputs"]
+
+
+def test_gpt2_conv1d_layers_are_activation_sites() -> None:
+    """GPT-2's Conv1D is ``addmm(bias, x, weight)``: its groups are observed at those modules, so the
+    activation-only methods merge GPT-2 too (a permuted copy comes back exactly)."""
+    config = _gpt2()
+    spec = trace_architecture(_arch(config)).spec
+    assert all(g.activation is not None for g in spec.groups.values())
+    qk = spec.groups["transformer.h.0.attn.c_attn"].activation
+    assert qk is not None and qk.module == "transformer.h.0.attn.c_attn" and qk.segments == ((0, 32), (32, 64))
+    model = _model(config, 0)
+    moved = permute_state_dict(spec, model.state_dict(), random_permutations(spec, torch.Generator().manual_seed(2)))
+    merged = merge([model.state_dict(), moved], _arch(config), {"name": "activation_align"}, _calibration(config))
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(merged.state_dict[name], tensor, atol=2e-6, rtol=1e-5, msg=name)
