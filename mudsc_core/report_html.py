@@ -120,12 +120,32 @@ def _permutation(report: Mapping[str, Any]) -> tuple[str, bytes]:
         _table(["", ""], summary, header=False),
         f'<img alt="summary figure" src="data:image/png;base64,{base64.b64encode(png).decode()}">',
         "<h2>Matched units per group</h2>",
-        f'<p class="note">Mean similarity of the matched units, in {_e(space_label)}. The report holds one '
-        "number per group, in the space the merge matched in; weight-space and activation-space numbers "
-        "separately are not measured.</p>",
+        f'<p class="note">Mean similarity of the matched units in {_e(space_label)}, and the same final matching '
+        "scored in weight space and in activation space separately; disagreement: the fraction of units whose "
+        "most similar partner in model 0 differs between the two spaces (where dual-space matching matters; "
+        "empty without calibration).</p>",
         _table(
-            ["group", "units per model", "merged units", "mean similarity"],
-            [(n, g.get("size"), g.get("merged_size"), g.get("mean_similarity")) for n, g in groups.items()],
+            [
+                "group",
+                "units per model",
+                "merged units",
+                "mean similarity",
+                "weight space",
+                "activation space",
+                "disagreement",
+            ],
+            [
+                (
+                    n,
+                    g.get("size"),
+                    g.get("merged_size"),
+                    g.get("mean_similarity"),
+                    g.get("weight"),
+                    g.get("activation"),
+                    g.get("disagreement"),
+                )
+                for n, g in groups.items()
+            ],
         ),
         "<h2>Objective per sweep</h2>",
         _table(["sweep", "objective"], list(enumerate(objective, start=1))),

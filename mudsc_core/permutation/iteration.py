@@ -62,6 +62,41 @@ def pair_score(correspondence: Correspondence, similarity: Tensor) -> float:
     return float((totals[merged] / pairs[merged]).mean())
 
 
+def space_scores(
+    states: Sequence[Mapping[str, Tensor]],
+    spec: PermSpec,
+    correspondences: Mapping[str, Correspondence],
+    activation_sims: Mapping[str, Tensor] | None,
+) -> dict[str, dict[str, float | None]]:
+    """Per group, the final matching scored in each space separately, and where the spaces disagree.
+
+    ``weight`` / ``activation``: :func:`pair_score` of the final correspondence on the weight similarity
+    (built from the other groups' final correspondences) and on the activation correlation. ``disagreement``:
+    the fraction of model i's units (i >= 1) whose most similar unit of model 0 is another one in weight space
+    than in activation space (the MuDSC paper's point: the two spaces pick different partners).
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for group, correspondence in correspondences.items():
+        weight = weight_similarity(states, spec, group, correspondences)
+        activation = activation_sims.get(group) if activation_sims else None
+        entry: dict[str, float | None] = {"weight": pair_score(correspondence, weight), "activation": None}
+        entry["disagreement"] = None
+        if activation is not None:
+            entry["activation"] = pair_score(correspondence, activation)
+            n = weight.shape[0] // len(states)
+            differ = [
+                float(
+                    (weight[i * n : (i + 1) * n, :n].argmax(1) != activation[i * n : (i + 1) * n, :n].argmax(1))
+                    .float()
+                    .mean()
+                )
+                for i in range(1, len(states))
+            ]
+            entry["disagreement"] = sum(differ) / len(differ) if differ else None
+        out[group] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items()}
+    return out
+
+
 def _identity(num_models: int, size: int, blocks: int = 1) -> Correspondence:
     eye = torch.eye(size)
     return Correspondence(

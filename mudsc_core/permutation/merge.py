@@ -37,7 +37,7 @@ from mudsc_core.errors import (
     TooLarge,
 )
 from mudsc_core.permutation import auto_beta
-from mudsc_core.permutation.iteration import build_merged_state, find_correspondences
+from mudsc_core.permutation.iteration import build_merged_state, find_correspondences, space_scores
 from mudsc_core.permutation.memory import MemoryEstimate, estimate_merge_memory
 from mudsc_core.permutation.repair import repair
 from mudsc_core.permutation.similarity import Batch, activation_correlations, site_samples
@@ -158,7 +158,12 @@ def reset_batchnorm(model: nn.Module, calibration: Batch, batch_size: int, devic
 class GroupReport:
     size: int
     merged_size: int
-    mean_similarity: float
+    mean_similarity: float  # in the space the merge matched in (the dual mix, or one space)
+    # The final matching scored in weight space and in activation space separately, and the fraction of
+    # units whose nearest partner differs between the spaces (iteration.space_scores); None where unmeasured.
+    weight: float | None = None
+    activation: float | None = None
+    disagreement: float | None = None
 
 
 @dataclass
@@ -366,6 +371,7 @@ def merge(
         }
     else:
         outcome, merged, (bn_reset, repaired) = candidate(float(params.beta))
+    per_space = space_scores(states, spec, outcome.correspondences, activation_sims) if params.match else {}
     collected, activation_sims = activation_sims is not None, None  # the merging needs no similarity
     clock.progress("merging", 1.0, "done")
 
@@ -386,7 +392,10 @@ def merge(
         beta_search=beta_search,
         groups={
             name: GroupReport(
-                spec.groups[name].size, outcome.correspondences[name].width, outcome.group_scores.get(name, 0.0)
+                spec.groups[name].size,
+                outcome.correspondences[name].width,
+                outcome.group_scores.get(name, 0.0),
+                **per_space.get(name, {}),
             )
             for name in spec.group_order()
         },

@@ -74,3 +74,15 @@ def test_a_transformers_model_is_scored_on_its_unpadded_tokens() -> None:
         states, arch, {"name": "mudsc", "params": {"beta": "auto"}}, {"input_ids": ids, "attention_mask": mask}
     ).report
     assert report["beta_search"]["held_out_samples"] == 8 and report["beta"] == report["beta_search"]["chosen"]
+
+
+def test_the_report_scores_the_final_matching_in_each_space() -> None:
+    """The dual score is the beta mix of the per-space scores of the same matching (pair_score is linear)."""
+    calibration = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    report = merge(_states(MLP), MLP, {"name": "mudsc", "params": {"mode": "align", "beta": 0.3}}, calibration).report
+    for group in report["groups"].values():
+        mixed = 0.3 * group["weight"] + 0.7 * group["activation"]
+        assert group["mean_similarity"] == pytest.approx(mixed, abs=1e-5)
+        assert 0.0 <= group["disagreement"] <= 1.0
+    weight_only = merge(_states(MLP), MLP, {"name": "git_rebasin"}).report
+    assert all(g["activation"] is None and g["disagreement"] is None for g in weight_only["groups"].values())
