@@ -27,10 +27,12 @@ BENCHES: dict[str, list[str]] = {
     "trace_families": ["-m", "bench.trace_families", "--out", "docs/bench_trace_families.txt"],
     "mudsc_width": ["-m", "bench.mudsc_width", "--max-sweeps", "1", "--out", "docs/bench_mudsc_width.txt"],
     "transformer_testbed": ["-m", "bench.transformer_testbed"],
+    "hf_merge_families": ["-m", "bench.hf_merge_families", "--out", "docs/bench_hf_merge_families.txt"],
     "same_base_vs_mergekit": ["bench/same_base_vs_mergekit.py", "--out", "docs/bench_same_base_vs_mergekit.txt"],
     "api_load": ["-m", "bench.api_load", "--out", "docs/bench_api_load.txt"],
     "gpu_check": ["-m", "bench.gpu_check", "--out", "docs/bench_gpu_check.txt"],
     "mudsc_quality": ["-m", "bench.mudsc_quality"],
+    "webhook_latency": ["-m", "bench.webhook_latency", "--out", "docs/bench_webhook_latency.txt"],
 }
 
 

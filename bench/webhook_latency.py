@@ -11,7 +11,8 @@ the running one. Then:
    ``MUDSC_WEBHOOK_SECRET``, and answers 204;
 2. uploads two tiny 2-layer MLP checkpoints (safetensors) to S3;
 3. submits ``--jobs`` ``weight_average`` jobs (no calibration) through ``MudscClient``, each with
-   ``"webhook": {"url": "http://127.0.0.1:<port>/hook"}``, and waits for all of them;
+   ``"webhook": {"url": "http://127.0.0.1:<port>/hook"}`` (a 429 from the tenant's cap on active jobs is
+   retried 0.2 s later with the same idempotency key, so only a few jobs run at once), and waits for all;
 4. per job: event = ``finished_at``; first attempt = ``started_at`` of the first attempt listed by
    ``GET /v1/merges/{id}/webhook-deliveries`` (``client.webhook_deliveries``); arrival = the receiver's clock
    at the first POST carrying that job's webhook-id. The API, the workers and this process share one host
@@ -146,10 +147,7 @@ def stats(values_s: list[float]) -> str:
         return "n/a"
     ms = sorted(v * 1000 for v in values_s)
     cuts = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
-    return (
-        f"p50 {cuts[49]:8.1f} ms  p95 {cuts[94]:8.1f} ms  max {ms[-1]:8.1f} ms  "
-        f"min {ms[0]:8.1f} ms  (n={len(ms)})"
-    )
+    return f"p50 {cuts[49]:8.1f} ms  p95 {cuts[94]:8.1f} ms  max {ms[-1]:8.1f} ms  min {ms[0]:8.1f} ms  (n={len(ms)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,8 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     client = MudscClient(env["MUDSC_API_URL"], env["MUDSC_API_KEY"], timeout=30)
     started = time.monotonic()
     ids: list[str] = []
+    throttled = 0
     for i in range(args.jobs):
-        job = client.submit({**spec, "labels": {"bench": "webhook_latency", "run": run, "i": str(i)}}, f"{run}-{i}")
+        body = {**spec, "labels": {"bench": "webhook_latency", "run": run, "i": str(i)}}
+        while True:  # the tenant's cap on active jobs answers 429: wait, resubmit with the same key
+            try:
+                job = client.submit(body, f"{run}-{i}")
+                break
+            except ApiError as exc:
+                if exc.status != 429 or time.monotonic() - started > args.timeout:
+                    raise
+                throttled += 1
+                time.sleep(0.2)
         ids.append(job["id"])
         if args.interval:
             time.sleep(args.interval)
@@ -261,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"webhook delivery latency, {len(ids)} weight_average jobs (tiny MLP, no calibration), run {run}")
     say(f"stack: {env['MUDSC_API_URL']}; receiver {hook_url} (in-process, verifies with standardwebhooks)")
     say(
-        f"submitted in {submit_s:.1f}s ({args.interval}s apart), all terminal after {jobs_s:.1f}s: "
+        f"submitted in {submit_s:.1f}s ({args.interval}s apart; {throttled} 429s from the tenant's active-job cap, "
+        f"resubmitted 0.2s later), all terminal after {jobs_s:.1f}s: "
         + ", ".join(f"{s} {statuses.count(s)}" for s in sorted(set(statuses)))
         + (f"; NOT terminal {len(ids) - len(jobs)}" if len(jobs) < len(ids) else "")
     )

@@ -1,7 +1,7 @@
 """Second demo: two Hugging Face BERT classifiers trained from different seeds, merged by MuDSC through the API.
 
 1. trains two ``BertForSequenceClassification`` models (2 layers, width 64; built from a config, nothing
-   downloaded) on the 8x8 digits read as token sequences (``bench/hf_testbed.py``), from seeds 1 and 2;
+   downloaded) on the 8x8 digits read as token sequences (``tests/transformer_testbed.py``), from seeds 1 and 2;
 2. saves each as a Hugging Face folder (``save_pretrained``: config.json + model.safetensors) and uploads
    the folders and a calibration file of forward keywords (``input_ids``, ``attention_mask``, int64) to S3;
 3. submits a ``weight_average`` job, a ``mudsc`` zip job and a ``mudsc`` zip job with REPAIR, each with
@@ -31,7 +31,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make the repository's pac
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from bench import hf_testbed as bed  # noqa: E402
+from tests import transformer_testbed as bed  # noqa: E402
 from mudsc_client.client import MudscClient, read_env_file  # noqa: E402
 from scripts.demo import s3_client  # noqa: E402
 

@@ -60,17 +60,40 @@ def warm_up() -> None:
         _warm_merge()
     except Exception as exc:  # noqa: BLE001 - a warm-up never stops the worker: the first job pays instead
         logger.warning("warm-up merge failed (%s); the first job will warm up", exc)
-    logger.info("pool process warmed up in %.1f s (connections open, merge code imported)", time.monotonic() - started)
+    logger.info(
+        "pool process warmed up in %.1f s (connections open, merge code imported, a tiny merge run)",
+        time.monotonic() - started,
+    )
 
 
 def _warm_merge() -> None:
-    """One tiny merge in memory (two 4-wide MLPs, with calibration): the first real job then finds the tracer,
-    torch's kernels and the lazily built caches ready."""
+    """One tiny job's merge on local files (two 4-wide MLPs with calibration, through ``merge_files``, the
+    worker's entry point): the first real job then finds the tracer, torch's kernels, the writers and the
+    report's renderer (matplotlib) loaded."""
+    import tempfile
+    from pathlib import Path
+
     import torch
+    from safetensors.torch import save_file
 
     from mudsc_core import build_model
-    from mudsc_core.permutation.merge import merge
+    from mudsc_core.files import LocalInputs, merge_files
+    from mudsc_core.schema import JobSpec
 
     architecture = {"name": "mlp", "config": {"input_dim": 4, "hidden": [4], "num_classes": 2}}
-    states = [build_model(architecture).state_dict() for _ in range(2)]
-    merge(states, architecture, {"name": "mudsc", "params": {"mode": "zip"}}, torch.randn(8, 4), device="cpu")
+    spec = JobSpec.model_validate(
+        {
+            "method": {"name": "mudsc", "params": {"mode": "zip"}},
+            "architecture": architecture,
+            "models": [{"uri": "s3://warm-up/a.safetensors"}, {"uri": "s3://warm-up/b.safetensors"}],
+            "calibration": {"uri": "s3://warm-up/calibration.safetensors", "tensor": "inputs"},
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="mudsc-warm-up-") as tmp:
+        root = Path(tmp)
+        models = [root / "a.safetensors", root / "b.safetensors"]
+        for path in models:
+            save_file({k: v.contiguous() for k, v in build_model(architecture).state_dict().items()}, path)
+        save_file({"inputs": torch.randn(8, 4)}, root / "calibration.safetensors")
+        inputs = LocalInputs(models=models, calibration=root / "calibration.safetensors")
+        merge_files(spec, inputs, root / "out", device="cpu")

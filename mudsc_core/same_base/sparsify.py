@@ -223,7 +223,9 @@ def elect_and_merge(
     factors = list(scales) if scales is not None else [1.0] * len(weighted)
     shape = weighted[0].shape
     flats = [w.reshape(-1) for w in weighted]
-    result = (out if out is not None else torch.empty(shape, dtype=torch.float32)).reshape(-1)
+    result = (out if out is not None else torch.empty(shape, dtype=torch.float32, device=weighted[0].device)).reshape(
+        -1
+    )
     if consensus == "none":
         _sum_into(flats, result, factors)
         if normalize:
