@@ -31,9 +31,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make the repository's pac
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from tests import transformer_testbed as bed  # noqa: E402
 from mudsc_client.client import MudscClient, read_env_file  # noqa: E402
 from scripts.demo import s3_client  # noqa: E402
+from tests import transformer_testbed as bed  # noqa: E402
 
 FAMILY = "bert"
 
