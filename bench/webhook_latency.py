@@ -41,14 +41,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import boto3  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from botocore.config import Config  # noqa: E402
 from safetensors.numpy import save  # noqa: E402
 from standardwebhooks import Webhook, WebhookVerificationError  # noqa: E402
 
 from mudsc_client.client import ApiError, MudscClient, read_env_file  # noqa: E402
+from scripts.demo import s3_client  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 ARCHITECTURE = {"name": "mlp", "config": {"input_dim": 8, "hidden": [4], "num_classes": 3}}
@@ -68,22 +67,6 @@ def mlp_bytes(seed: int) -> bytes:
             "head.weight": rng.standard_normal((3, 4), dtype=np.float32),
             "head.bias": np.zeros(3, np.float32),
         }
-    )
-
-
-def s3_client(env: dict[str, str]) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=env["MUDSC_S3_ENDPOINT"],
-        region_name=env.get("MUDSC_S3_REGION", "us-east-1"),
-        aws_access_key_id=env["MUDSC_S3_ACCESS_KEY"],
-        aws_secret_access_key=env["MUDSC_S3_SECRET_KEY"],
-        config=Config(
-            s3={"addressing_style": "path"},
-            signature_version="s3v4",
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
     )
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mudsc_core.errors import InvalidCalibration
-from mudsc_core.permutation.similarity import Batch
+from mudsc_core.permutation.similarity import Batch, batch_samples, batch_slice
 
 GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 HELD_OUT_FRACTION = 0.25
@@ -40,26 +40,16 @@ class Candidate:
     objective: float | None = None
 
 
-def _samples(batch: Batch) -> int:
-    return int(next(iter(batch.values())).shape[0]) if isinstance(batch, Mapping) else int(batch.shape[0])
-
-
-def _slice(batch: Batch, start: int, stop: int | None) -> Batch:
-    if isinstance(batch, Mapping):
-        return {name: t[start:stop] for name, t in batch.items()}
-    return batch[start:stop]
-
-
 def split(calibration: Batch) -> tuple[Batch, Batch]:
     """(statistics part, held-out part): the last quarter (at least :data:`MIN_SAMPLES`) is held out."""
-    total = _samples(calibration)
+    total = batch_samples(calibration)
     held = max(MIN_SAMPLES, int(total * HELD_OUT_FRACTION))
     if total - held < MIN_SAMPLES:
         raise InvalidCalibration(
             f'beta "auto" holds out calibration inputs to score candidates: it needs at least {2 * MIN_SAMPLES} '
             f"samples, got {total}"
         )
-    return _slice(calibration, 0, total - held), _slice(calibration, total - held, None)
+    return batch_slice(calibration, 0, total - held), batch_slice(calibration, total - held, None)
 
 
 def _output(value: Any) -> Tensor:

@@ -40,7 +40,7 @@ from mudsc_core.permutation import auto_beta
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences, space_scores
 from mudsc_core.permutation.memory import MemoryEstimate, estimate_merge_memory
 from mudsc_core.permutation.repair import repair
-from mudsc_core.permutation.similarity import Batch, activation_correlations, site_samples
+from mudsc_core.permutation.similarity import Batch, activation_correlations, batch_samples, batch_slice, site_samples
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.permutation.trace import Inputs, TraceResult, self_check
 from mudsc_core.permutation.trace_build import GroupSummary
@@ -57,23 +57,15 @@ class MergeResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _samples(batch: Batch) -> int:
-    return int(next(iter(batch.values())).shape[0]) if isinstance(batch, Mapping) else int(batch.shape[0])
-
-
-def _head(batch: Batch, count: int, device: torch.device) -> Batch:
-    """The first ``count`` samples of a batch, on ``device``."""
-    if isinstance(batch, Mapping):
-        return {name: t[:count].to(device) for name, t in batch.items()}
-    return batch[:count].to(device)
-
-
 def _batches(calibration: Batch, batch_size: int, device: torch.device) -> Iterator[Batch]:
-    for start in range(0, _samples(calibration), batch_size):
-        if isinstance(calibration, Mapping):
-            yield {name: t[start : start + batch_size].to(device) for name, t in calibration.items()}
-        else:
-            yield calibration[start : start + batch_size].to(device)
+    for start in range(0, batch_samples(calibration), batch_size):
+        yield _to(batch_slice(calibration, start, start + batch_size), device)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, Mapping):
+        return {name: t.to(device) for name, t in batch.items()}
+    return batch.to(device)
 
 
 def _forward(model: nn.Module, batch: Batch) -> Any:
@@ -128,7 +120,7 @@ def _check_keyword_calibration(
     inputs = {name: t.to(torch.float32) if t.is_floating_point() else t for name, t in calibration.items()}
     try:
         with torch.no_grad():
-            _forward(probe, _head(inputs, 2, device))
+            _forward(probe, _to(batch_slice(inputs, 0, 2), device))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         shapes = ", ".join(f"{name} {list(t.shape[1:])}" for name, t in sorted(inputs.items()))
         raise InvalidCalibration(
@@ -148,7 +140,7 @@ def reset_batchnorm(model: nn.Module, calibration: Batch, batch_size: int, devic
     model.train()
     with torch.no_grad():
         for batch in _batches(calibration, batch_size, device):
-            if _samples(batch) > 1:  # BatchNorm cannot train on one sample
+            if batch_samples(batch) > 1:  # BatchNorm cannot train on one sample
                 _forward(model, batch)
     model.eval()
     return True
@@ -291,8 +283,8 @@ def merge(
     if calibration is not None:
         calibration = _check_calibration(calibration, networks[0], device, arch)
         if collects:  # now with one calibration batch's activations, measured on a few samples
-            batch = min(calibration_batch_size, _samples(calibration))
-            samples = site_samples(networks[0], spec, _head(calibration, 4, device), batch)
+            batch = min(calibration_batch_size, batch_samples(calibration))
+            samples = site_samples(networks[0], spec, _to(batch_slice(calibration, 0, 4), device), batch)
             estimate = _check_memory(models, spec, params, collects, samples, device, memory_budget_bytes)
     with clock.stage("self_check"):
         check_error = _self_check(networks, spec, arch, calibration, device)
@@ -366,7 +358,7 @@ def merge(
         params = params.model_copy(update={"beta": best})
         beta_search = {
             "chosen": best,
-            "held_out_samples": _samples(held_out),
+            "held_out_samples": batch_samples(held_out),
             "candidates": [{"beta": c.beta, "score": c.score, "objective": c.objective} for c in candidates],
         }
     else:
@@ -539,7 +531,7 @@ def _activation_similarities(
     device: torch.device,
     progress: Progress,
 ) -> dict[str, Tensor]:
-    num_batches = -(-_samples(calibration) // batch_size)
+    num_batches = -(-batch_samples(calibration) // batch_size)
     return activation_correlations(
         networks,
         spec,

@@ -189,6 +189,18 @@ def activation_taps(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> 
 Batch = Tensor | Mapping[str, Tensor]  # positional inputs, or forward keywords (transformers models)
 
 
+def batch_samples(batch: Batch) -> int:
+    """The number of samples of a batch (the first axis of its tensors)."""
+    return int(next(iter(batch.values())).shape[0]) if isinstance(batch, Mapping) else int(batch.shape[0])
+
+
+def batch_slice(batch: Batch, start: int, stop: int | None) -> Batch:
+    """Samples ``start:stop`` of a batch (every keyword tensor alike)."""
+    if isinstance(batch, Mapping):
+        return {name: t[start:stop] for name, t in batch.items()}
+    return batch[start:stop]
+
+
 class HookTaps:
     """The tensors at each group's site, captured by forward hooks on the model's modules.
 
