@@ -27,8 +27,19 @@ class KeyRing:
     def __init__(self, keys: list[ApiKey], results_bucket: str) -> None:
         self._keys = keys
         self._results_bucket = results_bucket
+        # presented key -> its tenant, for keys that matched: at most one entry per configured key (a key that
+        # does not match is never stored), so that a valid key costs a dict lookup instead of a digest
+        self._verified: dict[str, Tenant] = {}
 
     def lookup(self, presented: str) -> Tenant | None:
+        tenant = self._verified.get(presented)
+        if tenant is None:
+            tenant = self._match(presented)
+            if tenant is not None:
+                self._verified[presented] = tenant
+        return tenant
+
+    def _match(self, presented: str) -> Tenant | None:
         digest = hashlib.sha256(presented.encode()).hexdigest()
         match: ApiKey | None = None
         for key in self._keys:  # compare against every key: the time taken does not depend on which matched
@@ -39,6 +50,17 @@ class KeyRing:
         return Tenant(match.tenant, tuple(match.allowed_prefixes), f"s3://{self._results_bucket}/{match.tenant}/")
 
 
+def bearer_key(header: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header value; None when absent or another scheme."""
+    if not header:
+        return None
+    scheme, _, presented = header.partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        return None
+    return presented
+
+
 def _unauthorized(detail: str) -> ApiProblem:
     return ApiProblem(401, detail, code="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="mudsc"'})
 
@@ -46,15 +68,15 @@ def _unauthorized(detail: str) -> ApiProblem:
 async def authenticate(request: Request) -> Tenant:
     """FastAPI dependency: the tenant of the ``Authorization: Bearer`` key, else 401.
 
-    async although it awaits nothing: a digest and a compare, no I/O; a sync dependency would cost a
-    thread-pool hop on every request."""
+    async although it awaits nothing: a lookup of the keys already verified (else a digest and a compare), no
+    I/O; a sync dependency would cost a thread-pool hop on every request."""
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized("missing Authorization: Bearer <api key> header")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
+    presented = bearer_key(header)
+    if presented is None:
         raise _unauthorized("Authorization header must be 'Bearer <api key>'")
-    tenant = request.app.state.keyring.lookup(presented.strip())
+    tenant = request.app.state.keyring.lookup(presented)
     if tenant is None:
         raise _unauthorized("invalid API key")
     return tenant

@@ -13,6 +13,7 @@ from app import problems
 from app.auth import KeyRing
 from app.limits import BodySizeLimit
 from app.metrics import MetricsMiddleware, recorded_metrics
+from app.reads import JobReader, JobReads
 from app.reconcile import Reconciler
 from app.routes import health, v1
 from app.service import Services
@@ -24,7 +25,9 @@ from mudsc_jobs.store import EventTail, JobStore
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> FastAPI:
+    """``fast_reads``: answer ``GET /v1/merges/{id}`` through :mod:`app.reads` (off: the route alone, as the
+    tests compare)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -37,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if reconciler is not None:
             reconciler.stop()
+        await app.state.job_reader.aclose()
         await app.state.async_redis.aclose()
         app.state.services.store.close()
 
@@ -67,6 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(health)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_request_bytes)
+    app.state.job_reader = JobReader(app)
+    if fast_reads:
+        app.add_middleware(JobReads, reader=app.state.job_reader)  # inside the metrics: they count its answers
     app.add_middleware(MetricsMiddleware)
     if not settings.auth.api_keys:
         logger.warning("no API keys configured (MUDSC_AUTH__API_KEYS): every /v1 request will answer 401")

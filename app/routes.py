@@ -187,8 +187,10 @@ def list_merges(
 
 @v1.get("/merges/{job_id}", response_model=Job)
 async def get_merge(job_id: str, svc: Services, tenant: Auth) -> dict[str, Any]:
-    # The most frequent request (clients poll it): one thread-pool hop for the blocking store read, and the
-    # response rendered on the event loop (a sync route would hop once more for the serialisation).
+    # The most frequent request (clients poll it). Its 200s are answered before this route by app/reads.py
+    # (one async Redis call, the JSON rendered once per version of the record, byte for byte this route's);
+    # this route answers what that path leaves to it (401, 404, Redis failing) and when it is off: one
+    # thread-pool hop for the blocking store read, the response rendered on the event loop.
     return await run_in_threadpool(_owned_job, svc, job_id, tenant)
 
 

@@ -132,6 +132,13 @@ def _wait_for_log(path: Path, text: str, timeout_s: float) -> str:
     return f"no {text!r} line in {timeout_s:.0f} s"
 
 
+def _stage_diff(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """Where the first job's extra time went: its stages' seconds against the second's."""
+    a, b = ((j.get("result") or {}).get("metrics", {}).get("timings_s") or {} for j in (first, second))
+    stages = sorted(set(a) | set(b), key=lambda k: -(a.get(k, 0.0) - b.get(k, 0.0)))
+    return ", ".join(f"{k} {a.get(k, 0.0) * 1000:.0f}/{b.get(k, 0.0) * 1000:.0f} ms" for k in stages) or "none recorded"
+
+
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.1f} {five:.1f} {fifteen:.1f} ({os.cpu_count()} CPUs)"
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{_ms(second['finished_at']) - _ms(second['started_at']):.0f} ms; target ratio <= 1.25: "
             f"{'PASS' if ok else 'FAIL'}; pool process warm-up: {warmed}); {_load()}"
         )
+        say(f"  first / second job by stage (timings_s, largest differences first): {_stage_diff(first, second)}")
         client.close()
     finally:
         stack.stop()

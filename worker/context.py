@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -49,9 +50,9 @@ def warm_up() -> None:
     if not ctx.store.ping():
         logger.warning("warm-up: the job store did not answer; the first job will connect")
     try:
-        ctx.s3.head_bucket(Bucket=ctx.settings.s3.results_bucket)  # opens the connection pool
+        _warm_transfers(ctx)
     except Exception as exc:  # noqa: BLE001 - botocore raises ClientError, EndpointConnectionError, timeouts...
-        logger.warning("warm-up: S3 did not answer (%s); the first job will connect", exc)
+        logger.warning("warm-up: the S3 round trip failed (%s); the first job will pay for its first transfers", exc)
     import mudsc_core.files  # noqa: F401 - torch, safetensors and the readers
     import mudsc_core.permutation.merge  # noqa: F401 - what a permutation job runs
     import mudsc_core.same_base.stream  # noqa: F401 - what a same-base job runs
@@ -60,10 +61,50 @@ def warm_up() -> None:
         _warm_merge()
     except Exception as exc:  # noqa: BLE001 - a warm-up never stops the worker: the first job pays instead
         logger.warning("warm-up merge failed (%s); the first job will warm up", exc)
+    # What the imports and the warm-up left is there for good: collect its garbage now, not in the middle of
+    # the first job (Python's first full collection after the imports of torch and matplotlib takes a while),
+    # and move the survivors out of the collector's sight, so that every later full collection
+    # (``_release_memory`` after each job) only walks what the jobs allocate.
+    gc.collect()
+    gc.freeze()
     logger.info(
-        "pool process warmed up in %.1f s (connections open, merge code imported, a tiny merge run)",
+        "pool process warmed up in %.1f s (connections open, S3 round trip, merge code imported, a tiny merge run)",
         time.monotonic() - started,
     )
+
+
+def _warm_transfers(ctx: WorkerContext) -> None:
+    """One real round trip through the job's own transfer code (:class:`worker.transfer.Transfers`) on the
+    results bucket, under a key of this process's own that is deleted at once: a staged upload with its
+    promotion (``upload_file``, ``copy``, ``delete_objects``), a listing, a ``head_object`` and a
+    ``download_file``. The first job's transfers then find the connection pool open, the credentials and
+    the endpoint rules of each operation resolved, and boto3's transfer machinery loaded (these cost its first
+    upload about 0.6 s here)."""
+    import os
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    from worker.transfer import Transfers
+
+    bucket = ctx.settings.s3.results_bucket
+    ctx.s3.head_bucket(Bucket=bucket)  # S3 answers (else no more tries here: the warm-up must not hang)
+    # no transfer started again after a failure (``Transfers.again``): a warm-up that fails gives up at once
+    no_retry = ctx.settings.model_copy(update={"s3": ctx.settings.s3.model_copy(update={"transfer_retry_s": 0})})
+    transfers = Transfers(ctx.s3, no_retry)
+    prefix = f".warm-up/{socket.gethostname()}-{os.getpid()}/"
+    with tempfile.TemporaryDirectory(prefix="mudsc-warm-up-s3-") as tmp:
+        out = Path(tmp) / "out"
+        out.mkdir()
+        (out / "warm-up.json").write_bytes(b"{}\n")
+        keys = transfers.upload_staged(out, f"s3://{bucket}/{prefix}", ".staging", lambda n: None)
+        try:
+            for _ in ctx.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                pass  # what a model folder's plan lists with
+            objects = transfers.plan_file(f"s3://{bucket}/{keys[0]}", Path(tmp) / "in" / "warm-up.json")
+            transfers.download(objects, lambda n: None)
+        finally:
+            transfers.delete_keys(bucket, keys)
 
 
 def _warm_merge() -> None:
