@@ -10,7 +10,8 @@ same_base_vs_mergekit (task arithmetic and TIES against mergekit in a throwaway 
 api_load (wrk reads/s of one API process, submission -> running, a fresh worker's first job vs its second),
 gpu_check (MuDSC and TIES on CUDA against the CPU; says "no CUDA device" and exits 0 without one),
 mudsc_quality (beta "auto" against beta* and the best single-space method, REPAIR rows; digits MLP/VGG/ResNet-8
-and the transformer pairs, docs/mudsc_quality.md).
+and the transformer pairs, docs/mudsc_quality.md), mudsc_vs_reference (MuDSC align and zip end to end against the
+MuDSC paper's own code and a compute bound, two ResNet-20x4, one thread; needs its local git mirror, else ours only).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BENCHES: dict[str, list[str]] = {
     "gpu_check": ["-m", "bench.gpu_check", "--out", "docs/bench_gpu_check.txt"],
     "mudsc_quality": ["-m", "bench.mudsc_quality"],
     "webhook_latency": ["-m", "bench.webhook_latency", "--out", "docs/bench_webhook_latency.txt"],
+    "mudsc_vs_reference": ["-m", "bench.mudsc_vs_reference", "--out", "docs/bench_mudsc_vs_reference.txt"],
 }
 
 
