@@ -2,14 +2,21 @@
 
 ``merge_checkpoints`` reads checkpoints through :mod:`mudsc_core.io` (validated headers,
 positioned reads into owned buffers), computes in float32 and writes the requested dtype
-through a :class:`~mudsc_core.io.PlannedShardWriter`. Peak memory is about (N + 3) x the
-largest tensor plus a constant: the base tensor (which becomes the output in place), the
-previous output still being written by the write-behind thread, the N task vectors a sign
-rule needs, and one block-sized temporary; methods without a sign rule hold fewer. Inputs
-are read into buffers reused from tensor to tensor (fresh memory would be page-faulted in
-for every tensor, which costs more than reading it), and task_arithmetic-style merges
-accumulate in place into them, allocating nothing per tensor. The whole-model TIES variant
-reads everything twice (a histogram pass for each model's threshold, then the merge).
+through a :class:`~mudsc_core.io.PlannedShardWriter`. A tensor is merged whole, holding
+about N + 3 times its size: the base tensor (which becomes the output in place), the previous
+output still being written by the write-behind thread, the N task vectors a sign rule needs,
+and one block-sized temporary; methods without a sign rule hold fewer. Tensors above
+``blocks.BLOCK_ABOVE_BYTES`` (the embedding, the LM head) are merged by the task-arithmetic
+family in row blocks instead (:mod:`mudsc_core.same_base.blocks`, bit for bit the same
+result): only their output buffer is tensor-sized, so the peak is about one largest tensor
+plus N + 3 times the largest tensor merged whole, plus a constant (configurations that rescale
+by a whole-tensor L1 norm, checkpoint views such as LoRA, and other methods merge every tensor
+whole). Inputs are read into buffers reused from tensor to tensor (fresh memory would be
+page-faulted in for every tensor, which costs more than reading it), and task_arithmetic-style
+merges accumulate in place into them, allocating nothing per tensor. The whole-model TIES
+variant reads everything twice (a histogram pass for each model's threshold, then the merge);
+per-tensor TIES and breadcrumbs read a blocked tensor's base and models once more per model
+(to find each model's threshold) before merging it.
 
 Defined behaviour for awkward inputs (also listed in the report's ``notes``):
 
@@ -47,8 +54,9 @@ from mudsc_core.errors import IncompatibleModels, InvalidParameters
 from mudsc_core.io import OUTPUT_DTYPES, Checkpoint, PlannedShardWriter, open_checkpoint
 from mudsc_core.output import staged_folder, write_sidecars
 from mudsc_core.progress import Progress
+from mudsc_core.same_base import blocks
 from mudsc_core.same_base.base import FirstPass, Merger, MergerFactory
-from mudsc_core.same_base.task_arithmetic import linear
+from mudsc_core.same_base.task_arithmetic import TaskArithmeticFamily, linear
 from mudsc_core.same_base.tensor_stats import TaskVectorStats
 from mudsc_core.schema._base import Frozen
 from mudsc_core.schema.mergekit import to_mergekit
@@ -96,11 +104,13 @@ class _ReadBuffers:
     touch, which costs more than the read itself; the reused pages stay resident. Slot 0
     (which becomes the output) alternates between two buffers from step to step, so that the
     previous step's output can still be being written; the model slots have one each. A
-    tensor read into a slot is valid until the next read into that slot's buffer.
+    tensor read into a slot is valid until the next read into that slot's buffer. ``model_nbytes``:
+    the model slots' size where it is smaller (tensors merged in row blocks are never read whole).
     """
 
-    def __init__(self, largest_nbytes: int) -> None:
+    def __init__(self, largest_nbytes: int, model_nbytes: int | None = None) -> None:
         self._size = largest_nbytes
+        self._model_size = largest_nbytes if model_nbytes is None else model_nbytes
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
         self._step = 0
 
@@ -117,7 +127,7 @@ class _ReadBuffers:
     def __call__(self, slot: int) -> torch.Tensor:
         key = (slot, self._step % 2 if slot == 0 else 0)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(self._size, dtype=torch.uint8)
+            self._buffers[key] = torch.empty(self._size if slot == 0 else self._model_size, dtype=torch.uint8)
         return self._buffers[key]
 
     def in_model_slot(self, tensor: torch.Tensor) -> bool:
@@ -190,16 +200,18 @@ def merge_checkpoints(
     plan, notes = _plan(checkpoints, base_ckpt)
     resolver = _resolver(params, per_model, weights, [p.name for p in plan])
     timer = _Timer()
-    buffers = _ReadBuffers(max((math.prod(p.shape) * p.dtype.itemsize for p in plan), default=0))
+    merger = build_merger(method_name, params)
+    blocked = _blocked(plan, merger, checkpoints, base_ckpt)
+    buffers = _read_buffers(plan, blocked)
+    reader = blocks.BlockReader()
     metrics: dict[str, float] = {"plan_s": time.perf_counter() - started}
     stats = TaskVectorStats()  # the report's tensor_stats (norms, sign conflicts, fraction kept)
 
-    merger = build_merger(method_name, params)
     first_pass = merger.first_pass()
     total_steps = len(plan) * (2 if first_pass is not None else 1)
     if first_pass is not None:
         t0 = time.perf_counter()
-        _run_first_pass(first_pass, plan, checkpoints, base_ckpt, progress, total_steps, buffers)
+        _run_first_pass(first_pass, plan, checkpoints, base_ckpt, progress, total_steps, buffers, blocked, reader)
         notes.extend(first_pass.finish())
         metrics["first_pass_s"] = time.perf_counter() - t0
 
@@ -216,7 +228,7 @@ def merge_checkpoints(
                 for step, entry in enumerate(plan):
                     if progress is not None:
                         progress("merging", (done_before + step) / total_steps, entry.name)
-                    large = buffers.is_large(math.prod(entry.shape) * entry.dtype.itemsize)
+                    large = entry.name in blocked or buffers.is_large(math.prod(entry.shape) * entry.dtype.itemsize)
                     if large and pending is not None:
                         # A large tensor does not alternate: waiting for the previous write here keeps
                         # a second largest-size buffer from being paged in (the largest ones are few).
@@ -225,7 +237,12 @@ def merge_checkpoints(
                         pending = None
                         timer.add("write_wait_s", t0)
                     buffers.next_step(first_base_buffer=large)
-                    tensor = _merge_one(entry, merger, checkpoints, base_ckpt, resolver, timer, buffers, stats)
+                    if entry.name in blocked:
+                        tensor = _merge_blocked(
+                            entry, merger, checkpoints, base_ckpt, resolver, timer, buffers, reader, stats
+                        )
+                    else:
+                        tensor = _merge_one(entry, merger, checkpoints, base_ckpt, resolver, timer, buffers, stats)
                     t0 = time.perf_counter()
                     if pending is not None:
                         pending.result()  # the previous write (raises its error, if any)
@@ -354,6 +371,28 @@ def _plan(checkpoints: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[l
     return plan, notes
 
 
+def _blocked(
+    plan: Sequence[TensorPlan], merger: Merger, checkpoints: Sequence[Checkpoint], base: Checkpoint | None
+) -> set[str]:
+    """The merged tensors large enough to be merged in row blocks (:mod:`mudsc_core.same_base.blocks`)."""
+    if base is None or not merger.needs_base or not blocks.supports_blocks(merger):
+        return set()
+    return {
+        entry.name
+        for entry in plan
+        if entry.action == "merge"
+        and blocks.wants_blocks(entry.shape, [base, *(checkpoints[i] for i in entry.holders)])
+    }
+
+
+def _read_buffers(plan: Sequence[TensorPlan], blocked: set[str]) -> _ReadBuffers:
+    """Read buffers for the plan: the base slot holds the largest tensor (a blocked one's float32 output
+    included); the model slots only the largest tensor read whole."""
+    whole = [math.prod(p.shape) * p.dtype.itemsize for p in plan if p.name not in blocked]
+    outputs = [4 * math.prod(p.shape) for p in plan if p.name in blocked]
+    return _ReadBuffers(max(whole + outputs, default=0), max(whole, default=0))
+
+
 def _run_first_pass(
     first_pass: FirstPass,
     plan: Sequence[TensorPlan],
@@ -362,6 +401,8 @@ def _run_first_pass(
     progress: Progress | None,
     total_steps: int,
     buffers: _ReadBuffers,
+    blocked: frozenset[str] | set[str] = frozenset(),
+    reader: blocks.BlockReader | None = None,
 ) -> None:
     """Show the merger every task vector once (whole-model statistics) before the merge pass."""
     if base is None:
@@ -370,6 +411,11 @@ def _run_first_pass(
         if progress is not None:
             progress("merging", step / total_steps, f"first pass: {entry.name}")
         if entry.action != "merge":
+            continue
+        if entry.name in blocked:
+            assert reader is not None
+            models = [checkpoints[i] for i in entry.holders]
+            blocks.observe_blocked(first_pass, entry.name, entry.shape, base, models, entry.holders, reader)
             continue
         base_tensor = base.get_float32(entry.name, out=buffers(0))
         for i in entry.holders:
@@ -425,6 +471,46 @@ def _merge_one(
     # compute time = elapsed minus the reads done meanwhile (the merger pulls its inputs lazily)
     timer.seconds["compute_s"] += time.perf_counter() - t0 - (timer.seconds["read_s"] - reads_before)
     return out
+
+
+def _merge_blocked(
+    entry: TensorPlan,
+    merger: Merger,
+    checkpoints: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    resolver: ParameterResolver,
+    timer: _Timer,
+    buffers: _ReadBuffers,
+    reader: blocks.BlockReader,
+    stats: TaskVectorStats | None = None,
+) -> torch.Tensor:
+    """A large merged tensor, in row blocks, into the base slot's buffer (write it before that slot's next read)."""
+    assert base is not None and isinstance(merger, TaskArithmeticFamily)
+    t0 = time.perf_counter()
+    reads_before = timer.seconds["read_s"]
+    values = resolver.at(entry.name)
+    holder_weights = [values.per_model[i]["weight"] for i in entry.holders]
+
+    def on_read(seconds: float) -> None:
+        timer.seconds["read_s"] += seconds
+
+    out = buffers(0)[: 4 * math.prod(entry.shape)].view(torch.float32)
+    tensor = blocks.merge_blocked(
+        merger,
+        entry.name,
+        entry.shape,
+        base,
+        [checkpoints[i] for i in entry.holders],
+        entry.holders,
+        holder_weights,
+        values,
+        out,
+        reader,
+        stats,
+        on_read,
+    )
+    timer.seconds["compute_s"] += time.perf_counter() - t0 - (timer.seconds["read_s"] - reads_before)
+    return tensor
 
 
 def _reads(

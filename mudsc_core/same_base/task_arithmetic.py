@@ -21,12 +21,14 @@ so equal lambdas give the formula above, where lambda is applied once after mixi
 
 Memory: without a sign rule the task vectors are summed as they arrive (one at a time);
 with one, the N sparsified task vectors are held and mixed in blocks into one output. The
-task vectors passed to ``merge`` are its own: it may overwrite them.
+task vectors passed to ``merge`` are its own: it may overwrite them. The stream merges large
+tensors a row block at a time through ``merge`` with the blocked sparsifier of
+:mod:`mudsc_core.same_base.blocks` (whole-tensor thresholds and RNG streams, applied per block).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +43,9 @@ from mudsc_core.schema.same_base_params import (
     LinearParams,
     check_della_band,
 )
+
+# sparsify(name, task vector, model id, values) -> the sparsified task vector
+Sparsify = Callable[[str, torch.Tensor, int, "TensorValues | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,12 @@ class TaskArithmeticFamily:
         weights: Sequence[float],
         model_ids: Sequence[int],
         values: TensorValues | None = None,
+        sparsify: Sparsify | None = None,
     ) -> torch.Tensor:
+        """The merged task vector; ``sparsify`` replaces :meth:`sparsify` (the blocked path's, which sees
+        one row block of each task vector at a time and keeps the whole tensor's thresholds and RNG)."""
         p = self.params
+        trim = sparsify if sparsify is not None else self.sparsify
         lambdas = self.model_lambdas(values, model_ids)
         # One lambda for every model: applied once after mixing (mergekit's order); else per model, in the mix.
         common = lambdas[0] if len(set(lambdas)) <= 1 else None
@@ -112,7 +121,7 @@ class TaskArithmeticFamily:
             for delta, weight, model_id, scale in zip(deltas, weights, model_ids, scales):
                 # Without a sparsifier, accumulate straight into the first input (the task vectors
                 # are the merger's to overwrite): no allocation at all.
-                part = delta if p.sparsifier == "none" else self.sparsify(name, delta, model_id, values)
+                part = delta if p.sparsifier == "none" else trim(name, delta, model_id, values)
                 del delta
                 if mixed is None:
                     mixed = part.mul_(weight * scale)
@@ -126,7 +135,7 @@ class TaskArithmeticFamily:
         else:
             weighted = []
             for delta, weight, model_id in zip(deltas, weights, model_ids):
-                weighted.append(self.sparsify(name, delta, model_id, values).mul_(weight))
+                weighted.append(trim(name, delta, model_id, values).mul_(weight))
                 del delta
             # Into the first sparsified task vector (block by block, each block read before it is written).
             into = weighted[0] if weighted[0].is_contiguous() else None

@@ -36,6 +36,11 @@ class TaskVectorStats:
         self._norms: list[float] = []
         self._positive: torch.Tensor | None = None
         self._negative: torch.Tensor | None = None
+        # blocked tensors (begin_blocks ... end_blocks): sums of squares and per-block sample counts
+        self._stride = 1
+        self._squares: list[float] = []
+        self._merged_squares = 0.0
+        self._sampled = self._conflicts = self._kept = 0
 
     def watch(self, task_vectors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Yield the task vectors unchanged, measuring each before the merger may overwrite it."""
@@ -65,6 +70,57 @@ class TaskVectorStats:
                 "merged_norm": float(torch.linalg.vector_norm(delta)),
                 "sign_conflict": conflicts / size,
                 "kept": int(torch.count_nonzero(sample)) / size,
+            }
+        )
+        self._reset()
+
+    # A tensor merged in row blocks (mudsc_core.same_base.blocks): the same row, accumulated block by block
+    # (the norms from sums of squares, so equal to the whole-tensor ones up to rounding; the same sample).
+    def begin_blocks(self, numel: int) -> None:
+        self._reset()
+        self._stride = max(1, math.ceil(numel / SAMPLE))
+
+    def _block_sample(self, start: int, block: torch.Tensor) -> torch.Tensor:
+        """The whole tensor's sample entries that fall in ``block`` (flat entries from ``start`` on)."""
+        flat = block.reshape(-1)
+        first = -(-start // self._stride)  # the first sample index at or after start
+        stop = min(-(-(start + flat.numel()) // self._stride), SAMPLE)
+        if stop <= first:
+            return flat[:0]
+        return flat[first * self._stride - start :: self._stride][: stop - first]
+
+    def watch_block(self, start: int, index: int, tau: torch.Tensor) -> None:
+        """Model ``index``'s task vector on the block at flat offset ``start`` (before it is overwritten)."""
+        if index == len(self._squares):
+            self._squares.append(0.0)
+        self._squares[index] += float(torch.linalg.vector_norm(tau)) ** 2
+        sample = self._block_sample(start, tau)
+        if index == 0 or self._positive is None or self._negative is None:
+            self._positive, self._negative = sample > 0, sample < 0
+        else:
+            self._positive |= sample > 0
+            self._negative |= sample < 0
+
+    def merged_block(self, start: int, delta: torch.Tensor) -> None:
+        """The merged task vector on the block (after every model's ``watch_block`` for it)."""
+        self._merged_squares += float(torch.linalg.vector_norm(delta)) ** 2
+        sample = self._block_sample(start, delta)
+        self._sampled += sample.numel()
+        self._kept += int(torch.count_nonzero(sample))
+        if self._positive is not None and self._negative is not None and len(self._squares) > 1:
+            self._conflicts += int((self._positive & self._negative).sum())
+        self._positive = self._negative = None
+
+    def end_blocks(self, name: str, numel: int) -> None:
+        size = max(self._sampled, 1)
+        self.rows.append(
+            {
+                "name": name,
+                "numel": numel,
+                "task_vector_norms": [math.sqrt(s) for s in self._squares],
+                "merged_norm": math.sqrt(self._merged_squares),
+                "sign_conflict": self._conflicts / size,
+                "kept": self._kept / size,
             }
         )
         self._reset()
