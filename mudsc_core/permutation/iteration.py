@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -156,17 +156,52 @@ def find_correspondences(
         }
         return MatchingOutcome(correspondences, {g: 0.0 for g in spec.groups})
 
+    # A group's weight similarity depends only on the correspondences of the groups on the other axes of
+    # its tensors: it is rebuilt only when one of those changed (by identity; an unchanged match keeps its
+    # Correspondence object), and a matcher run on the same similarity and block inputs is not repeated.
+    depends = {g: _weight_dependencies(spec, g) for g in spec.groups}
+    similarities: dict[str, tuple[tuple[Correspondence | None, ...], Tensor]] = {}
+    matches: dict[str, tuple[Tensor, Tensor | None, Tensor | None, Match, Correspondence]] = {}
+    pair_scores: dict[str, tuple[Correspondence, Tensor, float]] = {}
+
     def similarity(group: str, current: Mapping[str, Correspondence]) -> Tensor:
         """S = beta * S_weight + (1 - beta) * S_act, S_weight from the others' current correspondences."""
+        names = depends[group]
+        key = tuple(current.get(g) for g in names) if names is not None else None
+        cached = similarities.get(group)
+        if key is not None and cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
         act = activation_sims.get(group) if activation_sims else None
-        return dual_similarity(weight_similarity(states, spec, group, current), act, beta if act is not None else 1.0)
+        sim = dual_similarity(weight_similarity(states, spec, group, current), act, beta if act is not None else 1.0)
+        if key is not None:
+            similarities[group] = (key, sim)
+        return sim
+
+    def score(group: str, current: Mapping[str, Correspondence]) -> float:
+        sim = similarity(group, current)
+        cached = pair_scores.get(group)
+        if cached is not None and cached[0] is current[group] and cached[1] is sim:
+            return cached[2]
+        value = pair_score(current[group], sim)
+        pair_scores[group] = (current[group], sim, value)
+        return value
 
     def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> None:
         blocks = _Blocks()  # a tied group reuses its root's head pairing
         for group in cluster:
-            match = _run_matcher(params, similarity(group, current), num_models, spec, group, blocks)
+            sim = similarity(group, current)
+            cached = matches.get(group)
+            if cached is not None and cached[0] is sim and cached[1] is blocks.pairing and cached[2] is blocks.labels:
+                match, correspondence = cached[3], cached[4]
+            else:
+                match = _run_matcher(params, sim, num_models, spec, group, blocks)
+                correspondence = _from_match(match)
+                previous = current.get(group)
+                if previous is not None and _same_correspondence(previous, correspondence):
+                    correspondence = previous
+                matches[group] = (sim, blocks.pairing, blocks.labels, match, correspondence)
             blocks.update(match)
-            current[group] = _from_match(match)
+            current[group] = correspondence
 
     current: dict[str, Correspondence] = {}
     scores: dict[str, float] = {}
@@ -210,7 +245,7 @@ def find_correspondences(
                 )
         # Objective of this sweep's final correspondences, each group scored on the similarity
         # built from the others' final state (not the stale value from when it was matched).
-        scores = {g: pair_score(current[g], similarity(g, current)) for g in spec.groups}
+        scores = {g: score(g, current) for g in spec.groups}
         objective = _mean(scores)
         history.append(objective)
         log.debug("sweep %d objective %.6f", sweep + 1, objective)
@@ -224,6 +259,28 @@ def find_correspondences(
     return MatchingOutcome(best[1], best[2], history, len(history))
 
 
+def _weight_dependencies(spec: PermSpec, group: str) -> tuple[str, ...] | None:
+    """The groups whose correspondences :func:`weight_similarity` of ``group`` reads (the other unit axes);
+    None: unknown, rebuild it every time."""
+    found: dict[str, None] = {}
+    for param, axis, _start, _segment in spec.segments_of(group):
+        for other_axis, axis_spec in enumerate(spec.axes[param]):
+            if other_axis != axis and axis_spec is not None:
+                found.update((seg.group, None) for seg in axis_spec)
+    return tuple(found)
+
+
+def _same_correspondence(a: Correspondence, b: Correspondence) -> bool:
+    """Whether two correspondences hold the same matrices (and indices, and block count)."""
+
+    def same(x: Sequence[Tensor] | None, y: Sequence[Tensor] | None) -> bool:
+        if x is None or y is None:
+            return x is y
+        return len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+
+    return a.blocks == b.blocks and same(a.unmerge, b.unmerge) and same(a.merge, b.merge) and same(a.index, b.index)
+
+
 def _mean(values: Mapping[str, float]) -> float:
     return sum(values.values()) / max(len(values), 1)
 
@@ -234,9 +291,16 @@ AxisPlan = list[tuple[int, list[AxisSegment]]]
 
 
 def _plan(
-    spec: PermSpec, param: str, model: int, num_models: int, correspondences: Mapping[str, Correspondence]
+    spec: PermSpec,
+    param: str,
+    model: int,
+    num_models: int,
+    correspondences: Mapping[str, Correspondence],
+    only: frozenset[str] | None = None,
 ) -> AxisPlan:
     """Per unit axis of ``param``: segments (start, stop, align index, dense matrix, scale).
+
+    ``only``: map the segments of these groups, leave the others' entries as they are (partial zip).
 
     Out axes go through the merge matrix M_i, in axes through the unmerge matrix U_i. For
     align both are one-hot (M_i = P_i / N), so the map is a gather by index (times 1/N on
@@ -250,9 +314,13 @@ def _plan(
         segments: list[AxisSegment] = []
         offset = 0
         for seg in axis_spec:
+            out = seg.role == "out"
+            if only is not None and seg.group not in only:
+                segments.append((offset, offset + seg.length, None, None, 1.0))
+                offset += seg.length
+                continue
             corr = correspondences[seg.group]
             group = spec.groups[seg.group]
-            out = seg.role == "out"
             if corr.index is not None:
                 index = expand_index(corr.index[model], group.block_size, seg.expand)
                 segments.append((offset, offset + seg.length, index, None, 1.0 / num_models if out else 1.0))
@@ -272,8 +340,7 @@ def _map_param(tensor: Tensor, plan: AxisPlan) -> Tensor:
             piece = tensor.narrow(axis, start, stop - start)
             if index is not None:
                 piece = piece.index_select(axis, index.to(piece.device))
-            else:
-                assert matrix is not None
+            elif matrix is not None:
                 piece = torch.tensordot(piece.movedim(axis, -1), matrix.to(piece), dims=1).movedim(-1, axis)
             pieces.append(piece * scale if scale != 1.0 else piece)
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
@@ -285,8 +352,10 @@ def build_merged_state(
     spec: PermSpec,
     correspondences: Mapping[str, Correspondence],
     heads: str = "shared",
+    params: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
-    """W* = sum_i M_i^T W_i U_i for every covered tensor.
+    """W* = sum_i M_i^T W_i U_i for every covered tensor (of ``params`` only, without the excluded
+    bookkeeping entries, when given: a partial zip's trunk).
 
     A tensor with no out unit axis (the head: its rows are the label space) has no merge
     matrix to carry the average, so its mapped copies are averaged (heads='shared') or
@@ -295,6 +364,8 @@ def build_merged_state(
     num_models = len(states)
     merged: dict[str, Tensor] = {}
     for param, axes in spec.axes.items():
+        if params is not None and param not in params:
+            continue
         out_axes = sum(1 for a in axes if a and any(seg.role == "out" for seg in a))
         if out_axes > 1:
             raise SpecError(f"{param}: more than one out axis carries unit groups")
@@ -308,7 +379,7 @@ def build_merged_state(
             merged[param] = torch.cat(mapped, dim=0)
         else:
             merged[param] = torch.stack(mapped).mean(dim=0)
-    for name in spec.excluded:
+    for name in spec.excluded if params is None else ():
         if name in states[0]:
             merged[name] = states[0][name].clone()
     return merged

@@ -14,7 +14,12 @@ holds at once (bytes, host and device together):
   merge/unmerge matrices (current and best), and the largest step: a group's weight features
   ((N*n, F) in float32, F = everything the spec lists for a unit) with its float64 Gram matrix, or
   the similarity with the matcher's symmetric copy and working copy (3 x (N*n)^2 float64);
-- ``merging``: the merged state and the copies of its largest tensor being averaged.
+- ``merging``: the merged state and the copies of its largest tensor being averaged;
+- ``repair`` (``repair: true``): the input networks rebuilt from their states, the merged network and a
+  copy of the merged state being corrected.
+
+With ``beta: "auto"`` the scorer keeps the input networks alive through every candidate, and the best
+candidate's merged state is kept while the next is built and scored: both count in matching and merging.
 
 Every stage also counts :data:`RUNTIME_OVERHEAD_BYTES` (allocator, BLAS buffers, lazy imports). The
 networks and the activation correlations are released as soon as their stage is over, so they do not
@@ -155,6 +160,8 @@ def estimate_merge_memory(
     activations: bool = False,
     activation_samples: Mapping[str, int] | None = None,
     device: str = "cpu",
+    auto: bool = False,
+    repair: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of merging ``states`` by ``spec`` (see the module docstring for what counts).
 
@@ -184,8 +191,13 @@ def estimate_merge_memory(
             held + networks + correlations + _CALIBRATION_COPIES * F32 * batch + 2 * F64 * largest
         )
 
+    widths = {g: merged_width(spec.groups[g].size, num_models, mode if match else "align", reduce) for g in groups}
+    merged = [
+        _merged_numel(spec, param, tensor, widths) * F32 for param, tensor in (states[0] if states else {}).items()
+    ]
+    # beta "auto": the scorer's input networks, and the best candidate's merged state so far
+    searching = networks + sum(merged) if auto else 0
     if match and states:
-        widths = {g: merged_width(spec.groups[g].size, num_models, mode, reduce) for g in groups}
         # Per model (n, m) float32 merge and unmerge matrices, for the current and the best sweep.
         matchings = sum(2 * 2 * num_models * spec.groups[g].size * widths[g] * F32 for g in groups)
         steps = []
@@ -193,16 +205,17 @@ def estimate_merge_memory(
             features = stacked[g] * feature_width(spec, g, states[0]) * F32
             chunk = 2 * F64 * min(stacked[g] * max(feature_width(spec, g, states[0]), 1), GRAM_CHUNK_ELEMENTS)
             steps.append(max(2 * features, features + square[g] + chunk, 3 * square[g]))
-        stages["matching"] = held + correlations + matchings + max(steps, default=0)
+        stages["matching"] = held + correlations + matchings + max(steps, default=0) + searching
     else:
         matchings = 0
 
-    widths = {g: merged_width(spec.groups[g].size, num_models, mode if match else "align", reduce) for g in groups}
-    merged = [
-        _merged_numel(spec, param, tensor, widths) * F32 for param, tensor in (states[0] if states else {}).items()
-    ]
-    # The merged state, and the N mapped copies of its largest tensor, stacked, and their sum.
-    stages["merging"] = held + matchings // 2 + sum(merged) + (2 * num_models + 1) * max(merged, default=0)
+    # The merged state, and the N mapped copies of its largest tensor, stacked, and their sum (with auto, the
+    # candidate's network being scored too).
+    stages["merging"] = (
+        held + matchings // 2 + sum(merged) + (2 * num_models + 1) * max(merged, default=0) + searching
+    ) + (model if auto else 0)
+    if repair:
+        stages["repair"] = held + matchings // 2 + 2 * sum(merged) + networks + model + searching
 
     peak_stage = max(stages, key=lambda name: stages[name])
     widest = max(groups, key=lambda g: spec.groups[g].size) if groups else ""

@@ -36,7 +36,7 @@ from mudsc_core.errors import (
     MergeError,
     TooLarge,
 )
-from mudsc_core.permutation import auto_beta
+from mudsc_core.permutation import auto_beta, partial
 from mudsc_core.permutation.iteration import build_merged_state, find_correspondences, space_scores
 from mudsc_core.permutation.memory import MemoryEstimate, estimate_merge_memory
 from mudsc_core.permutation.repair import repair
@@ -181,6 +181,7 @@ class PermutationReport:
     sweeps: int
     timings_s: dict[str, float]
     memory: dict[str, Any] = field(default_factory=dict)  # the peak estimate (memory.estimate_merge_memory)
+    partial: dict[str, Any] | None = None  # stop_after (partial zip): the cut, the layout, the sizes
 
     def metrics(self) -> dict[str, Any]:
         """The job's ``result.metrics``: the numbers worth listing without reading the whole report."""
@@ -267,6 +268,13 @@ def merge(
             'heads "separate" needs an architecture whose class count the merge can widen; transformers models '
             'keep their config: use heads "shared"'
         )
+    if params.stop_after is not None and arch.name == "transformers":
+        raise InvalidParameters(
+            "stop_after (partial zip) gives a trunk and one branch per model, which is no Hugging Face model; "
+            "transformers models merge whole (their residual stream runs through every layer)"
+        )
+    if params.stop_after is not None and params.repair:
+        raise InvalidParameters("repair applies to whole merges: leave it out with stop_after (partial zip)")
     device = resolve_device(device)
     clock = _Stopwatch(progress or (lambda stage, fraction, message: None))
     if models:
@@ -276,8 +284,9 @@ def merge(
         free_outputs = outputs_features(arch) and params.mode == "align" and params.heads == "shared"
         traced = trace_architecture(arch, free_outputs=free_outputs) if spec is None else given_spec(spec)
     spec = traced.spec
+    cut = None if params.stop_after is None else partial.resolve(spec, params.stop_after)  # (depth, trunk groups)
     collects = calibration is not None and params.match and params.beta < 1.0
-    estimate = _check_memory(models, spec, params, collects, None, device, memory_budget_bytes)  # before loading
+    estimate = _check_memory(models, spec, params, collects, None, device, memory_budget_bytes, auto)  # before loading
 
     states, networks, added = _load_models(models, arch, spec, device)
     if calibration is not None:
@@ -285,10 +294,13 @@ def merge(
         if collects:  # now with one calibration batch's activations, measured on a few samples
             batch = min(calibration_batch_size, batch_samples(calibration))
             samples = site_samples(networks[0], spec, _to(batch_slice(calibration, 0, 4), device), batch)
-            estimate = _check_memory(models, spec, params, collects, samples, device, memory_budget_bytes)
+            estimate = _check_memory(models, spec, params, collects, samples, device, memory_budget_bytes, auto)
     with clock.stage("self_check"):
         check_error = _self_check(networks, spec, arch, calibration, device)
-    merged_arch = _merged_architecture(arch, params.heads, len(states))
+    merged_arch = _merged_architecture(arch, params.heads if cut is None else "shared", len(states))
+    built = _MergedModel(
+        merged_arch, device, params.heads, None if cut is None else partial.trunk_parameters(spec, cut[1])
+    )
     scorer, held_out = None, None
     if auto:  # statistics from the first part of the calibration inputs, candidates scored on the rest
         assert calibration is not None
@@ -319,10 +331,13 @@ def merge(
             )
         with clock.stage("merging"):
             clock.progress("merging", 0.0, "building merged weights")
-            merged = build_merged_state(states, spec, outcome.correspondences, heads=params.heads)
+            if cut is None:
+                merged = build_merged_state(states, spec, outcome.correspondences, heads=params.heads)
+            else:
+                merged = partial.build_partial_state(states, spec, outcome.correspondences, cut[1])
             bn_reset = False
             if params.reset_bn and calibration is not None:
-                merged, bn_reset = _reset_batchnorm_of(merged, merged_arch, calibration, calibration_batch_size, device)
+                merged, bn_reset = _reset_batchnorm_of(merged, built, calibration, calibration_batch_size, device)
         repaired: dict[str, Any] | None = None
         if params.repair and calibration is not None:
             with clock.stage("repair"):
@@ -351,7 +366,7 @@ def merge(
         sited = all(g.activation is not None for g in spec.groups.values())  # beta 0 needs every group's site
         best, outcome, merged, candidates = auto_beta.choose(
             scored,
-            lambda state: scorer(_network(merged_arch, state, device)),
+            lambda state: scorer(built.network(state)),
             auto_beta.GRID if sited else tuple(b for b in auto_beta.GRID if b > 0),
         )
         bn_reset, repaired = results[best]
@@ -396,6 +411,7 @@ def merge(
         sweeps=outcome.sweeps,
         timings_s=clock.seconds,
         memory=estimate.to_dict(),
+        partial=None if cut is None else _partial_report(spec, cut, params.stop_after, params.heads, merged),
     )
     if report.weight_space_only:
         log.info("no calibration data: matching in weight space only")
@@ -411,6 +427,7 @@ def _check_memory(
     samples: Mapping[str, int] | None,
     device: torch.device,
     budget: int | None,
+    auto: bool = False,
 ) -> MemoryEstimate:
     """The merge's estimated peak memory; :class:`TooLarge` when it exceeds ``budget`` (None, 0: no limit)."""
     estimate = estimate_merge_memory(
@@ -422,6 +439,8 @@ def _check_memory(
         activations=activations,
         activation_samples=samples,
         device=device.type,
+        auto=auto,
+        repair=params.repair,
     )
     if budget and estimate.peak_bytes > budget:
         raise TooLarge(
@@ -579,11 +598,61 @@ def _repair(
     return state, report.to_dict()
 
 
+@dataclass(frozen=True)
+class _MergedModel:
+    """The merged state as a network and back: one network, or a partial zip's branches (``trunk``: the
+    trunk's parameter names)."""
+
+    arch: ArchitectureSpec
+    device: torch.device
+    heads: str
+    trunk: frozenset[str] | None = None
+
+    def network(self, state: Mapping[str, Tensor]) -> nn.Module:
+        if self.trunk is None:
+            return _network(self.arch, state, self.device)
+        return partial.partial_model(lambda: build_model(self.arch).to(self.device), state, self.heads)
+
+    def state(self, network: nn.Module) -> dict[str, Tensor]:
+        if self.trunk is None:
+            return _detached(network)
+        assert isinstance(network, partial.PartialModel)
+        return partial.join([_detached(branch) for branch in network.branches], self.trunk)
+
+
+def _detached(network: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
 def _reset_batchnorm_of(
-    merged: dict[str, Tensor], arch: ArchitectureSpec, calibration: Batch, batch_size: int, device: torch.device
+    merged: dict[str, Tensor], built: _MergedModel, calibration: Batch, batch_size: int, device: torch.device
 ) -> tuple[dict[str, Tensor], bool]:
-    network = build_model(arch).to(device)
-    network.load_state_dict(merged)
+    """A partial zip's branches are reset one by one: their equal trunks get equal statistics."""
+    network = built.network(merged)
     if not reset_batchnorm(network, calibration, batch_size, device):
         return merged, False
-    return {k: v.detach().clone() for k, v in network.state_dict().items()}, True
+    return built.state(network), True
+
+
+def _partial_report(
+    spec: PermSpec, cut: tuple[int, frozenset[str]], stop_after: int | str, heads: str, merged: Mapping[str, Tensor]
+) -> dict[str, Any]:
+    depth, trunk = cut
+    order = spec.group_order()
+    branches = partial.num_branches(merged)
+    trunk_numel = sum(t.numel() for k, t in merged.items() if not k.startswith(partial.PREFIX))
+    branch_numel = sum(t.numel() for k, t in merged.items() if k.startswith(partial.PREFIX)) // max(branches, 1)
+    return {
+        "stop_after": stop_after,
+        "depth": depth,
+        "merged_groups": list(order[:depth]),
+        "separate_groups": list(order[depth:]),
+        "valid_depths": partial.valid_depths(spec),
+        "branches": branches,
+        "combine": partial.combine_for(heads),
+        "layout": f"trunk entries under their own names, branch i's as '{partial.PREFIX}{{i}}.<name>'; the trunk "
+        "plus one branch is a state dict of the input architecture",
+        "trunk_elements": trunk_numel,
+        "branch_elements": branch_numel,
+        "size_vs_one_model": (trunk_numel + branches * branch_numel) / max(trunk_numel + branch_numel, 1),
+    }

@@ -8,7 +8,7 @@ deviation over the calibration inputs equal the interpolation of its constituent
     target_j = sum_i (M_i^T stat_i)_j        (the same interpolation the merge applies to the weights)
     W*_j <- W*_j * t_j,  b*_j <- (b*_j - mu*_j) * t_j + mu_target_j,  t_j = sigma_target_j / sigma*_j
 
-A group is repaired where one Linear/Conv produces all its units (its weight and bias are the group's only
+A group is repaired where one Linear/Conv (or GPT-2's ``Conv1D``) produces all its units (its weight and bias are the group's only
 "out" entries, over the whole axis): the producer's output is the pre-activation the correction folds into.
 Groups of a residual stream (many producers summed), fused q/k/v segments and heads tied to rotary tables
 are left alone and listed as skipped. Groups are repaired in forward order, each measured on the merged
@@ -35,6 +35,7 @@ class Producer:
     weight: str
     bias: str | None
     unit_dim: int  # of the module's output: -1 for Linear, 1 for Conv (channels first)
+    weight_axis: int = 0  # the weight's output axis: 1 for transformers' Conv1D (GPT-2: weight (in, out))
 
 
 @dataclass
@@ -67,8 +68,9 @@ def producers(spec: PermSpec, modules: Mapping[str, nn.Module]) -> tuple[dict[st
         weight = next(p for p, _, _ in outs[name] if p.endswith(".weight"))
         module_name = weight[: -len(".weight")]
         bias = next((p for p, _, _ in outs[name] if p == module_name + ".bias"), None)
-        unit_dim = 1 if isinstance(modules[module_name], nn.modules.conv._ConvNd) else -1
-        found[name] = Producer(module_name, weight, bias, unit_dim)
+        module = modules[module_name]
+        unit_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        found[name] = Producer(module_name, weight, bias, unit_dim, _weight_axis(module))
     return found, skipped
 
 
@@ -80,13 +82,24 @@ def _why_not(group: UnitGroup, outs: list[tuple[str, int, bool]], modules: Mappi
         return f"{len(weights)} producing weights (a residual stream or a fused axis)"
     module_name = weights[0][: -len(".weight")]
     module = modules.get(module_name)
-    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not _is_conv1d(module):
         return f"produced by {type(module).__name__}, not a Linear/Conv"
     if any(p not in (weights[0], module_name + ".bias") for p, _, _ in outs):
         return "other entries carry its units as outputs"
-    if not all(whole and axis == 0 for _, axis, whole in outs):
+    assert module is not None
+    weight_axis = _weight_axis(module)
+    if not all(whole and axis == (weight_axis if p == weights[0] else 0) for p, axis, whole in outs):
         return "its units fill only part of the producer's output axis"
     return None
+
+
+def _is_conv1d(module: nn.Module | None) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored (in, out); not imported here."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _weight_axis(module: nn.Module) -> int:
+    return 1 if _is_conv1d(module) else 0
 
 
 def _moments(
@@ -153,7 +166,7 @@ def repair(
         (mean, std), (target_mean, target_std) = _moments(build(state), spec, {g: sites[g]}, batches())[g], targets[g]
         scale = torch.where(std > _EPS, target_std / std.clamp_min(_EPS), torch.ones_like(std))
         weight = state[producer.weight]
-        shape = (-1,) + (1,) * (weight.ndim - 1)
+        shape = tuple(-1 if axis == producer.weight_axis else 1 for axis in range(weight.ndim))
         state[producer.weight] = (weight.to(torch.float64) * scale.view(shape)).to(weight.dtype)
         if producer.bias is not None:
             bias = state[producer.bias].to(torch.float64)

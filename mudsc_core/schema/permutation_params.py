@@ -33,6 +33,18 @@ class _PermutationCommon(Frozen):
         description="shared: one head, permuted on its input only; separate: merged body feeding every "
         "model's head, logits concatenated (models with different label sets)",
     )
+    stop_after: (
+        Annotated[int, Field(ge=1, le=100_000, strict=True)]
+        | Annotated[str, Field(min_length=1, max_length=512)]
+        | None
+    ) = Field(
+        None,
+        description="partial zip: merge the unit groups up to this one (a depth in forward order, or a group "
+        "name from the report's spec) and keep the rest of every model separate: one shared trunk, one branch "
+        "per model, outputs concatenated (heads separate) or averaged (shared); entries of branch i are "
+        "named 'branches.{i}.<name>'. The cut must not fall inside a residual stream; an invalid one fails "
+        "with the valid cuts listed",
+    )
 
 
 class _ZipKnobs(Frozen):
@@ -68,7 +80,7 @@ class MudscParams(_PermutationCommon, _ZipKnobs):
 
 class WeightAverageParams(_PermutationCommon):
     def to_mudsc(self) -> MudscParams:
-        return MudscParams(mode="align", match=False, reset_bn=self.reset_bn, heads=self.heads, repair=self.repair)
+        return MudscParams(mode="align", match=False, **self.model_dump())
 
 
 class GitRebasinParams(_PermutationCommon):

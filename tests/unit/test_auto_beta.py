@@ -3,7 +3,7 @@
 Margins on trained models are in tests/unit/test_quality_margins.py; here: every grid value is a
 candidate, the choice is the best-scoring one and is what the report says was used, the statistics come
 from the calibration inputs that were not held out, too few inputs and no inputs are refused, and
-separate heads and transformers models (keyword calibration, padding) are scored.
+separate heads (on their joint prediction) and transformers models (keyword calibration, padding) are scored.
 """
 
 from __future__ import annotations
@@ -50,7 +50,33 @@ def test_auto_needs_enough_calibration_inputs() -> None:
         merge(_states(MLP), MLP, {"name": "mudsc", "params": {"beta": "auto"}}, torch.randn(10, 16))
 
 
-def test_separate_heads_are_scored_per_model() -> None:
+class _Fixed(torch.nn.Module):
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+def test_separate_heads_are_scored_on_the_joint_prediction_of_the_concatenated_heads() -> None:
+    """Each head matching its own model is not enough: heads offset against each other change the joint argmax."""
+    g = torch.Generator().manual_seed(3)
+    refs = [torch.randn(12, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    x = torch.zeros(12, 1)
+    scorer = auto_beta.Scorer(
+        [_Fixed(r) for r in refs], [x], lambda net, b: net(b), heads="separate", features=False, model_zero_order=False
+    )
+    exact = torch.cat(refs, dim=1)
+    assert scorer(_Fixed(exact)) == pytest.approx(0.0, abs=1e-12)
+    offset = torch.cat([refs[0] + 3.0, refs[1]], dim=1)  # each head's softmax unchanged, their balance not
+    assert scorer(_Fixed(offset)) < -0.1
+    target = exact.softmax(-1)
+    expected = (target * (target.log() - offset.log_softmax(-1))).sum(-1).mean()
+    assert scorer(_Fixed(offset)) == pytest.approx(-float(expected))
+
+
+def test_separate_heads_are_scored() -> None:
     calibration = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
     method = {"name": "mudsc", "params": {"mode": "align", "beta": "auto", "heads": "separate"}}
     search = merge(_states(MLP), MLP, method, calibration).report["beta_search"]

@@ -135,6 +135,12 @@ _CHILD = textwrap.dedent(
         ([512, 512], {"name": "mudsc", "params": {"mode": "zip", "max_sweeps": 2}}, True),
         ([2048, 1024], {"name": "mudsc", "params": {"mode": "zip", "max_sweeps": 1}}, True),
         ([4096], {"name": "git_rebasin", "params": {"max_sweeps": 2}}, False),
+        # beta "auto" (7 candidates, the scorer's networks and the best state kept) with REPAIR
+        (
+            [2048, 1024],
+            {"name": "mudsc", "params": {"mode": "zip", "max_sweeps": 1, "beta": "auto", "repair": True}},
+            True,
+        ),
     ],
 )
 def test_the_estimate_is_within_a_factor_of_the_measured_peak(

@@ -75,6 +75,27 @@ def test_repair_on_a_transformer_names_what_it_left_alone() -> None:
     assert "producing weights" in skipped["bert.encoder.layer.0.attention.self.query"]
 
 
+def test_repair_folds_into_gpt2_conv1d_producers() -> None:
+    """GPT-2's Conv1D stores its weight (in, out): the MLP's producer is rescaled along its columns."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=30, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1, architectures=["GPT2ForSequenceClassification"],
+    )  # fmt: skip
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(transformers.GPT2ForSequenceClassification(config).state_dict())
+    ids = torch.randint(1, 30, (16, 8), generator=torch.Generator().manual_seed(0))
+    calibration = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    arch = {"name": "transformers", "config": config.to_dict()}
+    report = merge(states, arch, {"name": "zipit", "params": {"repair": True}}, calibration).report
+    repaired = report["repair"]["groups"]
+    assert set(repaired) == {f"transformer.h.{i}.mlp.c_fc" for i in range(2)}
+    assert all(r["std_ratio_after"] == pytest.approx(1.0, abs=1e-3) for r in repaired.values())
+    assert all(r["std_ratio_before"] != pytest.approx(1.0, abs=1e-3) for r in repaired.values())
+
+
 def test_repair_needs_calibration() -> None:
     with pytest.raises(InvalidCalibration, match="calibration"):
         merge([{}, {}], MLP, {"name": "weight_average", "params": {"repair": True}})
