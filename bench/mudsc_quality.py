@@ -42,6 +42,9 @@ import torch
 
 from bench import mudsc_digits as md
 from bench import testbed as tb
+from mudsc_core.architectures import build_model, trace_architecture
+from mudsc_core.permutation import partial
+from mudsc_core.schema import ArchitectureSpec
 
 SINGLE_SPACE = {"align": ("git_rebasin", "activation_align"), "zip": ("weight_zip", "zipit")}
 MODES = ("align", "zip")
@@ -299,9 +302,86 @@ def repair_lift(results: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- part 3: partial zip
+PARTIAL_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("zipit", "zipit", {}),
+    ("mudsc zip", "mudsc", {"mode": "zip", "beta": 0.5}),
+)
+
+
+def partial_accuracy(pair: md.Pair, state: Mapping[str, torch.Tensor], data: tb.Digits) -> float:
+    """Joint test accuracy of a partial zip's trunk + branches (each branch's 5 logits, concatenated)."""
+    arch = ArchitectureSpec.model_validate(pair.architecture)
+    model = partial.partial_model(lambda: build_model(arch), state, "separate")
+    with torch.no_grad():
+        out = model(tb.inputs_for(pair.architecture, data.x_test))
+    return float((out.argmax(1) == data.y_test).float().mean())
+
+
+def run_partial(
+    archs: Sequence[str],
+    seeds: Sequence[tuple[int, int]],
+    epochs: int,
+    data: tb.Digits,
+    results: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
+    save: Callable[[], None] = lambda: None,
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """results[arch]["disjoint"] = [{"endpoint", "depths": {depth: {"group", "size", label: joint accuracy}}} per seed pair]:
+    the disjoint setting, every valid cut (``partial.valid_depths``), zipit and mudsc zip, BN reset on."""
+    calibration = md.calibration_inputs(data)
+    results = {} if results is None else results
+    for arch_key in archs:
+        arch = md.ARCHITECTURES[arch_key]
+        spec = trace_architecture(ArchitectureSpec.model_validate(tb.with_classes(arch, 5))).spec
+        for pair_seeds in seeds:
+            started = time.perf_counter()
+            pair = md.train_pair(arch, data, "disjoint", pair_seeds, epochs)
+            cell: dict[str, Any] = {"endpoint": pair.endpoint["joint"], "depths": {}}
+            for depth in partial.valid_depths(spec):
+                row: dict[str, Any] = {"group": spec.group_order()[depth - 1], "groups": len(spec.group_order())}
+                for label, method, params in PARTIAL_METHODS:
+                    result = md.merge_pair(pair, method, {**params, "stop_after": depth}, calibration)
+                    row[label] = partial_accuracy(pair, result.state_dict, data)
+                    row["size"] = result.report["partial"]["size_vs_one_model"]
+                cell["depths"][str(depth)] = row
+            results.setdefault(arch_key, {}).setdefault("disjoint", []).append(cell)
+            save()
+            print(
+                f"[partial {arch_key} {pair_seeds}] {time.perf_counter() - started:.0f}s "
+                + " ".join(
+                    f"{d}:" + "/".join(f"{r[m]:.3f}" for m, _, _ in PARTIAL_METHODS) for d, r in cell["depths"].items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def partial_table(results: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> str:
+    labels = [label for label, _, _ in PARTIAL_METHODS]
+    lines = [
+        "| architecture | depth | last merged group | size vs one model | "
+        + " | ".join(labels)
+        + " | endpoints (ensemble, size 2.0) |",
+        "|" + "---|" * (5 + len(labels)),
+    ]
+    for arch, settings in results.items():
+        cells = settings["disjoint"]
+        for depth, row in cells[0]["depths"].items():
+            rows = [c["depths"][depth] for c in cells]
+            accs = " | ".join(_fmt([r[label] for r in rows]) for label in labels)
+            full = " (full merge)" if int(depth) == row["groups"] else ""
+            lines.append(
+                f"| {arch} | {depth} of {row['groups']}{full} | `{row['group']}` | {row['size']:.2f} | {accs} | "
+                + _fmt([c["endpoint"] for c in cells])
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- doc
 def document(raw: Mapping[str, Any]) -> str:
-    parts = ['# Merge quality without labels: beta "auto" and REPAIR', ""]
+    parts = ['# Merge quality without labels: beta "auto", REPAIR, partial zip', ""]
     meta = raw.get("meta", {})
     parts += [
         f"Generated {meta.get('date', '?')} by `{meta.get('command', '?')}` (parts: "
@@ -324,7 +404,8 @@ def document(raw: Mapping[str, Any]) -> str:
             "TRAIN data per seed pair (`mudsc_digits.choose_beta`). β auto: no labels; the merge holds out the "
             "last quarter of the same 512 calibration inputs (statistics from the first 384), merges at every "
             "β of 0, .1, .3, .5, .7, .9, 1 and keeps the one whose merged model agrees best with the input "
-            "models on the held-out quarter (KL to the mean softmax, shared head; per-head KL, separate heads). "
+            "models on the held-out quarter (KL to the mean softmax, shared head; KL to the softmax of the "
+            "models' concatenated logits, separate heads). "
             "Chosen βs are listed per seed pair. Time: wall time of the auto merge / one β = 0.5 merge of the "
             "same pair, same process.",
             "",
@@ -361,13 +442,29 @@ def document(raw: Mapping[str, Any]) -> str:
             repair_lift(r["results"]),
             "",
         ]
+    if "partial" in raw:
+        z = raw["partial"]
+        parts += [
+            "## Partial zip (`stop_after`): size against accuracy, disjoint tasks",
+            "",
+            f"The disjoint setting of the bed above ({z['epochs']} epochs, seed pairs {z['seeds']}, calibration the "
+            "first 512 train images, BN reset on): the unit groups up to `depth` (in forward order) merged, every "
+            "model's layers after the cut kept as its own branch reading the merged trunk, branch logits "
+            "concatenated (joint test accuracy in %, argmax over the 10 logits; mean ± std over seed pairs). "
+            "Every valid cut is listed (`partial.valid_depths`: a cut never falls inside a residual stream); the "
+            "last depth is the full merge with separate heads. Size: parameters of trunk + branches over one "
+            "model's. The endpoints' ensemble (everything separate) is the upper reference.",
+            "",
+            partial_table(z["results"]),
+            "",
+        ]
     parts += [f"Reproduce: `{meta.get('command', '?')}`.", ""]
     return "\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("auto", "repair", "both"), default="both")
+    parser.add_argument("--part", choices=("auto", "repair", "partial", "both"), default="both")
     parser.add_argument("--archs", nargs="+", default=list(QUALITY_ARCHS), choices=sorted(md.ARCHITECTURES))
     parser.add_argument("--seed-pairs", type=int, default=len(md.SEED_PAIRS))
     parser.add_argument("--epochs", type=int, default=md.EPOCHS)
@@ -390,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw["meta"]["runs"] += part["meta"]["runs"]
             raw["meta"]["date"] = part["meta"]["date"]
             raw["meta"]["command"] = "; ".join(r["command"] for r in raw["meta"]["runs"])
-            for key in ("quality", "repair"):
+            for key in ("quality", "repair", "partial"):
                 if key in part:
                     joined = raw.setdefault(key, {**part[key], "results": {}})["results"]
                     for model, settings in part[key]["results"].items():
@@ -428,6 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_repair_digits(args.repair_archs, ("same", "disjoint"), seeds, args.epochs, data, results, save)
         hf_seeds = [(2 * i, 2 * i + 1) for i in range(args.hf_seed_pairs)]
         run_repair_hf(args.hf_families, hf_seeds, args.hf_epochs, results, save)
+    if args.part in ("partial", "both"):
+        seeds = [(2 * i, 2 * i + 1) for i in range(args.seed_pairs)]
+        raw["partial"] = {"epochs": args.epochs, "seeds": seeds, "results": {}}
+        run_partial(args.archs, seeds, args.epochs, data, raw["partial"]["results"], save)
     save()
     text = document(raw)
     print(text)

@@ -54,6 +54,9 @@ METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("zipit", "zipit", {}),
     ("mudsc align", "mudsc", {"mode": "align", "beta": 0.5}),
     ("mudsc zip", "mudsc", {"mode": "zip", "beta": 0.5}),
+    # REPAIR (LayerNorm models have no BatchNorm to reset): merged units renormalised to the interpolated stats
+    ("mudsc align + repair", "mudsc", {"mode": "align", "beta": 0.5, "repair": True}),
+    ("mudsc zip + repair", "mudsc", {"mode": "zip", "beta": 0.5, "repair": True}),
 )
 
 
