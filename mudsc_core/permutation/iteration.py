@@ -25,6 +25,10 @@ from mudsc_core.schema.permutation_params import MudscParams
 
 log = logging.getLogger(__name__)
 
+# Largest total size of the dual similarities find_correspondences keeps between sweeps (the cache of
+# unchanged groups); counted by memory.estimate_merge_memory.
+SIMILARITY_CACHE_BYTES = 1 << 30
+
 
 @dataclass
 class MatchingOutcome:
@@ -159,39 +163,54 @@ def find_correspondences(
     # A group's weight similarity depends only on the correspondences of the groups on the other axes of
     # its tensors: it is rebuilt only when one of those changed (by identity; an unchanged match keeps its
     # Correspondence object), and a matcher run on the same similarity and block inputs is not repeated.
+    # The similarities kept are bounded by SIMILARITY_CACHE_BYTES (oldest first out): wide groups' (N*n)^2
+    # matrices are not all held at once; the other caches name a similarity by its version, not the tensor.
     depends = {g: _weight_dependencies(spec, g) for g in spec.groups}
-    similarities: dict[str, tuple[tuple[Correspondence | None, ...], Tensor]] = {}
-    matches: dict[str, tuple[Tensor, Tensor | None, Tensor | None, Match, Correspondence]] = {}
-    pair_scores: dict[str, tuple[Correspondence, Tensor, float]] = {}
+    similarities: dict[str, tuple[tuple[Correspondence | None, ...], Tensor, int]] = {}
+    matches: dict[str, tuple[int, Tensor | None, Tensor | None, Match, Correspondence]] = {}
+    pair_scores: dict[str, tuple[Correspondence, int, float]] = {}
+    versions = iter(range(1 << 62))
 
-    def similarity(group: str, current: Mapping[str, Correspondence]) -> Tensor:
-        """S = beta * S_weight + (1 - beta) * S_act, S_weight from the others' current correspondences."""
-        names = depends[group]
-        key = tuple(current.get(g) for g in names) if names is not None else None
+    def similarity(group: str, current: Mapping[str, Correspondence]) -> tuple[Tensor, int]:
+        """S = beta * S_weight + (1 - beta) * S_act, S_weight from the others' current correspondences, and
+        its version (the same version: the same matrix)."""
+        key = tuple(current.get(g) for g in depends[group])
         cached = similarities.get(group)
-        if key is not None and cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
-            return cached[1]
+        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1], cached[2]
+        similarities.pop(group, None)
         act = activation_sims.get(group) if activation_sims else None
         sim = dual_similarity(weight_similarity(states, spec, group, current), act, beta if act is not None else 1.0)
-        if key is not None:
-            similarities[group] = (key, sim)
-        return sim
+        version = next(versions)
+        size = sim.numel() * sim.element_size()
+        while similarities and size + sum(v[1].numel() * v[1].element_size() for v in similarities.values()) > (
+            SIMILARITY_CACHE_BYTES
+        ):
+            similarities.pop(next(iter(similarities)))
+        if size <= SIMILARITY_CACHE_BYTES:
+            similarities[group] = (key, sim, version)
+        return sim, version
 
     def score(group: str, current: Mapping[str, Correspondence]) -> float:
-        sim = similarity(group, current)
+        sim, version = similarity(group, current)
         cached = pair_scores.get(group)
-        if cached is not None and cached[0] is current[group] and cached[1] is sim:
+        if cached is not None and cached[0] is current[group] and cached[1] == version:
             return cached[2]
         value = pair_score(current[group], sim)
-        pair_scores[group] = (current[group], sim, value)
+        pair_scores[group] = (current[group], version, value)
         return value
 
     def match_cluster(cluster: list[str], current: dict[str, Correspondence]) -> None:
         blocks = _Blocks()  # a tied group reuses its root's head pairing
         for group in cluster:
-            sim = similarity(group, current)
+            sim, version = similarity(group, current)
             cached = matches.get(group)
-            if cached is not None and cached[0] is sim and cached[1] is blocks.pairing and cached[2] is blocks.labels:
+            if (
+                cached is not None
+                and cached[0] == version
+                and cached[1] is blocks.pairing
+                and cached[2] is blocks.labels
+            ):
                 match, correspondence = cached[3], cached[4]
             else:
                 match = _run_matcher(params, sim, num_models, spec, group, blocks)
@@ -199,7 +218,8 @@ def find_correspondences(
                 previous = current.get(group)
                 if previous is not None and _same_correspondence(previous, correspondence):
                     correspondence = previous
-                matches[group] = (sim, blocks.pairing, blocks.labels, match, correspondence)
+                matches[group] = (version, blocks.pairing, blocks.labels, match, correspondence)
+            del sim
             blocks.update(match)
             current[group] = correspondence
 
@@ -259,9 +279,8 @@ def find_correspondences(
     return MatchingOutcome(best[1], best[2], history, len(history))
 
 
-def _weight_dependencies(spec: PermSpec, group: str) -> tuple[str, ...] | None:
-    """The groups whose correspondences :func:`weight_similarity` of ``group`` reads (the other unit axes);
-    None: unknown, rebuild it every time."""
+def _weight_dependencies(spec: PermSpec, group: str) -> tuple[str, ...]:
+    """The groups whose correspondences :func:`weight_similarity` of ``group`` reads (the other unit axes)."""
     found: dict[str, None] = {}
     for param, axis, _start, _segment in spec.segments_of(group):
         for other_axis, axis_spec in enumerate(spec.axes[param]):

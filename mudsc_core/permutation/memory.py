@@ -13,7 +13,8 @@ holds at once (bytes, host and device together):
 - ``matching``: every group's activation correlation (float64, kept through all sweeps), each group's
   merge/unmerge matrices (current and best), and the largest step: a group's weight features
   ((N*n, F) in float32, F = everything the spec lists for a unit) with its float64 Gram matrix, or
-  the similarity with the matcher's symmetric copy and working copy (3 x (N*n)^2 float64);
+  the similarity with the matcher's symmetric copy and working copy (3 x (N*n)^2 float64), plus the
+  similarities of groups kept between sweeps (at most ``iteration.SIMILARITY_CACHE_BYTES``);
 - ``merging``: the merged state and the copies of its largest tensor being averaged;
 - ``repair`` (``repair: true``): the input networks rebuilt from their states, the merged network and a
   copy of the merged state being corrected.
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from mudsc_core.permutation.iteration import SIMILARITY_CACHE_BYTES
 from mudsc_core.permutation.similarity import GRAM_CHUNK_ELEMENTS
 from mudsc_core.permutation.spec import PermSpec
 
@@ -205,7 +207,10 @@ def estimate_merge_memory(
             features = stacked[g] * feature_width(spec, g, states[0]) * F32
             chunk = 2 * F64 * min(stacked[g] * max(feature_width(spec, g, states[0]), 1), GRAM_CHUNK_ELEMENTS)
             steps.append(max(2 * features, features + square[g] + chunk, 3 * square[g]))
-        stages["matching"] = held + correlations + matchings + max(steps, default=0) + searching
+        # the other groups' similarities kept between sweeps (iteration.SIMILARITY_CACHE_BYTES at most; the
+        # current group's is the step's own)
+        cache = min(SIMILARITY_CACHE_BYTES, sum(square[g] for g in groups) - max(square.values(), default=0))
+        stages["matching"] = held + correlations + matchings + max(steps, default=0) + cache + searching
     else:
         matchings = 0
 

@@ -122,12 +122,18 @@ def test_cached_weight_similarities_give_the_same_matching(mode: str, monkeypatc
     monkeypatch.setattr(iteration, "weight_similarity", counted)
     fast = find_correspondences(states, spec, params, sims)
     cached_calls, calls["weight"] = calls["weight"], 0
-    monkeypatch.setattr(iteration, "_weight_dependencies", lambda spec, group: None)  # never reuse
+    # A cache bounded to one group's matrix (the oldest evicted), then none at all (rebuild every time).
+    widest = max(spec.groups.values(), key=lambda g: g.size).size * len(states)
+    monkeypatch.setattr(iteration, "SIMILARITY_CACHE_BYTES", widest**2 * 8)
+    bounded = find_correspondences(states, spec, params, sims)
+    bounded_calls, calls["weight"] = calls["weight"], 0
+    monkeypatch.setattr(iteration, "SIMILARITY_CACHE_BYTES", 0)  # never reuse
     monkeypatch.setattr(iteration, "_same_correspondence", lambda a, b: False)
     slow = find_correspondences(states, spec, params, sims)
-    assert fast.objective_per_sweep == slow.objective_per_sweep
-    assert fast.group_scores == slow.group_scores
-    for group, correspondence in fast.correspondences.items():
-        for a, b in zip(correspondence.unmerge, slow.correspondences[group].unmerge, strict=True):
-            assert torch.equal(a, b)
-    assert cached_calls < calls["weight"]
+    for other in (bounded, slow):
+        assert fast.objective_per_sweep == other.objective_per_sweep
+        assert fast.group_scores == other.group_scores
+        for group, correspondence in fast.correspondences.items():
+            for a, b in zip(correspondence.unmerge, other.correspondences[group].unmerge, strict=True):
+                assert torch.equal(a, b)
+    assert cached_calls <= bounded_calls < calls["weight"]
