@@ -119,14 +119,21 @@ def run_quality(
                 cell = quality_cell(pair, data, calibration)
                 results.setdefault(arch_key, {}).setdefault(setting, []).append(cell)
                 save()
-                print(
-                    f"[quality {arch_key} {setting} {pair_seeds}] {time.perf_counter() - started:.0f}s "
-                    + " ".join(f"{k}={v:.3f}" for k, v in cell["joint"].items())
-                    + f" betas {cell['betas']}",
-                    file=sys.stderr,
-                    flush=True,
+                _progress(
+                    f"quality {arch_key} {setting} {pair_seeds}",
+                    started,
+                    _scores(cell["joint"]) + f" betas {cell['betas']}",
                 )
     return results
+
+
+def _scores(row: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in row.items())
+
+
+def _progress(cell: str, started: float, text: str) -> None:
+    """One finished cell on stderr: what it was, its seconds, its numbers."""
+    print(f"[{cell}] {time.perf_counter() - started:.0f}s {text}", file=sys.stderr, flush=True)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -231,12 +238,7 @@ def run_repair_digits(
                         row[key] = md.score(pair, result.state_dict, data.x_test, data.y_test)["joint"]
                 results.setdefault(f"digits {arch_key}", {}).setdefault(setting, []).append(row)
                 save()
-                print(
-                    f"[repair {arch_key} {setting} {pair_seeds}] {time.perf_counter() - started:.0f}s "
-                    + " ".join(f"{k}={v:.3f}" for k, v in row.items()),
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _progress(f"repair {arch_key} {setting} {pair_seeds}", started, _scores(row))
     return results
 
 
@@ -263,12 +265,7 @@ def run_repair_hf(
                     row[label + (" + repair" if repair else "")] = tt.accuracy(family, result.state_dict, data)
             results.setdefault(f"hf {family}", {}).setdefault("same", []).append(row)
             save()
-            print(
-                f"[repair hf {family} {pair_seeds}] {time.perf_counter() - started:.0f}s "
-                + " ".join(f"{k}={v:.3f}" for k, v in row.items()),
-                file=sys.stderr,
-                flush=True,
-            )
+            _progress(f"repair hf {family} {pair_seeds}", started, _scores(row))
     return results
 
 
@@ -346,13 +343,11 @@ def run_partial(
                 cell["depths"][str(depth)] = row
             results.setdefault(arch_key, {}).setdefault("disjoint", []).append(cell)
             save()
-            print(
-                f"[partial {arch_key} {pair_seeds}] {time.perf_counter() - started:.0f}s "
-                + " ".join(
-                    f"{d}:" + "/".join(f"{r[m]:.3f}" for m, _, _ in PARTIAL_METHODS) for d, r in cell["depths"].items()
-                ),
-                file=sys.stderr,
-                flush=True,
+            depths = cell["depths"].items()
+            _progress(
+                f"partial {arch_key} {pair_seeds}",
+                started,
+                " ".join(f"{d}:" + "/".join(f"{r[m]:.3f}" for m, _, _ in PARTIAL_METHODS) for d, r in depths),
             )
     return results
 

@@ -143,18 +143,7 @@ class Checkpoint:
             raise ValueError(f"read buffer for {name!r} must be a contiguous uint8 tensor of >= {entry.nbytes} bytes")
         else:
             buffer = out.reshape(-1)[: entry.nbytes]
-        try:
-            with open(entry.file, "rb", buffering=0) as f:
-                f.seek(entry.start)
-                view = buffer.numpy().data if entry.nbytes else memoryview(b"")
-                done = 0
-                while done < entry.nbytes:
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise InvalidCheckpoint(f"{entry.file.name}: truncated while reading tensor {name!r}")
-                    done += got
-        except OSError as exc:
-            raise InvalidCheckpoint(f"{entry.file.name}: cannot read tensor {name!r} ({exc.strerror or exc})") from exc
+        read_exact(entry.file, entry.start, buffer.numpy().data if entry.nbytes else memoryview(b""), name)
         return buffer.view(entry.dtype).reshape(entry.shape)
 
     def get_float32(self, name: str, *, check_finite: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,14 +154,36 @@ class Checkpoint:
         """
         stored = self.get(name, out=out)
         tensor = stored if stored.dtype == torch.float32 else stored.to(torch.float32)
-        if check_finite and not _all_finite(tensor):
-            if stored.dtype == torch.float64 and _all_finite(stored):
-                raise ComputeOverflow(
-                    f"{self.path.name}: tensor {name!r} holds float64 values beyond the float32 range the merge "
-                    "computes in"
-                )
-            raise InvalidCheckpoint(f"{self.path.name}: tensor {name!r} contains NaN or Inf")
+        if check_finite:
+            self.check_finite(name, tensor, stored)
         return tensor
+
+    def check_finite(self, name: str, tensor: torch.Tensor, stored: torch.Tensor) -> None:
+        """``tensor`` (float32, read from ``stored``, all or part of ``name``) holds no NaN/Inf: else
+        InvalidCheckpoint, or ComputeOverflow where only the conversion of finite float64 values overflowed."""
+        if _all_finite(tensor):
+            return
+        if stored.dtype == torch.float64 and _all_finite(stored):
+            raise ComputeOverflow(
+                f"{self.path.name}: tensor {name!r} holds float64 values beyond the float32 range the merge computes in"
+            )
+        raise InvalidCheckpoint(f"{self.path.name}: tensor {name!r} contains NaN or Inf")
+
+
+def read_exact(file: Path, offset: int, view: memoryview, name: str) -> None:
+    """Fill ``view`` with the bytes of ``file`` from ``offset`` (unbuffered); a short or failed read raises
+    InvalidCheckpoint naming the file and the tensor ``name``."""
+    try:
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise InvalidCheckpoint(f"{file.name}: truncated while reading tensor {name!r}")
+                done += got
+    except OSError as exc:
+        raise InvalidCheckpoint(f"{file.name}: cannot read tensor {name!r} ({exc.strerror or exc})") from exc
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -25,18 +25,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from mudsc_core.errors import ComputeOverflow, InvalidCheckpoint, InvalidParameters
-from mudsc_core.io import Checkpoint
+from mudsc_core.io import Checkpoint, read_exact
 from mudsc_core.same_base import sparsify as sp
 from mudsc_core.same_base.base import FirstPass
 from mudsc_core.same_base.task_arithmetic import TaskArithmeticFamily
 from mudsc_core.same_base.tensor_stats import TaskVectorStats
 from mudsc_core.schema.parameters import TensorValues
-from mudsc_core.schema.same_base_params import check_della_band
 
 # Tensors above this many float32 bytes are merged in row blocks of about BLOCK_ELEMENTS entries.
 BLOCK_ABOVE_BYTES = 32 * 1024 * 1024
@@ -98,33 +95,12 @@ class BlockReader:
         else:  # read the stored bytes behind the float32 block, then convert
             stored = self.buffer(-1 - slot, count * itemsize)[: count * itemsize].view(entry.dtype).view(shape)
         row_bytes = itemsize * math.prod(entry.shape[1:])
-        _read_into(entry.file, entry.start + start * row_bytes, stored, checkpoint, name)
+        view = stored.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+        read_exact(entry.file, entry.start + start * row_bytes, view, name)
         if stored is not out:
             out.copy_(stored)
-        low, high = torch.aminmax(out) if count else (torch.tensor(0.0), torch.tensor(0.0))
-        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-            if stored.dtype == torch.float64 and bool(torch.isfinite(stored).all()):
-                raise ComputeOverflow(
-                    f"{checkpoint.path.name}: tensor {name!r} holds float64 values beyond the float32 range the merge "
-                    "computes in"
-                )
-            raise InvalidCheckpoint(f"{checkpoint.path.name}: tensor {name!r} contains NaN or Inf")
+        checkpoint.check_finite(name, out, stored)
         return out
-
-
-def _read_into(file: Path, offset: int, tensor: torch.Tensor, checkpoint: Checkpoint, name: str) -> None:
-    view = tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-    try:
-        with open(file, "rb", buffering=0) as f:
-            f.seek(offset)
-            done = 0
-            while done < len(view):
-                got = f.readinto(view[done:])
-                if not got:
-                    raise InvalidCheckpoint(f"{checkpoint.path.name}: truncated while reading tensor {name!r}")
-                done += got
-    except OSError as exc:
-        raise InvalidCheckpoint(f"{checkpoint.path.name}: cannot read tensor {name!r} ({exc.strerror or exc})") from exc
 
 
 def row_blocks(shape: Sequence[int]) -> list[tuple[int, int]]:
@@ -240,16 +216,7 @@ class BlockSparsifier:
             mask = chosen[0].mask(magnitudes) & ~chosen[1].mask(magnitudes)
             del magnitudes
             return delta * mask
-        density = family.value("density", values, model_id)
-        generator = self.generators[model_id]
-        if p.sparsifier == "random":
-            return sp.random_drop(delta, density, generator, rescale=p.rescale, rule=p.rescale_rule)
-        epsilon = family.value("epsilon", values, model_id)
-        try:
-            check_della_band(density, epsilon)
-        except ValueError as exc:
-            raise InvalidParameters(f"tensor {name!r}, model {model_id}: {exc}") from exc
-        return sp.della(delta, density, epsilon, generator, rescale=p.rescale, rule=p.rescale_rule)
+        return family.sparsify(name, delta, model_id, values, generator=self.generators[model_id])  # random, della
 
 
 def merge_blocked(

@@ -71,8 +71,15 @@ class TaskArithmeticFamily:
         return tensor_value(values, key, getattr(self.params, key), model_id)
 
     def sparsify(
-        self, name: str, delta: torch.Tensor, model_id: int, values: TensorValues | None = None
+        self,
+        name: str,
+        delta: torch.Tensor,
+        model_id: int,
+        values: TensorValues | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
+        """The sparsified task vector; ``generator``: the random sparsifiers' draws (default: a fresh one for
+        this tensor and model; the blocked path passes one kept across the tensor's blocks)."""
         p = self.params
         if p.sparsifier == "none":
             return delta.clone()
@@ -83,7 +90,8 @@ class TaskArithmeticFamily:
             return sp.magnitude_(delta, density, rescale=p.rescale)
         if p.sparsifier == "breadcrumbs":
             return sp.breadcrumbs(delta, density, self.value("gamma", values, model_id), rescale=p.rescale)
-        generator = sp.rng_for(p.seed, name, model_id)
+        if generator is None:
+            generator = sp.rng_for(p.seed, name, model_id)
         if p.sparsifier == "random":
             return sp.random_drop(delta, density, generator, rescale=p.rescale, rule=p.rescale_rule)
         epsilon = self.value("epsilon", values, model_id)

@@ -48,6 +48,20 @@ def test_repair_restores_the_statistics_and_lifts_weight_averaging(digits_pairs:
         assert accuracy(MLP, aligned.state_dict, data.x_test, data.y_test) > 0.96
 
 
+def _zipit_with_repair(model_class: Any, config: Any, first_token: int) -> dict[str, Any]:
+    """The report of zipit + REPAIR on two random-init models of a transformers class (token ids from
+    ``first_token`` up to the vocabulary)."""
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(model_class(config).state_dict())
+    ids = torch.randint(first_token, config.vocab_size, (16, 8), generator=torch.Generator().manual_seed(0))
+    calibration = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    arch = {"name": "transformers", "config": config.to_dict()}
+    report: dict[str, Any] = merge(states, arch, {"name": "zipit", "params": {"repair": True}}, calibration).report
+    return report
+
+
 def test_repair_on_a_transformer_names_what_it_left_alone() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
@@ -60,14 +74,7 @@ def test_repair_on_a_transformer_names_what_it_left_alone() -> None:
         num_labels=3,
         architectures=["BertForSequenceClassification"],
     )
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        states.append(transformers.BertForSequenceClassification(config).state_dict())
-    ids = torch.randint(0, 30, (16, 8), generator=torch.Generator().manual_seed(0))
-    calibration = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    arch = {"name": "transformers", "config": config.to_dict()}
-    report = merge(states, arch, {"name": "zipit", "params": {"repair": True}}, calibration).report
+    report = _zipit_with_repair(transformers.BertForSequenceClassification, config, first_token=0)
     repaired, skipped = report["repair"]["groups"], report["repair"]["skipped"]
     assert {"bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.attention.self.value"} <= set(repaired)
     assert all(r["mean_shifted"] and r["std_ratio_after"] == pytest.approx(1.0, abs=1e-3) for r in repaired.values())
@@ -82,14 +89,7 @@ def test_repair_folds_into_gpt2_conv1d_producers() -> None:
         vocab_size=30, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3, pad_token_id=0,
         bos_token_id=1, eos_token_id=1, architectures=["GPT2ForSequenceClassification"],
     )  # fmt: skip
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        states.append(transformers.GPT2ForSequenceClassification(config).state_dict())
-    ids = torch.randint(1, 30, (16, 8), generator=torch.Generator().manual_seed(0))
-    calibration = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    arch = {"name": "transformers", "config": config.to_dict()}
-    report = merge(states, arch, {"name": "zipit", "params": {"repair": True}}, calibration).report
+    report = _zipit_with_repair(transformers.GPT2ForSequenceClassification, config, first_token=1)
     repaired = report["repair"]["groups"]
     assert set(repaired) == {f"transformer.h.{i}.mlp.c_fc" for i in range(2)}
     assert all(r["std_ratio_after"] == pytest.approx(1.0, abs=1e-3) for r in repaired.values())
