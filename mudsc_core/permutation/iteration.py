@@ -53,16 +53,38 @@ def match_clusters(spec: PermSpec) -> list[list[str]]:
 
 
 def pair_score(correspondence: Correspondence, similarity: Tensor) -> float:
-    """Mean, over merged units made of >= 2 units, of the mean similarity over their pairs."""
-    unmerge = torch.cat(correspondence.unmerge, dim=0).to(torch.float64)  # (N*n, m)
-    sim = similarity.to(torch.float64)
-    diag = torch.diagonal(sim)
-    totals = ((unmerge.T @ sim) * unmerge.T).sum(dim=1) - unmerge.T @ diag  # (m,) sum over ordered pairs
-    counts = unmerge.sum(dim=0)
+    """Mean, over merged units made of >= 2 units, of the mean similarity over their pairs.
+
+    With U = the stacked unmerge matrices (N*n, m) and S the similarity, merged unit g totals
+    sum_{u,v} U_ug U_vg S_uv - sum_u U_ug S_uu over its members' ordered pairs. Only the members' entries
+    of S are read (a merged unit has a few members): O(m K^2) for K members at most, not the
+    O(m (N n)^2) of forming U^T S U, which dominated the matching of wide groups.
+    """
+    unmerge = torch.cat(correspondence.unmerge, dim=0)  # (N*n, m)
+    width = unmerge.shape[1]
+    units, merged_ids = unmerge.nonzero(as_tuple=True)  # row-major: sorted by unit, not by merged unit
+    order = torch.argsort(merged_ids, stable=True)
+    units, merged_ids = units[order], merged_ids[order]
+    weights = unmerge[units, merged_ids].to(torch.float64)
+    counts = torch.zeros(width, dtype=torch.float64).index_add_(0, merged_ids, weights)
     pairs = counts * (counts - 1)
     merged = pairs > 0
     if not bool(merged.any()):
         return 0.0
+    members = torch.bincount(merged_ids, minlength=width)
+    slot = torch.arange(len(units)) - (torch.cumsum(members, 0) - members)[merged_ids]
+    most = int(members.max())
+    index = torch.zeros(width, most, dtype=torch.long)  # (m, K): each merged unit's members, padded
+    weight = torch.zeros(width, most, dtype=torch.float64)  # 0 on the padding
+    index[merged_ids, slot] = units
+    weight[merged_ids, slot] = weights
+    diag = torch.diagonal(similarity).to(torch.float64)
+    totals = torch.empty(width, dtype=torch.float64)
+    step = max(1, (1 << 24) // (most * most))  # merged units per chunk: bounded temporaries
+    for start in range(0, width, step):
+        idx, w = index[start : start + step], weight[start : start + step]
+        block = similarity[idx[:, :, None], idx[:, None, :]].to(torch.float64)  # (chunk, K, K)
+        totals[start : start + step] = (block * w[:, :, None] * w[:, None, :]).sum(dim=(1, 2)) - (w * diag[idx]).sum(1)
     return float((totals[merged] / pairs[merged]).mean())
 
 

@@ -2,7 +2,8 @@
 
 - activation correlations: float32 GEMMs on shifted activations, summed in float64, stay within 1e-6
   of a float64 computation on ReLU outputs of a conv net and on badly centred data;
-- weight similarities rebuilt only where a dependency changed: the same matching as rebuilding all.
+- weight similarities rebuilt only where a dependency changed: the same matching as rebuilding all;
+- the pair score of a matching read from its members' entries equals the dense U^T S U definition.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from mudsc_core.architectures import build_model, perm_spec, trace_architecture
@@ -19,6 +22,7 @@ from mudsc_core.permutation import iteration
 from mudsc_core.permutation.iteration import find_correspondences
 from mudsc_core.permutation.similarity import (
     CorrelationAccumulator,
+    Correspondence,
     HookTaps,
     _site_features,
     activation_correlations,
@@ -137,3 +141,39 @@ def test_cached_weight_similarities_give_the_same_matching(mode: str, monkeypatc
             for a, b in zip(correspondence.unmerge, other.correspondences[group].unmerge, strict=True):
                 assert torch.equal(a, b)
     assert cached_calls <= bounded_calls < calls["weight"]
+
+
+def _dense_pair_score(correspondence: Correspondence, similarity: torch.Tensor) -> float:
+    """The definition: diag(U^T S U) - U^T diag(S) per merged unit, over its ordered pairs' count."""
+    unmerge = torch.cat(correspondence.unmerge, dim=0).to(torch.float64)
+    sim = similarity.to(torch.float64)
+    totals = ((unmerge.T @ sim) * unmerge.T).sum(dim=1) - unmerge.T @ torch.diagonal(sim)
+    counts = unmerge.sum(dim=0)
+    pairs = counts * (counts - 1)
+    merged = pairs > 0
+    return float((totals[merged] / pairs[merged]).mean()) if bool(merged.any()) else 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    models=st.integers(1, 4),
+    units=st.integers(1, 40),
+    merged_ratio=st.floats(0.05, 1.0),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_pair_score_equals_the_dense_definition(
+    models: int, units: int, merged_ratio: float, weighted: bool, seed: int
+) -> None:
+    """Any assignment of units to merged units (align, zip, reduced, singletons), 0/1 or weighted unmerge."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(1, round(units * merged_ratio))
+    ids = torch.randint(0, width, (models * units,), generator=g)
+    values = torch.rand(models * units, generator=g) + 0.5 if weighted else torch.ones(models * units)
+    unmerge = torch.zeros(models * units, width)
+    unmerge[torch.arange(models * units), ids] = values
+    parts = list(unmerge.split(units))
+    correspondence = Correspondence(merge=parts, unmerge=parts)
+    sim = torch.randn(models * units, models * units, generator=g)
+    expected = _dense_pair_score(correspondence, sim + sim.T)
+    assert iteration.pair_score(correspondence, sim + sim.T) == pytest.approx(expected, rel=1e-12, abs=1e-12)
