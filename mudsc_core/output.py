@@ -11,7 +11,7 @@ Every output folder holds the weights (``model.safetensors`` or shards + index, 
 - ``README.md``: a Hugging Face model card (method, parameters, models, the mergekit equivalent);
 - ``report.json``: what the merge measured (the job's ``result.metrics`` come from it);
 - ``report.html`` and ``report.png``: the same report as a page to look at and its figure
-  (:mod:`mudsc_core.report_html`; skipped, with a warning, where matplotlib is missing or rendering fails).
+  (:mod:`mudsc_core.report_html`, drawn with Pillow; skipped, with a warning, where rendering fails).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _write_report_views(folder: Path, report: dict[str, Any]) -> list[str]:
 
     try:
         page, png = report_html.render(report)
-    except Exception as exc:  # noqa: BLE001 - matplotlib missing or a report it cannot draw: the merge stands
+    except Exception as exc:  # noqa: BLE001 - Pillow missing or a report it cannot draw: the merge stands
         logger.warning("report.html not written: %s: %s", type(exc).__name__, exc)
         return []
     (folder / report_html.HTML_NAME).write_text(page, encoding="utf-8")

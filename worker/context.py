@@ -62,7 +62,7 @@ def warm_up() -> None:
     except Exception as exc:  # noqa: BLE001 - a warm-up never stops the worker: the first job pays instead
         logger.warning("warm-up merge failed (%s); the first job will warm up", exc)
     # What the imports and the warm-up left is there for good: collect its garbage now, not in the middle of
-    # the first job (Python's first full collection after the imports of torch and matplotlib takes a while),
+    # the first job (Python's first full collection after the import of torch takes a while),
     # and move the survivors out of the collector's sight, so that every later full collection
     # (``_release_memory`` after each job) only walks what the jobs allocate.
     gc.collect()
@@ -110,7 +110,7 @@ def _warm_transfers(ctx: WorkerContext) -> None:
 def _warm_merge() -> None:
     """One tiny job's merge on local files (two 4-wide MLPs with calibration, through ``merge_files``, the
     worker's entry point): the first real job then finds the tracer, torch's kernels, the writers and the
-    report's renderer (matplotlib) loaded."""
+    report's renderer (:mod:`mudsc_core.charts`, Pillow and its font) loaded."""
     import tempfile
     from pathlib import Path
 
