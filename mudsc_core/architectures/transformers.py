@@ -130,11 +130,22 @@ def resolve(config: TransformersConfig, folders: Sequence[Path | None], labels: 
         configs, names = [config.as_dict(), *configs], ["architecture.config", *names]
     if not configs:
         raise ArchitectureMismatch("architecture transformers needs a config: give Hugging Face model folders")
-    agree(configs, names)
+    agree([_with_defaults(c) for c in configs], names)
     try:
         return TransformersConfig.model_validate(configs[0])
     except ValueError as exc:
         raise ArchitectureMismatch(f"{names[0]}: {CONFIG_NAME} is not a transformers config: {exc}") from None
+
+
+def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """config.json as its config class reads it, every key it leaves out at the class default: folders saved by
+    different transformers versions (a hub original, its copy saved by transformers 5) write different sets of
+    defaults. A config that makes no config object is compared as it is (building it fails with its reason)."""
+    try:
+        made = hf_config(TransformersConfig.model_validate(raw))
+    except (ValueError, UnsupportedArchitecture):  # pydantic's ValidationError is a ValueError
+        return raw
+    return dict(made.to_dict())
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -58,21 +58,28 @@ def _label_count(config: Mapping[str, Any]) -> int | None:
 
 def agree(configs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> None:
     """Every config describes the network of the first (bookkeeping keys aside; label names may differ, their
-    count may not), else ``incompatible_models`` naming the model and the key."""
+    count may not), else ``incompatible_models`` naming the model and the key.
+
+    Only keys (and label counts) that both configs hold are compared: a key one config leaves out takes its
+    class default, which only the config class knows (``save_pretrained`` of transformers 5 writes every
+    default, a hub config of transformers 4 few of them). The worker compares the configs again with their
+    defaults filled in (``mudsc_core.architectures.transformers.resolve``), so a left-out key whose default
+    differs still fails.
+    """
     reference = _network_keys(configs[0])
     for config, label in zip(configs[1:], labels[1:]):
         other = _network_keys(config)
-        for key in sorted(set(reference) | set(other)):
-            mine, theirs = other.get(key, "<absent>"), reference.get(key, "<absent>")
+        for key in sorted(set(reference) & set(other)):
+            mine, theirs = other[key], reference[key]
             if mine != theirs:
                 raise IncompatibleModels(
                     f"{label}: config.json key {key!r} is {_short(mine)}, {labels[0]} has {_short(theirs)}: "
                     "the models are not one architecture"
                 )
-        if _label_count(config) != _label_count(configs[0]):
+        mine_count, theirs_count = _label_count(config), _label_count(configs[0])
+        if mine_count is not None and theirs_count is not None and mine_count != theirs_count:
             raise IncompatibleModels(
-                f"{label}: config.json has {_label_count(config)} labels (id2label), "
-                f"{labels[0]} has {_label_count(configs[0])}"
+                f"{label}: config.json has {mine_count} labels (id2label), {labels[0]} has {theirs_count}"
             )
 
 

@@ -42,13 +42,14 @@ MAX_TENSORS = 1_000_000
 MAX_DIMS = 64
 MAX_DIM = 2**63 - 1  # what torch (int64 sizes) can represent
 # Merging averages, permutes and scales weights: they must be floating point. Integer bookkeeping tensors
-# (BatchNorm's step counter) are carried over as they are.
+# (BatchNorm's step counter; the position index buffer that transformers before 4.31 saved with BERT-style
+# models, ``embeddings.position_ids``, which transformers 5 ignores on load) are carried over as they are.
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-BOOKKEEPING_SUFFIXES = ("num_batches_tracked",)
+BOOKKEEPING_SUFFIXES = ("num_batches_tracked", "position_ids")
 
 
 def is_bookkeeping(name: str) -> bool:
-    """An integer counter that rides along with the weights (never merged, never refused for its dtype)."""
+    """An integer buffer that rides along with the weights (never merged, never refused for its dtype)."""
     return name.endswith(BOOKKEEPING_SUFFIXES)
 
 
