@@ -11,8 +11,10 @@ task arithmetic and TIES runs, each in its own process under ``/usr/bin/time -v`
   YAML (``mudsc_core.schema.mergekit.from_mergekit``) and calls ``mudsc_core.files.merge_files``,
   what the worker calls.
 
-Each pair is run ``--repeats`` times, alternating; the medians of wall time and peak RSS are
-compared. Targets: ours at least 3x faster and at most 1/3 of mergekit's peak RSS. The two
+Each pair is run ``--repeats`` times, alternating which side goes first; before every run the
+previous output is deleted and ``sync`` flushes dirty pages, so that no run pays for writing back
+the other's 1 GB output (the side that always ran second used to). The medians of wall time and
+peak RSS are compared. Targets: ours at least 3x faster and at most 1/3 of mergekit's peak RSS. The two
 outputs are compared tensor by tensor (max abs difference) once per method.
 
     python -m bench same_base_vs_mergekit        # or: python bench/same_base_vs_mergekit.py [--repeats 3] [--keep]
@@ -181,10 +183,11 @@ def main() -> int:
         config = write_config(method)
         theirs_out, ours_out = WORK / f"out_mergekit_{method}", WORK / f"out_ours_{method}"
         runs: dict[str, list[tuple[float, float]]] = {"mergekit": [], "ours": []}
-        for _ in range(args.repeats):
-            for side in ("mergekit", "ours"):
+        for repeat in range(args.repeats):
+            for side in ("mergekit", "ours") if repeat % 2 == 0 else ("ours", "mergekit"):
                 out = theirs_out if side == "mergekit" else ours_out
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # start from clean page cache state: no write-back of the last run's output
                 argv = (
                     [str(mergekit), str(config), str(out)]
                     if side == "mergekit"
