@@ -24,9 +24,11 @@ class _PermutationCommon(Frozen):
     reset_bn: bool = Field(True, description="Re-estimate BatchNorm statistics from the calibration inputs")
     repair: bool = Field(
         False,
-        description="REPAIR (Jordan et al., 2022): set each merged unit's pre-activation mean and std over the "
-        "calibration inputs to the interpolation of its input models' (groups with one producing Linear/Conv; "
-        "for models without BatchNorm, e.g. LayerNorm transformers); needs calibration",
+        description="REPAIR (Jordan et al., 2022): set each merged unit's mean and std over the calibration "
+        "inputs, at every Linear/Conv/LayerNorm/GroupNorm output that produces it (a residual stream at each "
+        "projection and norm, q and k at each projection), to the interpolation of its input models'; groups "
+        "with BatchNorm are left to reset_bn (for models without BatchNorm, e.g. LayerNorm transformers); needs "
+        "calibration",
     )
     heads: Literal["shared", "separate"] = Field(
         "shared",

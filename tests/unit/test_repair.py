@@ -2,8 +2,10 @@
 
 On the digits MLP (no BatchNorm: nothing else undoes the variance collapse of averaging) every group's
 merged pre-activation std comes back to the interpolated target (ratio 1 after, well below 1 before), and
-plain weight averaging gains several points; on a transformers BERT the groups with one producing Linear
-are repaired and the others (the residual stream, q/k with two producers) are listed with the reason.
+plain weight averaging gains several points; on transformers every Linear/Conv1D/LayerNorm that produces a
+group's units is a repair site (the residual stream at its projections and LayerNorms, q and k at each of
+their projections, the segments of GPT-2's fused qkv), and groups carrying BatchNorm statistics are left to the
+BatchNorm reset.
 """
 
 from __future__ import annotations
@@ -78,12 +80,21 @@ def test_repair_on_a_transformer_names_what_it_left_alone() -> None:
     repaired, skipped = report["repair"]["groups"], report["repair"]["skipped"]
     assert {"bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.attention.self.value"} <= set(repaired)
     assert all(r["mean_shifted"] and r["std_ratio_after"] == pytest.approx(1.0, abs=1e-3) for r in repaired.values())
-    assert "producing weights" in skipped["bert.embeddings.word_embeddings"]
-    assert "producing weights" in skipped["bert.encoder.layer.0.attention.self.query"]
+    assert not skipped
+    # The residual stream at every LayerNorm and every projection writing into it (post-LN: the LayerNorms
+    # make the stream), q and k at their own projections; in forward order.
+    stream = repaired["bert.embeddings.word_embeddings"]["sites"]
+    assert stream[0] == "bert.embeddings.LayerNorm" and "bert.encoder.layer.1.output.LayerNorm" in stream
+    assert "bert.encoder.layer.0.attention.output.dense" in stream and "bert.encoder.layer.0.output.dense" in stream
+    assert repaired["bert.encoder.layer.0.attention.self.query"]["sites"] == [
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.0.attention.self.key",
+    ]
 
 
 def test_repair_folds_into_gpt2_conv1d_producers() -> None:
-    """GPT-2's Conv1D stores its weight (in, out): the MLP's producer is rescaled along its columns."""
+    """GPT-2's Conv1D stores its weight (in, out): producers are rescaled along their columns, the fused qkv
+    projection segment by segment (q and k in the head's qk group, v in its v group)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
         vocab_size=30, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3, pad_token_id=0,
@@ -91,9 +102,31 @@ def test_repair_folds_into_gpt2_conv1d_producers() -> None:
     )  # fmt: skip
     report = _zipit_with_repair(transformers.GPT2ForSequenceClassification, config, first_token=1)
     repaired = report["repair"]["groups"]
-    assert set(repaired) == {f"transformer.h.{i}.mlp.c_fc" for i in range(2)}
+    assert {f"transformer.h.{i}.mlp.c_fc" for i in range(2)} <= set(repaired)
+    assert not report["repair"]["skipped"]
     assert all(r["std_ratio_after"] == pytest.approx(1.0, abs=1e-3) for r in repaired.values())
     assert all(r["std_ratio_before"] != pytest.approx(1.0, abs=1e-3) for r in repaired.values())
+    assert repaired["transformer.h.0.attn.c_attn"]["sites"] == [
+        "transformer.h.0.attn.c_attn[0:32]",
+        "transformer.h.0.attn.c_attn[32:64]",
+    ]
+    assert repaired["transformer.h.0.attn.c_attn.1"]["sites"] == ["transformer.h.0.attn.c_attn[64:96]"]
+    stream = repaired["transformer.wte"]["sites"]
+    assert stream[0] == "transformer.h.0.ln_1" and stream[-1] == "transformer.ln_f"
+    assert "transformer.h.1.mlp.c_proj" in stream
+
+
+def test_batchnorm_groups_are_left_to_the_reset() -> None:
+    """A conv followed by BatchNorm is not rescaled (its statistics would go stale): reset_bn re-estimates them."""
+    from mudsc_core.architectures import build_model, trace_architecture
+    from mudsc_core.permutation.repair import producers
+    from mudsc_core.schema import ArchitectureSpec
+
+    arch = ArchitectureSpec.model_validate({"name": "vgg", "config": {"in_channels": 1, "layers": [8, "M", 12]}})
+    spec = trace_architecture(arch).spec
+    found, skipped = producers(spec, dict(build_model(arch).named_modules()))
+    assert not found and skipped
+    assert all("BatchNorm" in reason for reason in skipped.values())
 
 
 def test_repair_needs_calibration() -> None:
