@@ -14,7 +14,8 @@ task arithmetic and TIES runs, each in its own process under ``/usr/bin/time -v`
 Each pair is run ``--repeats`` times, alternating which side goes first; before every run the
 previous output is deleted and ``sync`` flushes dirty pages, so that no run pays for writing back
 the other's 1 GB output (the side that always ran second used to). The medians of wall time and
-peak RSS are compared. Targets: ours at least 3x faster and at most 1/3 of mergekit's peak RSS. The two
+peak RSS are compared (CPU time, user + system, is printed beside them: on a shared machine it moves less with the
+load than wall time). Targets: ours at least 3x faster (wall) and at most 1/3 of mergekit's peak RSS. The two
 outputs are compared tensor by tensor (max abs difference) once per method.
 
     python -m bench same_base_vs_mergekit        # or: python bench/same_base_vs_mergekit.py [--repeats 3] [--keep]
@@ -121,8 +122,8 @@ def write_config(method: str) -> Path:
     return path
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one process, from /usr/bin/time -v."""
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GB) and CPU seconds (user + system) of one process, from /usr/bin/time -v."""
     started = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *argv], cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -130,7 +131,10 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"failed: {' '.join(argv)}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return wall, rss_kb / 1024**2
+    cpu = sum(
+        float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for kind in ("User", "System")
+    )
+    return wall, rss_kb / 1024**2, cpu
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -175,14 +179,14 @@ def main() -> int:
         f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
         "",
         f"{'method':<16}{'mergekit s':>11}{'ours s':>8}{'speed-up':>9}{'mergekit GB':>12}{'ours GB':>8}"
-        f"{'RSS ratio':>10}{'max |diff|':>11}  runs (s / GB)",
+        f"{'RSS ratio':>10}{'CPU s (theirs/ours)':>21}{'CPU ratio':>10}{'max |diff|':>11}  runs (wall s / GB / CPU s)",
     ]
     print("\n".join(lines), flush=True)
     passed = True
     for method in args.methods:
         config = write_config(method)
         theirs_out, ours_out = WORK / f"out_mergekit_{method}", WORK / f"out_ours_{method}"
-        runs: dict[str, list[tuple[float, float]]] = {"mergekit": [], "ours": []}
+        runs: dict[str, list[tuple[float, float, float]]] = {"mergekit": [], "ours": []}
         for repeat in range(args.repeats):
             for side in ("mergekit", "ours") if repeat % 2 == 0 else ("ours", "mergekit"):
                 out = theirs_out if side == "mergekit" else ours_out
@@ -195,17 +199,19 @@ def main() -> int:
                 )
                 runs[side].append(timed(argv))
         diff = max_diff(ours_out, theirs_out)
-        med = {
-            side: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for side, r in runs.items()
-        }
+        med = {side: tuple(statistics.median(run[k] for run in r) for k in range(3)) for side, r in runs.items()}
         speed = med["mergekit"][0] / med["ours"][0]
         memory = med["ours"][1] / med["mergekit"][1]
         ok = speed >= SPEED_TARGET and memory <= MEMORY_TARGET
         passed &= ok
-        detail = "; ".join(f"{side} " + ", ".join(f"{w:.1f}/{m:.2f}" for w, m in r) for side, r in runs.items())
+        detail = "; ".join(
+            f"{side} " + ", ".join(f"{w:.1f}/{m:.2f}/{c:.1f}" for w, m, c in r) for side, r in runs.items()
+        )
+        cpu = f"{med['mergekit'][2]:.1f}/{med['ours'][2]:.1f}"
         line = (
             f"{method:<16}{med['mergekit'][0]:>11.1f}{med['ours'][0]:>8.1f}{speed:>8.1f}x{med['mergekit'][1]:>12.2f}"
-            f"{med['ours'][1]:>8.2f}{memory:>10.3f}{diff:>11.2e}  {detail}"
+            f"{med['ours'][1]:>8.2f}{memory:>10.3f}{cpu:>21}{med['mergekit'][2] / med['ours'][2]:>9.1f}x{diff:>11.2e}"
+            f"  {detail}"
         )
         lines.append(line)
         print(line, flush=True)
