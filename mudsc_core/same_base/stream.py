@@ -458,11 +458,17 @@ def _merge_one(
         )
     else:
         assert base is not None
-        base_tensor = base.get_float32(entry.name, out=buffers(0))
+        # Checked for NaN/Inf through its task vectors' norms (a merged tensor has at least one holder).
+        base_tensor = base.get_float32(entry.name, out=buffers(0), check_finite=False)
         timer.add("read_s", t0)
-        task_vectors = _task_vectors(entry.name, base_tensor, checkpoints, entry.holders, timer, buffers)
+        norms: list[float] = []
+        task_vectors = _task_vectors(entry.name, base, base_tensor, checkpoints, entry.holders, timer, buffers, norms)
         delta = merger.merge(
-            entry.name, stats.watch(task_vectors) if stats else task_vectors, holder_weights, entry.holders, values
+            entry.name,
+            stats.watch(task_vectors, norms) if stats else task_vectors,
+            holder_weights,
+            entry.holders,
+            values,
         )
         if stats is not None:
             stats.merged(entry.name, delta)
@@ -526,17 +532,32 @@ def _reads(
 
 def _task_vectors(
     name: str,
+    base: Checkpoint,
     base_tensor: torch.Tensor,
     checkpoints: Sequence[Checkpoint],
     holders: Sequence[int],
     timer: _Timer,
     buffers: _ReadBuffers,
+    norms: list[float],
 ) -> Iterator[torch.Tensor]:
+    """Each holder's task vector (its read buffer, the merger's to overwrite); its L2 norm appended to ``norms``.
+
+    The norm is the NaN/Inf check of both inputs: it is finite only where every element of model - base is,
+    which needs both finite. One reduction per task vector (the report's norm, wanted anyway) instead of one
+    pass per input; where it is not finite, the inputs are read again, checked, to name the culprit.
+    """
     for i in holders:
         t0 = time.perf_counter()
-        delta = checkpoints[i].get_float32(name, out=buffers(1 + i))
+        delta = checkpoints[i].get_float32(name, out=buffers(1 + i), check_finite=False)
         timer.add("read_s", t0)
         delta.sub_(base_tensor)
+        norm = float(torch.linalg.vector_norm(delta))
+        if not math.isfinite(norm):
+            # Raises InvalidCheckpoint (or ComputeOverflow) naming the file; where both are finite, the
+            # difference or its norm overflowed float32 and the merge goes on as before.
+            base.get_float32(name)
+            checkpoints[i].get_float32(name)
+        norms.append(norm)
         yield delta
         del delta
 

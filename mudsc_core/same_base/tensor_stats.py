@@ -12,7 +12,7 @@ tensor-sized temporaries.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,11 +42,15 @@ class TaskVectorStats:
         self._merged_squares = 0.0
         self._sampled = self._conflicts = self._kept = 0
 
-    def watch(self, task_vectors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Yield the task vectors unchanged, measuring each before the merger may overwrite it."""
+    def watch(
+        self, task_vectors: Iterable[torch.Tensor], norms: Sequence[float] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yield the task vectors unchanged, measuring each before the merger may overwrite it; ``norms``: their
+        L2 norms where the producer computed them already (filled as it yields)."""
         self._reset()
         for tau in task_vectors:
-            self._norms.append(float(torch.linalg.vector_norm(tau)))
+            index = len(self._norms)
+            self._norms.append(norms[index] if norms is not None else float(torch.linalg.vector_norm(tau)))
             sample = _sample(tau)
             if self._positive is None or self._negative is None:
                 self._positive, self._negative = sample > 0, sample < 0

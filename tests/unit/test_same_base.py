@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from mudsc_core.errors import IncompatibleModels, InvalidCheckpoint, MergeCanceled
+from mudsc_core.errors import IncompatibleModels, InvalidCheckpoint, MergeCanceled, MergeError
 from mudsc_core.io import load_state_dict, open_checkpoint, save_state_dict
 from mudsc_core.same_base import sparsify as sp
 from mudsc_core.same_base.model_stock import model_stock_delta
@@ -429,6 +429,47 @@ def test_nan_fails_naming_the_tensor_and_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidCheckpoint, match="layer.0.bias"):
         _merge("task_arithmetic", {}, [models[0], tmp_path / "bad"], base_dir, out)
     assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize("where", ["base", "model 0", "model 1"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear"])
+def test_one_non_finite_element_names_the_file_that_holds_it(
+    tmp_path: Path, where: str, value: float, method: str
+) -> None:
+    """Inputs are checked through their task vectors' norms: one bad element, in the base or in any model,
+    still fails naming that checkpoint (its folder) and the tensor."""
+    base_dir, models, base = _models(tmp_path, n=2)
+    broken = {k: v.clone() for k, v in base.items()}
+    broken["layer.0.weight"].view(-1)[5] = value
+    (tmp_path / "bad").mkdir()  # written with the safetensors library: our writer refuses to write NaN/Inf
+    save_file(broken, tmp_path / "bad" / "model.safetensors")
+    inputs = {"base": (models, tmp_path / "bad"), "model 0": ([tmp_path / "bad", models[1]], base_dir)}
+    inputs["model 1"] = ([models[0], tmp_path / "bad"], base_dir)
+    chosen, base_input = inputs[where]
+    out = tmp_path / "out"
+    with pytest.raises(InvalidCheckpoint, match=r"bad.*layer\.0\.weight|layer\.0\.weight.*bad") as caught:
+        _merge(method, {}, chosen, base_input, out)
+    assert "NaN or Inf" in str(caught.value)
+    assert not any(out.iterdir())
+
+
+def test_finite_inputs_whose_difference_overflows_are_not_blamed_on_a_checkpoint(tmp_path: Path) -> None:
+    """model - base beyond float32 makes the norm inf although both inputs are finite: the re-check clears
+    them, and the merge then fails as an overflow of the result, not as a broken checkpoint."""
+    base_dir, models, base = _models(tmp_path, n=1)
+    big = {k: v.clone() for k, v in base.items()}
+    big["layer.0.weight"].view(-1)[0] = 3e38
+    low = {k: v.clone() for k, v in base.items()}
+    low["layer.0.weight"].view(-1)[0] = -3e38
+    save_state_dict(big, tmp_path / "big")
+    save_state_dict(low, tmp_path / "low")
+    with pytest.raises(MergeError) as caught:
+        _merge(
+            "task_arithmetic", {"scaling_factor": 0.5}, [tmp_path / "big", models[0]], tmp_path / "low", tmp_path / "o"
+        )
+    assert not isinstance(caught.value, InvalidCheckpoint), caught.value
+    assert type(caught.value).__name__ in {"OutputOverflow", "ComputeOverflow"}, caught.value
 
 
 def test_cancel_propagates_and_leaves_nothing(tmp_path: Path) -> None:
