@@ -30,11 +30,12 @@ class SpecBuilder:
         *,
         num_blocks: int = 1,
         block_tie: str | None = None,
+        extra_sites: tuple[ActivationSite, ...] = (),
     ) -> str:
         """Declare a unit group (declaration order = forward order); returns its name."""
         if name in self._groups:
             raise ValueError(f"unit group {name!r} declared twice")
-        self._groups[name] = UnitGroup(name, size, activation, num_blocks, block_tie)
+        self._groups[name] = UnitGroup(name, size, activation, num_blocks, block_tie, extra_sites=extra_sites)
         return name
 
     def size(self, group: str) -> int:

@@ -113,7 +113,14 @@ def example_inputs(config: ViTConfig) -> tuple[Tensor, ...]:
 def spec(config: ViTConfig) -> PermSpec:
     b = SpecBuilder()
     dim, heads = config.embed_dim, config.num_heads
-    stream = b.group("residual", dim, ActivationSite("norm", "input", unit_dim=-1))
+    # Pre-norm: the stream is also observed where each block's norms and the final norm hand it on.
+    reads = [f"blocks.{i}.{norm}" for i in range(config.depth) for norm in ("norm1", "norm2")] + ["norm"]
+    stream = b.group(
+        "residual",
+        dim,
+        ActivationSite("norm", "input", unit_dim=-1),
+        extra_sites=tuple(ActivationSite(name, "output", unit_dim=-1) for name in reads),
+    )
     for i in range(config.depth):
         p = f"blocks.{i}"
         qk = b.group(

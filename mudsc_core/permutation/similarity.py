@@ -8,7 +8,7 @@ correlates 0 with everything (never NaN).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,8 +20,14 @@ from mudsc_core.permutation.spec import ActivationSite, PermSpec
 
 _DEAD_STD = 1e-12
 _ROW_BLOCK = 1024  # rows per block of the in-place (U, U) passes
-# A weight similarity's features are multiplied in float64 slices of at most this many elements.
+# A weight similarity's features are centred in float64 slices of at most this many elements (then multiplied
+# as float32, their products summed in float64) ...
 GRAM_CHUNK_ELEMENTS = 1 << 23
+# ... a block of rows against the rows below it at a time: between these many rows (the product's own
+# (block, U) temporaries stay within the slice's bound).
+_GRAM_MIN_BLOCK, _GRAM_ROW_BLOCK = 64, 512
+# Another group's axis is mapped into merged units by one gather per constituent, up to this many.
+_MAX_GATHERS = 8
 # Activations are shifted and multiplied (float32) in slices of at most this many values per unit block.
 SAMPLE_CHUNK_ELEMENTS = 1 << 20
 # ... and multiplied by float32 GEMMs over runs of this many samples, their results summed in float64.
@@ -146,15 +152,13 @@ def _product(a: Tensor, b: Tensor, exact_fallback: bool = True) -> Tensor:
     """a @ b.T of float32 (units, samples) slices as float64: float32 GEMMs over runs of ``SAMPLE_RUN`` samples,
     their results summed in float64 (a float32 dot product over thousands of samples drifts by ~1e-6).
 
+    One run's (units, units) float32 product exists at a time, added to the float64 result as it comes (faster
+    than one batched GEMM summed afterwards, and no (runs, units, units) temporary).
     A product beyond the float32 range of finite values is computed in float64 (``exact_fallback``).
     """
-    runs = a.shape[1] // SAMPLE_RUN
-    if runs <= 1:
-        product = (a @ b.T).to(torch.float64)
-    else:  # (runs, units, SAMPLE_RUN) strided views: one batched GEMM, no copy
-        product = torch.bmm(
-            a.view(a.shape[0], runs, SAMPLE_RUN).transpose(0, 1), b.view(b.shape[0], runs, SAMPLE_RUN).permute(1, 2, 0)
-        ).sum(dim=0, dtype=torch.float64)
+    product = (a[:, :SAMPLE_RUN] @ b[:, :SAMPLE_RUN].T).to(torch.float64)
+    for start in range(SAMPLE_RUN, a.shape[1], SAMPLE_RUN):
+        product += a[:, start : start + SAMPLE_RUN] @ b[:, start : start + SAMPLE_RUN].T
     if exact_fallback and not bool(torch.isfinite(product).all()):
         product = a.double() @ b.double().T
     return product
@@ -177,27 +181,41 @@ def covariance_to_correlation(cov: Tensor) -> Tensor:
 
 
 def row_correlation(features: Tensor, chunk_elements: int | None = None) -> Tensor:
-    """Pearson correlation between rows of (U, F) features, in float64; constant rows correlate 0.
+    """Pearson correlation between rows of (U, F) features, within ~1e-6 of float64; constant rows correlate 0.
 
-    Features wider than ``chunk_elements / U`` columns are centred and multiplied a slice of
-    columns at a time, so only a (U, slice) float64 copy exists next to the float32 features
-    (a wide residual stream has F in the hundreds of thousands); narrower ones in one go.
+    Two passes over slices of columns: the float64 row means, then each slice centred in float64, rounded to
+    float32 and multiplied by :func:`_product` (float32 GEMMs over runs of ``SAMPLE_RUN`` columns, summed in
+    float64, as for activations). Only the upper triangle of row blocks is multiplied; the lower is its
+    transpose. A slice is at most ``chunk_elements / U`` columns (a multiple of ``SAMPLE_RUN``, at least one
+    run), so only a (U, slice) float64 copy and its float32 rounding exist next to the float32 features (a
+    wide residual stream has F in the hundreds of thousands), then the rounding and (block, U) products.
     """
     rows, cols = features.shape
-    step = max(1, (chunk_elements or GRAM_CHUNK_ELEMENTS) // max(rows, 1))
-    if cols <= step:
-        x = features.to(torch.float64, copy=True)
-        x -= x.mean(dim=1, keepdim=True)
-        cov = x @ x.T
-    else:
-        mean = torch.zeros(rows, dtype=torch.float64, device=features.device)
-        for start in range(0, cols, step):
-            mean += features[:, start : start + step].to(torch.float64).sum(dim=1)
-        mean /= cols
-        cov = torch.zeros(rows, rows, dtype=torch.float64, device=features.device)
-        for start in range(0, cols, step):
-            x = features[:, start : start + step].to(torch.float64) - mean[:, None]
-            cov.addmm_(x, x.T)
+    chunk = chunk_elements or GRAM_CHUNK_ELEMENTS
+    step = max(1, chunk // max(rows, 1))
+    if cols > step:  # slices start on run boundaries: the runs (and the sums) do not depend on the slicing
+        step = max(SAMPLE_RUN, step - step % SAMPLE_RUN)
+    block = min(max(chunk // max(rows, 1), _GRAM_MIN_BLOCK), _GRAM_ROW_BLOCK)
+    mean = torch.zeros(rows, dtype=torch.float64, device=features.device)
+    for start in range(0, cols, step):
+        mean += features[:, start : start + step].sum(dim=1, dtype=torch.float64)
+    mean /= max(cols, 1)
+    cov = torch.zeros(rows, rows, dtype=torch.float64, device=features.device)  # upper row blocks filled
+    for start in range(0, cols, step):
+        piece = features[:, start : start + step].to(torch.float64, copy=True)
+        piece -= mean[:, None]  # in place: no second float64 copy (never the caller's features)
+        width = piece.shape[1]
+        shifted = torch.zeros(rows, -(-width // SAMPLE_RUN) * SAMPLE_RUN, dtype=torch.float32, device=piece.device)
+        shifted[:, :width] = piece  # (U, slice padded to runs): centred in float64, then rounded
+        if not bool(torch.isfinite(shifted).all()):  # beyond float32 once centred (or non-finite): float64
+            shifted = piece
+        del piece
+        for top in range(0, rows, block):
+            bottom = min(top + block, rows)
+            cov[top:bottom, top:] += _product(shifted[top:bottom], shifted[top:])
+    for top in range(0, rows, block):  # the lower triangle of blocks: the transposes of the upper ones
+        bottom = min(top + block, rows)
+        cov[bottom:, top:bottom] = cov[top:bottom, bottom:].T
     cov /= max(cols, 1)
     return covariance_to_correlation(cov)
 
@@ -249,28 +267,42 @@ class _SiteTracer(fx.Tracer):
         return result
 
 
+def observations(spec: PermSpec, groups: Sequence[str]) -> dict[str, tuple[str, ActivationSite | None]]:
+    """Every site of ``groups``, keyed by what the taps return: the group's name for its ``activation``,
+    ``<group>#<i>`` for its i-th extra site (from 1); value: (group, site), None for a group without one."""
+    out: dict[str, tuple[str, ActivationSite | None]] = {}
+    for name in groups:
+        group = spec.groups[name]
+        out[name] = (name, group.activation)
+        for index, site in enumerate(group.sites[1:], start=1):
+            out[f"{name}#{index}"] = (name, site)
+    return out
+
+
 def activation_taps(model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> fx.GraphModule:
     """The model's captured graph, returning the tensor at each group's activation site instead of its outputs.
+
+    Keys as :func:`observations`: a group with extra sites has one tap per site.
 
     One mechanism for every architecture: a site names a module call of the graph (its input or output).
     Nodes that no site needs (the head after the last site, say) are dropped, so a calibration pass
     computes only what the statistics use.
     """
-    tracer = _SiteTracer({site.module for g in groups if (site := spec.groups[g].activation) is not None})
+    observed = observations(spec, groups)
+    tracer = _SiteTracer({site.module for _, site in observed.values() if site is not None})
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, ... for what it cannot follow
         raise UnsupportedArchitecture(f"cannot capture the forward pass of {type(model).__name__}: {exc}") from exc
     taps: dict[str, fx.Node] = {}
-    for name in groups:
-        site = spec.groups[name].activation
+    for key, (name, site) in observed.items():
         boundary = tracer.boundaries.get(site.module) if site is not None else None
         if site is None or boundary is None:
             raise SpecError(
                 f"group {name}: activation site {getattr(site, 'module', None)!r} is not a module call "
                 f"of {type(model).__name__}'s forward"
             )
-        taps[name] = boundary[1] if site.io == "output" else boundary[0]
+        taps[key] = boundary[1] if site.io == "output" else boundary[0]
     output = next(node for node in graph.nodes if node.op == "output")
     output.args = (taps,)
     graph_module = fx.GraphModule(model, graph)
@@ -303,7 +335,8 @@ class HookTaps:
 
     def __init__(self, model: nn.Module, spec: PermSpec, groups: Sequence[str]) -> None:
         self.model = model
-        self.sites = {g: site for g in groups if (site := spec.groups[g].activation) is not None}
+        # Keys as :func:`observations`: a group with extra sites has one tap per site.
+        self.sites = {key: site for key, (_, site) in observations(spec, groups).items() if site is not None}
         self.captured: dict[tuple[str, str], Tensor] = {}
         self.handles: list[Any] = []
         for module_name, io in sorted({(site.module, site.io) for site in self.sites.values()}):
@@ -380,10 +413,13 @@ def site_samples(model: nn.Module, spec: PermSpec, batch: Batch, batch_size: int
         return {}
     finally:
         taps.close()
-    return {
-        g: -(-_site_features(spec.groups[g].activation, t, mask).shape[1] * batch_size // max(count, 1))
-        for g, t in captured.items()
-    }
+    observed = observations(spec, groups)
+    samples: dict[str, int] = {}
+    for key, tensor in captured.items():  # a group's extra sites add their positions to its samples
+        group, site = observed[key]
+        positions = _site_features(site, tensor, mask).shape[1]
+        samples[group] = samples.get(group, 0) + -(-positions * batch_size // max(count, 1))
+    return samples
 
 
 def activation_correlations(
@@ -393,9 +429,12 @@ def activation_correlations(
     progress: Callable[[float], None] | None = None,
     num_batches: int | None = None,
 ) -> dict[str, Tensor]:
-    """Pearson correlation of every group's stacked units over the calibration inputs."""
+    """Pearson correlation of every group's stacked units over the calibration inputs.
+
+    A group with extra sites pools them: every position at every site is one sample of its correlation.
+    """
     groups = [g for g in spec.group_order() if spec.groups[g].activation is not None]
-    sites = {g: spec.groups[g].activation for g in groups}
+    observed = observations(spec, groups)
     taps = [_taps(model, spec, groups) for model in models]
     accumulators = {g: CorrelationAccumulator() for g in groups}
     try:
@@ -404,11 +443,11 @@ def activation_correlations(
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 captured = [tap(batch) for tap in taps]  # one forward per model feeds every group
                 overflow: list[tuple[int, int]] = []  # (model, group position) with a non-finite activation
-                for position, g in enumerate(groups):
+                for key, (g, site) in observed.items():
                     # Each model's (units, samples...) view straight from its forward: shifted and multiplied
                     # a slice at a time, never stacked or copied whole.
-                    blocks = [_site_units_first(sites[g], per_model[g], mask) for per_model in captured]
-                    overflow += [(model, position) for model in accumulators[g].update_blocks(blocks)]
+                    blocks = [_site_units_first(site, per_model[key], mask) for per_model in captured]
+                    overflow += [(model, groups.index(g)) for model in accumulators[g].update_blocks(blocks)]
                 if overflow:  # the inputs are checked finite: the weights did it
                     model_index, position = min(overflow)
                     raise ComputeOverflow(
@@ -427,6 +466,85 @@ def activation_correlations(
 
 # --------------------------------------------------------------------------- weights
 @dataclass(frozen=True)
+class UnitMap:
+    """An (n, m) matrix with at most one non-zero per row, by index: unit k feeds merged unit ``target[k]``
+    with ``weight[k]`` (what a correspondence's :meth:`Correspondence.to_merged` is: a permutation for align,
+    a mean of a few units for zip). Contracting an axis with it gathers, never multiplies by the dense matrix.
+
+    Merged unit j sums ``weights[d, j] * x[sources[d, j]]`` over its ``depth`` constituents at most, one gather
+    per d (a permutation: one gather, exactly the dense product); a merged unit of more than
+    ``_MAX_GATHERS`` units makes it an ``index_add_`` (on CUDA its atomic adds sum in no fixed order).
+    """
+
+    target: Tensor  # (n,) long: the merged unit of every unit (any, where its weight is 0)
+    weight: Tensor  # (n,) the matrix's non-zero of every row (0 in an empty row)
+    width: int  # m
+    sources: Tensor  # (depth, m) long: the d-th unit of every merged unit (0 where it has fewer)
+    weights: Tensor  # (depth, m): its weight (0 where none)
+    gather_only: bool  # every merged unit is one unit of weight 1 (a permutation)
+
+    @staticmethod
+    def of(target: Tensor, weight: Tensor, width: int) -> UnitMap:
+        """The map sending unit k to merged unit ``target[k]`` with ``weight[k]``."""
+        kept = torch.nonzero(weight).squeeze(1)  # units that feed a merged unit
+        merged = target[kept]
+        counts = torch.bincount(merged, minlength=width)
+        depth = int(counts.max()) if kept.numel() else 0
+        order = torch.argsort(merged, stable=True)  # kept units, grouped by merged unit
+        ranks = torch.arange(order.numel(), device=target.device) - (counts.cumsum(0) - counts)[merged[order]]
+        sources = torch.zeros(depth, width, dtype=torch.long, device=target.device)
+        weights = torch.zeros(depth, width, dtype=weight.dtype, device=weight.device)
+        sources[ranks, merged[order]] = kept[order]
+        weights[ranks, merged[order]] = weight[kept[order]]
+        gather_only = depth == 1 and bool((counts == 1).all()) and bool((weights == 1).all())
+        return UnitMap(target, weight, width, sources, weights, gather_only)
+
+    @staticmethod
+    def from_matrix(matrix: Tensor) -> UnitMap | None:
+        """The map of an (n, m) matrix; None when some row has more than one non-zero (kept dense)."""
+        nonzero = matrix != 0
+        if matrix.shape[1] == 0 or bool((nonzero.sum(dim=1) > 1).any()):
+            return None
+        target = nonzero.to(torch.uint8).argmax(dim=1)  # (n,): the non-zero's column (0 in an empty row)
+        return UnitMap.of(target, matrix.gather(1, target[:, None]).squeeze(1), int(matrix.shape[1]))
+
+    def expanded(self, num_blocks: int, merged_blocks: int, expand: int) -> UnitMap:
+        """The map of a segment carrying the group ``expand`` times per block (:func:`expand_matrix` by index).
+
+        Unit (block j, copy c, unit t) feeds copy c of the merged unit its group unit j*b + t feeds.
+        """
+        if expand == 1:
+            return self
+        n, m = self.target.shape[0], self.width
+        if n % num_blocks or m % merged_blocks:
+            raise ValueError(f"map ({n}, {m}) does not split into {num_blocks} x {merged_blocks} blocks")
+        size, merged_size = n // num_blocks, m // merged_blocks
+        target = self.target.view(num_blocks, 1, size)  # (G, 1, b)
+        copies = torch.arange(expand, device=target.device).view(1, expand, 1) * merged_size  # (1, r, 1)
+        target = ((target // merged_size) * (expand * merged_size) + copies + target % merged_size).reshape(-1)
+        weight = self.weight.view(num_blocks, 1, size).expand(num_blocks, expand, size).reshape(-1)
+        return UnitMap.of(target, weight, m * expand)
+
+    def apply(self, tensor: Tensor, axis: int) -> Tensor:
+        """``tensor`` with ``axis`` (n entries) contracted with the matrix: m entries."""
+        shape = [1] * tensor.ndim
+        shape[axis] = -1
+        depth = self.sources.shape[0]
+        if depth > _MAX_GATHERS or depth == 0:
+            out_shape = list(tensor.shape)
+            out_shape[axis] = self.width
+            weighted = tensor * self.weight.to(tensor).view(shape)
+            return tensor.new_zeros(out_shape).index_add_(axis, self.target.to(tensor.device), weighted)
+        sources, weights = self.sources.to(tensor.device), self.weights.to(tensor)
+        out = tensor.index_select(axis, sources[0])
+        if not self.gather_only:
+            out *= weights[0].view(shape)
+        for d in range(1, depth):
+            out += tensor.index_select(axis, sources[d]) * weights[d].view(shape)
+        return out
+
+
+@dataclass(frozen=True)
 class Correspondence:
     """One group's current correspondence: per model, unmerge U_i (n, m) and merge M_i (n, m)."""
 
@@ -434,6 +552,8 @@ class Correspondence:
     unmerge: list[Tensor]
     index: list[Tensor] | None = None  # align: per model (m,) unit of model i feeding merged unit j
     blocks: int = 1  # blocks of the merged group (an expanded segment repeats each merged block)
+    # per model, :meth:`to_merged` by index (derived on first use; the matrices never change)
+    _maps: dict[int, UnitMap | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -444,9 +564,18 @@ class Correspondence:
         unmerge = self.unmerge[model]
         return unmerge / unmerge.sum(dim=0, keepdim=True).clamp_min(1.0)
 
+    def merged_map(self, model: int) -> UnitMap | None:
+        """:meth:`to_merged` as a :class:`UnitMap`; None when a unit feeds more than one merged unit."""
+        if model not in self._maps:
+            self._maps[model] = UnitMap.from_matrix(self.to_merged(model))
+        return self._maps[model]
 
-def _map_axis(tensor: Tensor, axis: int, segments: Sequence[tuple[int, int, Tensor | None]]) -> Tensor:
-    """Contract ``axis`` segment by segment with (n, m) matrices.
+
+AxisMap = Tensor | UnitMap  # a dense (n, m) matrix, or one by index
+
+
+def _map_axis(tensor: Tensor, axis: int, segments: Sequence[tuple[int, int, AxisMap | None]]) -> Tensor:
+    """Contract ``axis`` segment by segment with (n, m) maps (by index where a map is a :class:`UnitMap`).
 
     A segment whose group has no correspondence yet (None) is sorted along the axis: the
     sorted values do not depend on how that group's units are ordered, so the first sweep
@@ -454,14 +583,25 @@ def _map_axis(tensor: Tensor, axis: int, segments: Sequence[tuple[int, int, Tens
     (which traps coordinate ascent in poor local optima).
     """
     pieces = []
-    for start, stop, matrix in segments:
+    for start, stop, mapping in segments:
         piece = tensor.narrow(axis, start, stop - start)
-        if matrix is None:
+        if mapping is None:
             piece = piece.sort(dim=axis).values
+        elif isinstance(mapping, UnitMap):
+            piece = mapping.apply(piece, axis)
         else:
-            piece = torch.tensordot(piece.movedim(axis, -1), matrix.to(piece.dtype), dims=1).movedim(-1, axis)
+            piece = torch.tensordot(piece.movedim(axis, -1), mapping.to(piece.dtype), dims=1).movedim(-1, axis)
         pieces.append(piece)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+
+
+def _merged_map(correspondence: Correspondence, model: int, spec: PermSpec, group: str, expand: int) -> AxisMap:
+    """Model ``model``'s map of ``group`` into merged coordinates on a segment carrying it ``expand`` times."""
+    num_blocks = spec.groups[group].num_blocks
+    unit_map = correspondence.merged_map(model)
+    if unit_map is not None:
+        return unit_map.expanded(num_blocks, correspondence.blocks, expand)
+    return expand_matrix(correspondence.to_merged(model), num_blocks, correspondence.blocks, expand)
 
 
 def weight_similarity(
@@ -492,19 +632,15 @@ def weight_similarity(
                 offset = 0
                 for seg in axis_spec:
                     corr = correspondences.get(seg.group)
-                    matrix = None
-                    if corr is not None:
-                        matrix = expand_matrix(
-                            corr.to_merged(i), spec.groups[seg.group].num_blocks, corr.blocks, seg.expand
-                        )
-                    segments.append((offset, offset + seg.length, matrix))
+                    mapping = None if corr is None else _merged_map(corr, i, spec, seg.group, seg.expand)
+                    segments.append((offset, offset + seg.length, mapping))
                     offset += seg.length
                 tensor = _map_axis(tensor, other_axis, segments)
             rows = tensor.narrow(axis, start, own_seg.length).movedim(axis, 0)
             if own_seg.expand > 1:  # (G*r*b, ...) -> (G, b, r, ...): copies of a unit side by side
                 rows = rows.reshape(own.num_blocks, own_seg.expand, own.block_size, -1).transpose(1, 2)
             per_model[i].append(rows.reshape(own.size, -1))
-    # (N*n, F) in the weights' dtype (float32): row_correlation computes in float64 a slice at a time.
+    # (N*n, F) in the weights' dtype (float32): row_correlation centres in float64 a slice at a time.
     features = torch.cat([torch.cat(per_model.pop(0), dim=1) for _ in range(len(states))], dim=0)
     return row_correlation(features)
 

@@ -71,10 +71,18 @@ class UnitGroup:
     # Blocks move only as wholes: units inside a block keep their order (the dims inside a
     # rotary q/k head are fixed by the cos/sin tables, the heads are free).
     whole_blocks: bool = False
+    # Further points where the group is observed: every site's positions are samples of the one
+    # correlation (a pre-norm residual stream, also observed where its norms hand it to the sublayers).
+    extra_sites: tuple[ActivationSite, ...] = ()
 
     @property
     def block_size(self) -> int:
         return self.size // self.num_blocks
+
+    @property
+    def sites(self) -> tuple[ActivationSite, ...]:
+        """Every point where the group is observed: ``activation`` first, then ``extra_sites``."""
+        return () if self.activation is None else (self.activation, *self.extra_sites)
 
 
 @dataclass(frozen=True)

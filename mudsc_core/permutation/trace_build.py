@@ -58,6 +58,39 @@ _WEIGHT_ARG = {"embedding": 0, "layer_norm": 2, "group_norm": 2, "batch_norm": 1
 _INPUT_ARG = {"addmm": 1}
 
 
+_ADDS = frozenset({"add", "add_", "sub", "sub_"})
+
+
+def _is_layer_norm(type_name: str) -> bool:
+    """A per-position norm over the unit axis: LayerNorm, RMSNorm and the classes named like them
+    (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ``ConvNextLayerNorm``)."""
+    return type_name.rsplit(".", 1)[-1].endswith(("LayerNorm", "RMSNorm"))
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in _ADDS
+    name = _op_name(node) or getattr(node.target, "__name__", "")
+    return node.op == "call_function" and name in _ADDS
+
+
+@dataclass(frozen=True)
+class _NormCall:
+    """One call of a LayerNorm-like module: its graph nodes, the tensor it reads and the one it returns."""
+
+    module: str
+    nodes: frozenset[fx.Node]
+    input: fx.Node
+    output: fx.Node
+
+    @property
+    def bypassed(self) -> bool:
+        """The tensor it normalises also flows on around it (a pre-norm block's residual)."""
+        inside = self.nodes | {self.output}
+        read = [self.input, *(n for n in self.nodes if n is not self.output)]
+        return any(user not in inside for node in read for user in node.users)
+
+
 def _data_input(node: fx.Node) -> object:
     index = _INPUT_ARG.get(_op_name(node), 0)
     return node.args[index] if len(node.args) > index else None
@@ -310,7 +343,9 @@ class SpecAssembler:
                 tie = tie_root.get(sig[0])
                 tie_root.setdefault(sig[0], names[sig])
             whole = len(sig) == 2 and sig[1] in self.whole
-            groups[names[sig]] = UnitGroup(names[sig], size, sites.site(sig), blocks, tie, whole)
+            groups[names[sig]] = UnitGroup(
+                names[sig], size, sites.site(sig), blocks, tie, whole, extra_sites=sites.read_sites(sig)
+            )
         return groups
 
     def _axes(self, names: dict[Sig, str]) -> dict[str, tuple[AxisSpec, ...]]:
@@ -393,6 +428,7 @@ class SiteFinder:
         self.best: dict[Sig, tuple[int, int, ActivationSite]] = {}
         self.partial: dict[Sig, ActivationSite] = {}
         self._index()
+        self.norms = self._norm_calls()
 
     def _once(self, target: object) -> bool:
         return self.calls[str(target)] == 1
@@ -463,6 +499,82 @@ class SiteFinder:
     def site(self, sig: Sig) -> ActivationSite | None:
         best = self.best.get(sig)
         return best[2] if best is not None else self.partial.get(sig)
+
+    # -- where a pre-norm stream is read ------------------------------------------------------
+    def read_sites(self, sig: Sig) -> tuple[ActivationSite, ...]:
+        """A pre-norm stream's read points: the outputs of the norms its sublayers and head read it through.
+
+        A stream is pre-norm when the residual goes around one of its norms (the norm's input also flows
+        on past it: GPT-2, ViT, Llama). Its read points are those of its norms whose output does not flow
+        back into the stream (never added to a tensor of the stream before a Linear/Conv takes it). A
+        post-norm stream (BERT: every norm's output is the stream itself) has none and keeps its one site.
+        """
+        best = self.best.get(sig)
+        if best is None:
+            return ()
+        norms = [(call, dim) for call in self.norms if (dim := self._unit_dim(call.output, sig)) is not None]
+        if not any(call.bypassed for call, _ in norms):
+            return ()
+        seen = self._node_at(best[1])
+        return tuple(
+            ActivationSite(call.module, "output", dim)
+            for call, dim in norms
+            if call.output is not seen and not self._flows_back(call.output, sig)
+        )
+
+    def _node_at(self, position: int) -> fx.Node:
+        node: fx.Node = list(self.w.gm.graph.nodes)[position]
+        return node
+
+    def _unit_dim(self, node: fx.Node, sig: Sig) -> int | None:
+        """The axis of ``node``'s tensor that carries the whole group ``sig`` (-1 for the last), else None."""
+        value = self.w.env.get(node)
+        if not isinstance(value, AbsTensor):
+            return None
+        for axis, layout in enumerate(value.axes):
+            norm = self.normalize(layout)
+            if norm is not None and len(norm) == 1 and tuple(self.alg.find(a) for a in norm[0]) == sig:
+                return -1 if axis == value.ndim - 1 else axis
+        return None
+
+    def _flows_back(self, start: fx.Node, sig: Sig) -> bool:
+        """Whether ``start`` reaches an add of two tensors of the group while it still carries the group."""
+        todo, seen = [start], {start}
+        while todo:
+            node = todo.pop()
+            for user in node.users:
+                if user in seen or self._unit_dim(user, sig) is None:
+                    continue
+                args = [a for a in user.args if isinstance(a, fx.Node) and self._unit_dim(a, sig) is not None]
+                if _is_add(user) and len(args) >= 2:
+                    return True
+                seen.add(user)
+                todo.append(user)
+        return False
+
+    def _norm_calls(self) -> list[_NormCall]:
+        """Every LayerNorm-like module called once: a ``call_module`` node, or the ATen ops an export
+        records in that module (``nn_module_stack``)."""
+        scopes: dict[str, list[fx.Node]] = defaultdict(list)
+        for node in self.w.gm.graph.nodes:
+            if node.op == "call_module":
+                module = self.modules.get(str(node.target))
+                if module is not None and _is_layer_norm(type(module).__qualname__):
+                    scopes[str(node.target)].append(node)
+            elif node.op == "call_function" and (stack := node.meta.get("nn_module_stack")):
+                path, kind = list(stack.values())[-1]
+                kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+                if _is_layer_norm(kind) and path in self.modules:
+                    scopes[path].append(node)
+        calls = []
+        for path, nodes in scopes.items():
+            inside = set(nodes)
+            outs = [n for n in nodes if any(u not in inside for u in n.users)]
+            inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+            # One call, reading one tensor (a module called twice has two inputs): else no read point.
+            if outs and len(inputs) == 1:
+                calls.append(_NormCall(path, frozenset(inside), inputs.pop(), outs[-1]))
+        return calls
 
     def _ranges(self, norm: tuple[tuple[int, ...], ...], sig: Sig) -> tuple[tuple[int, int], ...]:
         ranges, offset = [], 0

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.trace_families import HEADS, HIDDEN, INNER, LAYERS, family
+from mudsc_core.permutation.similarity import activation_correlations
 from mudsc_core.permutation.spec import PermSpec, UnitGroup
 from mudsc_core.permutation.trace import TraceResult, trace_spec
 from mudsc_core.permutation.trace_build import TABLE_FIXED_REASON
@@ -572,3 +573,31 @@ def test_head_dim_independent_of_hidden_size() -> None:
         assert (spec.groups[o.group].size, o.length, o.expand) == (32, 64, 2)
     assert len(spec.groups) == 1 + 3 * LAYERS
     _verify(model, result, inputs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "stream_param", "reads"),
+    [
+        ("MistralForCausalLM", "model.norm.weight", ["input_layernorm", "post_attention_layernorm"]),
+        ("ViTForImageClassification", "vit.layernorm.weight", ["layernorm_before", "layernorm_after"]),
+        ("RobertaForSequenceClassification", "roberta.embeddings.LayerNorm.weight", []),
+        ("DistilBertForSequenceClassification", "distilbert.embeddings.LayerNorm.weight", []),
+    ],
+)
+def test_pre_norm_stream_is_also_observed_at_its_norms_outputs(cls: str, stream_param: str, reads: list[str]) -> None:
+    """A pre-norm stream (the residual goes around its norms: Mistral's RMSNorms, ViT's LayerNorms) is observed
+    at its usual site and at every norm that hands it to a sublayer or the head; a post-norm stream (RoBERTa,
+    DistilBERT: the norms' outputs are the stream itself) keeps its one site. The hooks see every site."""
+    model, result, inputs = _traced(cls)
+    spec = result.spec
+    stream = spec.groups[group_of(spec, stream_param, 0)]
+    assert stream.activation is not None
+    layers = "model.layers" if cls.startswith("Mistral") else "vit.layers"
+    final = "model.norm" if cls.startswith("Mistral") else "vit.layernorm"
+    expected = [f"{layers}.{i}.{read}" for i in range(LAYERS) for read in reads] + ([final] if reads else [])
+    assert [site.module for site in stream.extra_sites] == expected
+    assert all(site.io == "output" for site in stream.extra_sites)
+    for name, group in spec.groups.items():  # only the stream has extra sites
+        assert not group.extra_sites or name == stream.name
+    correlation = activation_correlations([model], spec, [inputs])[stream.name]
+    assert correlation.shape == (stream.size, stream.size) and bool(torch.isfinite(correlation).all())
