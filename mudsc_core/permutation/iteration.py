@@ -18,7 +18,7 @@ from torch import Tensor
 from mudsc_core.errors import SpecError
 from mudsc_core.permutation.matching import MATCHERS, Match
 from mudsc_core.permutation.permute import expand_index, expand_matrix
-from mudsc_core.permutation.similarity import Correspondence, dual_similarity, weight_similarity
+from mudsc_core.permutation.similarity import Correspondence, UnitMap, dual_similarity, weight_similarity
 from mudsc_core.permutation.spec import PermSpec
 from mudsc_core.progress import StageProgress
 from mudsc_core.schema.permutation_params import MudscParams
@@ -56,35 +56,33 @@ def pair_score(correspondence: Correspondence, similarity: Tensor) -> float:
     """Mean, over merged units made of >= 2 units, of the mean similarity over their pairs.
 
     With U = the stacked unmerge matrices (N*n, m) and S the similarity, merged unit g totals
-    sum_{u,v} U_ug U_vg S_uv - sum_u U_ug S_uu over its members' ordered pairs. Only the members' entries
-    of S are read (a merged unit has a few members): O(m K^2) for K members at most, not the
+    sum_{u,v} U_ug U_vg S_uv - sum_u U_ug S_uu over its members' ordered pairs. A unit feeds one merged
+    unit, so U is read by index (:class:`~mudsc_core.permutation.similarity.UnitMap`: each merged unit's
+    members) and only the members' entries of S are read: O(m K^2) for K members at most, not the
     O(m (N n)^2) of forming U^T S U, which dominated the matching of wide groups.
     """
     unmerge = torch.cat(correspondence.unmerge, dim=0)  # (N*n, m)
-    width = unmerge.shape[1]
-    units, merged_ids = unmerge.nonzero(as_tuple=True)  # row-major: sorted by unit, not by merged unit
-    order = torch.argsort(merged_ids, stable=True)
-    units, merged_ids = units[order], merged_ids[order]
-    weights = unmerge[units, merged_ids].to(torch.float64)
-    counts = torch.zeros(width, dtype=torch.float64).index_add_(0, merged_ids, weights)
+    members = UnitMap.from_matrix(unmerge)
+    if members is None:  # a unit in several merged units: the definition, densely
+        dense, sim = unmerge.to(torch.float64).T, similarity.to(torch.float64)
+        counts = dense.sum(dim=1)
+        totals = ((dense @ sim) * dense).sum(dim=1) - dense @ torch.diagonal(sim)
+    else:
+        index, weight = members.sources.T, members.weights.T.to(torch.float64)  # (m, K), 0-weight padding
+        counts = weight.sum(dim=1)
+        diag = torch.diagonal(similarity).to(torch.float64)
+        totals = torch.empty(members.width, dtype=torch.float64)
+        step = max(1, (1 << 24) // max(1, index.shape[1]) ** 2)  # merged units per chunk: bounded temporaries
+        for start in range(0, members.width, step):
+            idx, w = index[start : start + step], weight[start : start + step]
+            block = similarity[idx[:, :, None], idx[:, None, :]].to(torch.float64)  # (chunk, K, K)
+            totals[start : start + step] = (block * w[:, :, None] * w[:, None, :]).sum(dim=(1, 2)) - (
+                w * diag[idx]
+            ).sum(1)
     pairs = counts * (counts - 1)
     merged = pairs > 0
     if not bool(merged.any()):
         return 0.0
-    members = torch.bincount(merged_ids, minlength=width)
-    slot = torch.arange(len(units)) - (torch.cumsum(members, 0) - members)[merged_ids]
-    most = int(members.max())
-    index = torch.zeros(width, most, dtype=torch.long)  # (m, K): each merged unit's members, padded
-    weight = torch.zeros(width, most, dtype=torch.float64)  # 0 on the padding
-    index[merged_ids, slot] = units
-    weight[merged_ids, slot] = weights
-    diag = torch.diagonal(similarity).to(torch.float64)
-    totals = torch.empty(width, dtype=torch.float64)
-    step = max(1, (1 << 24) // (most * most))  # merged units per chunk: bounded temporaries
-    for start in range(0, width, step):
-        idx, w = index[start : start + step], weight[start : start + step]
-        block = similarity[idx[:, :, None], idx[:, None, :]].to(torch.float64)  # (chunk, K, K)
-        totals[start : start + step] = (block * w[:, :, None] * w[:, None, :]).sum(dim=(1, 2)) - (w * diag[idx]).sum(1)
     return float((totals[merged] / pairs[merged]).mean())
 
 
