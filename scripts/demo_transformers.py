@@ -33,6 +33,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from mudsc_client.client import MudscClient, read_env_file  # noqa: E402
 from scripts.demo import s3_client  # noqa: E402
+from scripts.localstack import upload_folder  # noqa: E402
 from tests import transformer_testbed as bed  # noqa: E402
 
 FAMILY = "bert"
@@ -80,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             scores[f"model {label}"] = _accuracy(model, data)
             folder = Path(work) / label
             model.save_pretrained(folder)
-            prefix = f"{run}/{label}/"
-            for path in sorted(folder.iterdir()):
-                s3.upload_file(str(path), models_bucket, prefix + path.name)
-            uris.append(f"s3://{models_bucket}/{prefix}")
+            uris.append(upload_folder(s3, models_bucket, f"{run}/{label}/", folder))
             print(f"trained BERT {label} (seed {seed}) in {time.monotonic() - t0:.1f}s -> {uris[-1]}")
         calibration = bed.calibration(FAMILY, data)
         save_file({k: v.contiguous() for k, v in calibration.items()}, Path(work) / "calibration.safetensors")

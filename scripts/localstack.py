@@ -79,6 +79,13 @@ def _free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return sorted(ports)
 
 
+def upload_folder(s3: Any, bucket: str, prefix: str, folder: Path) -> str:
+    """Every file of ``folder`` (a Hugging Face model folder, say) under ``prefix``; the folder's ``s3://`` URI."""
+    for path in sorted(folder.iterdir()):
+        s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
+    return f"s3://{bucket}/{prefix}"
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()

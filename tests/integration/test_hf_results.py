@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from scripts.localstack import upload_folder
 from tests.tiny_llama import tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -48,9 +49,7 @@ def _upload(s3: Any, bucket: str, prefix: str, model: Any, tokenizer: Any, work:
         max_new_tokens=4, do_sample=False, bos_token_id=1, eos_token_id=2, pad_token_id=2
     ).save_pretrained(folder)
     (folder / "modeling_evil.py").write_text("raise SystemExit('never fetched')\n")  # not on the allow-list
-    for path in folder.iterdir():
-        s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
-    return f"s3://{bucket}/{prefix}"
+    return upload_folder(s3, bucket, prefix, folder)
 
 
 @pytest.fixture(scope="module")

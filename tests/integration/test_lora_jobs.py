@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mudsc_client.client import ApiError
+from scripts.localstack import upload_folder
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -23,12 +24,6 @@ pytest.importorskip("peft")
 from tests.unit.test_lora_inputs import llama, make_adapter  # noqa: E402
 
 RUN = uuid.uuid4().hex[:8]
-
-
-def _upload(s3: Any, bucket: str, prefix: str, folder: Path) -> str:
-    for path in folder.iterdir():
-        s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
-    return f"s3://{bucket}/{prefix}"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,9 @@ def uploaded(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     make_adapter(work / "base", work / "a2", 2, r=2, lora_alpha=5, use_rslora=True)
     make_adapter(work / "other_base", work / "foreign", 3)
     s3, bucket = stack.s3_client(), stack.buckets["models"]
-    uris = {name: _upload(s3, bucket, f"lora-{RUN}/{name}/", work / name) for name in ("base", "a1", "a2", "foreign")}
+    uris = {
+        name: upload_folder(s3, bucket, f"lora-{RUN}/{name}/", work / name) for name in ("base", "a1", "a2", "foreign")
+    }
     return work, uris
 
 

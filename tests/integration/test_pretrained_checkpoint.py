@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tests.integration.test_transformers_jobs import _upload_folder
+from scripts.localstack import upload_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,8 +115,8 @@ def uploaded(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     save_file(inputs, work / "calib.safetensors")
     s3.upload_file(str(work / "calib.safetensors"), data, f"minilm-{RUN}/calib.safetensors")
     return {
-        "a": _upload_folder(s3, models, f"minilm-{RUN}/a/", folder_a),
-        "b": _upload_folder(s3, models, f"minilm-{RUN}/b/", folder_b),
+        "a": upload_folder(s3, models, f"minilm-{RUN}/a/", folder_a),
+        "b": upload_folder(s3, models, f"minilm-{RUN}/b/", folder_b),
         "calib": f"s3://{data}/minilm-{RUN}/calib.safetensors",
         "folder_a": folder_a,
         "folder_b": folder_b,

@@ -24,6 +24,7 @@ from mudsc_client.client import ApiError
 from mudsc_core.io import ShardWriter, load_state_dict
 from mudsc_core.same_base.stream import merge_checkpoints
 from mudsc_core.schema import METHODS
+from scripts.localstack import upload_folder
 
 RUN = uuid.uuid4().hex[:8]
 # lambda per method: the value the bench's validation-split search picks (docs/same_base_methods.md).
@@ -66,9 +67,7 @@ def _upload_folder(s3: Any, bucket: str, prefix: str, state: dict[str, torch.Ten
         writer.add(name, tensor)
     writer.close()
     (folder / "config.json").write_text(json.dumps({"model_type": "digits-mlp", "hidden_size": 128}))
-    for path in folder.iterdir():
-        s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
-    return f"s3://{bucket}/{prefix}"
+    return upload_folder(s3, bucket, prefix, folder)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mudsc_client.client import ApiError
+from scripts.localstack import upload_folder
 from tests.integration.test_hf_results import VOCAB, _tokenizer
 from tests.tiny_llama import tiny_llama
 
@@ -45,12 +46,6 @@ def _permuted_copy(model: Any) -> Any:
     return copy
 
 
-def _upload_folder(s3: Any, bucket: str, prefix: str, folder: Path) -> str:
-    for path in folder.iterdir():
-        s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
-    return f"s3://{bucket}/{prefix}"
-
-
 def _save(model: Any, folder: Path) -> Path:
     model.to(torch.bfloat16).save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
@@ -74,7 +69,7 @@ def uploaded(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         "b": _save(_permuted_copy(original), work / "b"),
         "other": _save(_llama(1, rms_norm_eps=1e-5), work / "other"),
     }
-    uris = {name: _upload_folder(s3, models, f"mudsc-hf-{RUN}/{name}/", folder) for name, folder in folders.items()}
+    uris = {name: upload_folder(s3, models, f"mudsc-hf-{RUN}/{name}/", folder) for name, folder in folders.items()}
     save_file(_calibration(), work / "calib.safetensors")
     s3.upload_file(str(work / "calib.safetensors"), data, f"mudsc-hf-{RUN}/calib.safetensors")
     uris["calib"] = f"s3://{data}/mudsc-hf-{RUN}/calib.safetensors"
